@@ -1,0 +1,22 @@
+"""Edgewise edge runtime: the agent, model server, data engine, policy and audit
+that run on every node of every site.
+
+This package stands alone: it never imports Django, so it can be installed at a
+site from the wheel that the control plane serves, with only its own
+dependencies (``REQUIRES`` below, mirrored by the ``edge`` extra in the
+repository's ``pyproject.toml``).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# What a site needs to run this package. The control plane writes these into
+# the wheel it builds and serves; tests check they match pyproject's ``edge``
+# extra so the two never drift apart.
+REQUIRES: tuple[str, ...] = (
+    "httpx>=0.27",
+    "cryptography>=42",
+    "pydantic>=2.6",
+    "websockets>=12",
+)

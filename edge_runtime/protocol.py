@@ -1,0 +1,148 @@
+"""Versioned wire models of the agent protocol (``/agent/v1/``).
+
+The node always dials out. Both sides import these models: the control plane
+to validate what nodes send and to shape what it answers, the node to validate
+what the control plane sends. Unknown fields are refused (``extra="forbid"``)
+so that a typo or a forged field is an error naming that field, not something
+silently ignored.
+
+Endpoints (all JSON, all under ``/agent/v1/``):
+
+``POST enroll``
+    :class:`EnrollRequest` -> :class:`EnrollResponse`. Trades a one-time site
+    token for a per-node credential.
+``POST nodes/<node_id>/sync``
+    :class:`SyncRequest` -> :class:`SyncResponse`. Reports actual state and
+    health; carries the signed desired state only when the generation moved.
+``GET nodes/<node_id>/desired-state``
+    -> :class:`SignedDesiredState`. The current signed desired state.
+``WS nodes/<node_id>/stream``
+    The control plane pushes :class:`Nudge` messages ("sync now").
+
+Errors are ``{"error": "...", "field": "..."}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+API_PREFIX = "/agent/v1"
+
+# Largest body an agent endpoint accepts. Sync and enroll bodies are small
+# (hardware profile, actual state); anything larger is refused with 413.
+MAX_AGENT_BODY_BYTES = 256 * 1024
+
+NodeRole = Literal["device", "gateway", "server"]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(WireModel):
+    """What a node found on the machine it runs on."""
+
+    cpu_model: str = Field(default="", max_length=200)
+    cpu_cores: int = Field(default=1, ge=1, le=4096)
+    memory_mb: int = Field(default=0, ge=0)
+    accelerators: list[str] = Field(default_factory=list, max_length=64)
+    execution_providers: list[str] = Field(default_factory=list, max_length=64)
+    os: str = Field(default="", max_length=100)
+    arch: str = Field(default="", max_length=50)
+    hostname: str = Field(default="", max_length=255)
+
+
+class EnrollRequest(WireModel):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    token: str = Field(min_length=8, max_length=200)
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    role: NodeRole = "device"
+    runtime_version: str = Field(default="", max_length=50)
+    hardware: Hardware = Field(default_factory=Hardware)
+
+
+class EnrollResponse(WireModel):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    node_id: str
+    site: str
+    # Shown once; the control plane stores only its hash.
+    credential: str
+    # Ed25519 public key (raw, base64) that signs desired states; the node pins it.
+    signing_public_key: str
+    signing_key_fingerprint: str
+    sync_interval_s: float
+
+
+class Refusal(WireModel):
+    """Something the node refused to apply, reported on its next sync."""
+
+    generation: int
+    reason: str = Field(max_length=500)
+    at: dt.datetime
+
+
+class ActualState(WireModel):
+    applied_generation: int = Field(default=0, ge=0)
+    # Free-form per-feature state (models loaded, datasets, ...). Later
+    # features add typed fields; this keeps version 1 forwards compatible.
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Health(WireModel):
+    status: Literal["ok", "degraded", "failing"] = "ok"
+    uptime_s: float = Field(default=0.0, ge=0)
+    # Syncs that failed since the last one that succeeded (the link's health).
+    failed_syncs: int = Field(default=0, ge=0)
+    message: str = Field(default="", max_length=500)
+
+
+class SyncRequest(WireModel):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    runtime_version: str = Field(default="", max_length=50)
+    hardware: Hardware | None = None
+    actual: ActualState = Field(default_factory=ActualState)
+    health: Health = Field(default_factory=Health)
+    refusals: list[Refusal] = Field(default_factory=list, max_length=100)
+
+
+class DesiredState(WireModel):
+    """What one node should be doing. Signed by the control plane."""
+
+    node_id: str
+    generation: int = Field(ge=1)
+    issued_at: dt.datetime
+    sync_interval_s: float = Field(gt=0)
+    site: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignedDesiredState(WireModel):
+    # The desired state exactly as signed: canonical JSON of DesiredState.
+    payload: str
+    # Ed25519 signature over the payload's UTF-8 bytes, base64.
+    signature: str
+    key_fingerprint: str
+
+
+class SyncResponse(WireModel):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    generation: int
+    # Only present when the node's applied generation differs from ``generation``.
+    desired: SignedDesiredState | None = None
+    sync_interval_s: float
+
+
+class Nudge(WireModel):
+    type: Literal["sync"] = "sync"
+    generation: int = 0
+
+
+class ErrorBody(WireModel):
+    error: str
+    field: str | None = None

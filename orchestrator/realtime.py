@@ -1,0 +1,43 @@
+"""The one helper for every realtime send (Channels groups).
+
+Sends happen after the surrounding transaction commits, so nobody is told of
+a change that then rolls back. Group names are ``<entity>-<uuid>`` or
+``fleet`` for the estate-wide feed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def broadcast(group: str, event_type: str, payload: dict[str, Any]) -> None:
+    message = {"type": event_type.replace(".", "_"), "event": event_type, "payload": payload}
+
+    def send() -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(group, message)
+        except Exception:  # noqa: BLE001 - a lost notification must never fail the change
+            logger.warning("could not broadcast %s to %s", event_type, group, exc_info=True)
+
+    transaction.on_commit(send)
+
+
+def node_group(node_uuid: Any) -> str:
+    return f"node-{node_uuid}"
+
+
+def site_group(site_uuid: Any) -> str:
+    return f"site-{site_uuid}"
+
+
+FLEET_GROUP = "fleet"

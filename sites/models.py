@@ -1,0 +1,163 @@
+"""Regions, sites, nodes, enrollment tokens and desired states."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+SITE_PERMISSIONS = [
+    ("operate_site", "Operate the site (tokens, installers, deployments)"),
+    ("approve_site", "Approve changes at the site"),
+    ("administer_site", "Administer the site"),
+]
+REGION_PERMISSIONS = [
+    ("operate_region", "Operate every site in the region"),
+    ("approve_region", "Approve changes at every site in the region"),
+    ("administer_region", "Administer every site in the region"),
+]
+
+
+class Region(models.Model):
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    slug = models.SlugField(max_length=60, unique=True)
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = REGION_PERMISSIONS
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Connectivity(models.TextChoices):
+    CONNECTED = "connected", "Connected"  # a link that is normally up
+    INTERMITTENT = "intermittent", "Intermittent"  # a link that comes and goes
+    AIR_GAPPED = "air_gapped", "Air-gapped"  # no link; bundles are carried in and out
+
+
+class Clearance(models.IntegerChoices):
+    PUBLIC = 0, "Public"
+    INTERNAL = 1, "Internal"
+    CONFIDENTIAL = 2, "Confidential"
+    SECRET = 3, "Secret"
+
+
+class Site(models.Model):
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    slug = models.SlugField(max_length=60, unique=True)
+    name = models.CharField(max_length=100)
+    region = models.ForeignKey(Region, on_delete=models.PROTECT, related_name="sites")
+    # ISO 3166 country code or a wider jurisdiction ("EU"): where the data is governed.
+    jurisdiction = models.CharField(max_length=20, blank=True)
+    clearance = models.PositiveSmallIntegerField(choices=Clearance.choices, default=Clearance.INTERNAL)
+    connectivity = models.CharField(max_length=20, choices=Connectivity.choices, default=Connectivity.CONNECTED)
+    latitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-90), MaxValueValidator(90)])
+    longitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-180), MaxValueValidator(180)])
+    labels = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        permissions = SITE_PERMISSIONS
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NodeRole(models.TextChoices):
+    DEVICE = "device", "Device"  # a small box next to a machine or a till
+    GATEWAY = "gateway", "Gateway"  # the site's uplink and aggregation point
+    SERVER = "server", "Server"  # on-premise compute
+
+
+class NodeStatus(models.TextChoices):
+    PENDING = "pending", "Pending"  # enrolled, has not synced yet
+    ONLINE = "online", "Online"  # synced within the stale interval
+    STALE = "stale", "Stale"  # missed syncs, not yet offline
+    OFFLINE = "offline", "Offline"  # no sync within the offline interval
+    REVOKED = "revoked", "Revoked"  # credential revoked; refused from now on
+
+
+class Node(models.Model):
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="nodes")
+    name = models.CharField(max_length=100)
+    role = models.CharField(max_length=10, choices=NodeRole.choices, default=NodeRole.DEVICE)
+    # sha256 of the node's credential; the credential itself is never stored.
+    credential_hash = models.CharField(max_length=64, unique=True, editable=False)
+    hardware = models.JSONField(default=dict, blank=True)
+    runtime_version = models.CharField(max_length=50, blank=True)
+    enrolled_at = models.DateTimeField(auto_now_add=True)
+    enrolled_with = models.ForeignKey(
+        "EnrollmentToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="nodes"
+    )
+    last_seen_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_seen_ip = models.GenericIPAddressField(null=True, blank=True)
+    # The status as of the last liveness sweep; pages derive the live status
+    # from last_seen_at (see sites.liveness) so they are never behind the sweep.
+    status = models.CharField(max_length=10, choices=NodeStatus.choices, default=NodeStatus.PENDING)
+    applied_generation = models.PositiveIntegerField(default=0)
+    actual_state = models.JSONField(default=dict, blank=True)
+    health = models.JSONField(default=dict, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["site__name", "name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["site", "name"],
+                condition=models.Q(revoked_at__isnull=True),
+                name="node_name_unique_per_site_while_active",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.site.slug}/{self.name}" if self.site_id else self.name
+
+
+class EnrollmentToken(models.Model):
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    site = models.ForeignKey(Site, on_delete=models.CASCADE, related_name="tokens")
+    # sha256 of the token; the token itself is shown once, at creation.
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # The first characters, to recognise a token in lists without revealing it.
+    prefix = models.CharField(max_length=12, editable=False)
+    note = models.CharField(max_length=200, blank=True)
+    expires_at = models.DateTimeField()
+    max_uses = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1), MaxValueValidator(10_000)])
+    uses = models.PositiveIntegerField(default=0)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.site.slug})" if self.site_id else self.prefix
+
+
+class DesiredState(models.Model):
+    """The signed desired state of one node, as last published.
+
+    ``payload`` is the canonical JSON exactly as signed, so a sync hands it out
+    without signing again. ``content_hash`` covers the payload minus its
+    generation and timestamp: publishing identical content is a no-op, and
+    only a real change moves the generation.
+    """
+
+    node = models.OneToOneField(Node, on_delete=models.CASCADE, related_name="desired")
+    generation = models.PositiveIntegerField(default=0)
+    content_hash = models.CharField(max_length=64)
+    payload = models.TextField()
+    signature = models.CharField(max_length=200)
+    key_fingerprint = models.CharField(max_length=64)
+    published_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.node} @ {self.generation}"

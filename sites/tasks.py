@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from celery import shared_task
+
+from sites import services
+
+
+@shared_task(name="sites.node_liveness_sweep", ignore_result=True)
+def node_liveness_sweep_task() -> int:
+    return services.node_liveness_sweep()

@@ -19,4 +19,4 @@ os.environ.setdefault("EDGEWISE_SYNC_INTERVAL", "1")
 os.environ.setdefault("EDGEWISE_NODE_STALE_AFTER", "4")
 os.environ.setdefault("EDGEWISE_NODE_OFFLINE_AFTER", "8")
 
-pytest_plugins = ["tests.fixtures.personas", "tests.fixtures.processes"]
+pytest_plugins = ["tests.fixtures.personas", "tests.fixtures.processes", "tests.fixtures.workers"]

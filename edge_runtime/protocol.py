@@ -16,6 +16,9 @@ Endpoints (all JSON, all under ``/agent/v1/``):
     health; carries the signed desired state only when the generation moved.
 ``GET nodes/<node_id>/desired-state``
     -> :class:`SignedDesiredState`. The current signed desired state.
+``GET nodes/<node_id>/artifacts/<sha256>``
+    The bytes of a model artifact in this node's desired state (HTTP Range
+    supported, so an interrupted download resumes).
 ``WS nodes/<node_id>/stream``
     The control plane pushes :class:`Nudge` messages ("sync now").
 
@@ -85,8 +88,24 @@ class Refusal(WireModel):
     at: dt.datetime
 
 
+class ModelStatus(WireModel):
+    """What actually serves one model on a node (reported in every sync)."""
+
+    name: str = Field(max_length=100)
+    version: str = Field(max_length=50)
+    sha256: str = Field(default="", max_length=64)
+    variant: str = Field(default="original", max_length=20)
+    # The execution provider that actually runs it: a silent fallback to CPU shows here.
+    provider: str = Field(default="", max_length=60)
+    state: Literal["downloading", "loading", "serving", "failed", "refused"] = "loading"
+    error: str = Field(default="", max_length=1000)
+    # The version that keeps serving while this one failed, if any.
+    serving_version: str | None = Field(default=None, max_length=50)
+
+
 class ActualState(WireModel):
     applied_generation: int = Field(default=0, ge=0)
+    models: list[ModelStatus] = Field(default_factory=list, max_length=500)
     # Free-form per-feature state (models loaded, datasets, ...). Later
     # features add typed fields; this keeps version 1 forwards compatible.
     detail: dict[str, Any] = Field(default_factory=dict)
@@ -109,6 +128,31 @@ class SyncRequest(WireModel):
     refusals: list[Refusal] = Field(default_factory=list, max_length=100)
 
 
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+
+
+class DesiredModel(WireModel):
+    """One model version a node should serve, and how."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(min_length=1, max_length=50)
+    # The artifact this node gets (the original or a hardware variant).
+    variant: str = Field(default="original", max_length=20)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=1)
+    # Ed25519 over signing.artifact_message(sha256), base64: checked before
+    # onnxruntime sees a byte of the file.
+    signature: str
+    classification: int = Field(default=0, ge=0, le=3)
+    # Execution providers in order of preference; empty: the node's own order.
+    providers: list[str] = Field(default_factory=list, max_length=16)
+    # Providers the model cannot run without; a node lacking one refuses it.
+    required_providers: list[str] = Field(default_factory=list, max_length=16)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+
+
 class DesiredState(WireModel):
     """What one node should be doing. Signed by the control plane."""
 
@@ -118,7 +162,7 @@ class DesiredState(WireModel):
     sync_interval_s: float = Field(gt=0)
     site: str
     labels: dict[str, str] = Field(default_factory=dict)
-    models: list[dict[str, Any]] = Field(default_factory=list)
+    models: list[DesiredModel] = Field(default_factory=list)
     policy: dict[str, Any] = Field(default_factory=dict)
 
 

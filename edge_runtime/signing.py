@@ -90,3 +90,27 @@ def verify_desired_state(signed: SignedDesiredState, public_key: Ed25519PublicKe
         return DesiredState.model_validate_json(signed.payload)
     except ValueError as exc:
         raise SignatureError(f"the signed payload is not a valid desired state: {exc}") from exc
+
+
+ARTIFACT_CONTEXT = b"edgewise-artifact-v1\x00"
+
+
+def artifact_message(sha256_hex: str) -> bytes:
+    """What an artifact signature covers: a context tag and the file's sha256."""
+    return ARTIFACT_CONTEXT + sha256_hex.encode()
+
+
+def sign_artifact(sha256_hex: str, key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.sign(artifact_message(sha256_hex))).decode()
+
+
+def verify_artifact(sha256_hex: str, signature_b64: str, public_key: Ed25519PublicKey) -> None:
+    """Raise SignatureError unless ``signature_b64`` signs this sha256 with ``public_key``."""
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except ValueError as exc:
+        raise SignatureError("the artifact signature is not valid base64") from exc
+    try:
+        public_key.verify(signature, artifact_message(sha256_hex))
+    except InvalidSignature as exc:
+        raise SignatureError("the artifact's signature does not match the pinned key") from exc

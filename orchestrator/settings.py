@@ -18,6 +18,21 @@ Every variable:
 ``EDGEWISE_SIGNING_KEY_PATH``   Ed25519 PEM; created on first use if missing
 ``EDGEWISE_PUBLIC_URL``         the URL nodes dial (written into installers);
                                 default: taken from the request
+``EDGEWISE_WHEELHOUSE``         folder of extra ``.whl`` files (the edge
+                                runtime's dependencies) served to sites at
+                                ``/agent/v1/dist/`` for installs without a
+                                package index; default ``DATA_DIR/wheelhouse``
+``EDGEWISE_CELERY_QUEUE``       the Celery queue tasks go to, default ``edgewise``
+``EDGEWISE_ARTIFACT_DIR``       content-addressed model artifacts, default
+                                ``DATA_DIR/artifacts``
+``EDGEWISE_MAX_MODEL_BYTES``    largest model file accepted, default 512 MiB
+``EDGEWISE_MODEL_VALIDATION_TIMEOUT``
+                                seconds a validation may run before the
+                                reconciler presumes its worker lost and
+                                queues it again, default 600
+``EDGEWISE_MODEL_RECONCILE_INTERVAL``
+                                seconds between runs of that reconciler,
+                                default 60
 ``EDGEWISE_SYNC_INTERVAL``      seconds between a node's syncs, default 10
 ``EDGEWISE_NODE_STALE_AFTER``   seconds without a sync before a node is
                                 *stale*, default 3 sync intervals
@@ -47,6 +62,10 @@ CSRF_TRUSTED_ORIGINS = env_list("EDGEWISE_CSRF_TRUSTED_ORIGINS", [])
 DATA_DIR = Path(env_str("EDGEWISE_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 SIGNING_KEY_PATH = Path(env_str("EDGEWISE_SIGNING_KEY_PATH", str(DATA_DIR / "signing_key.pem")))
 PUBLIC_URL = env_str("EDGEWISE_PUBLIC_URL").rstrip("/")
+WHEELHOUSE_DIR = Path(env_str("EDGEWISE_WHEELHOUSE", str(DATA_DIR / "wheelhouse"))).resolve()
+ARTIFACT_DIR = Path(env_str("EDGEWISE_ARTIFACT_DIR", str(DATA_DIR / "artifacts"))).resolve()
+MAX_MODEL_BYTES = int(env_float("EDGEWISE_MAX_MODEL_BYTES", 512 * 1024 * 1024))
+MODEL_VALIDATION_TIMEOUT_S = env_float("EDGEWISE_MODEL_VALIDATION_TIMEOUT", 600.0)
 
 DATABASE_URL = env_str("DATABASE_URL")
 REDIS_URL = env_str("REDIS_URL")
@@ -160,10 +179,14 @@ else:
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
         "processed_folder": str(_queue_dir / "processed"),
+        # Exchange tables; kombu would otherwise write them to ./control in the cwd.
+        "control_folder": str(_queue_dir / "control"),
         "store_processed": False,
     }
 
 CELERY_TASK_SERIALIZER = "json"
+# One queue name per installation (tests give each run its own).
+CELERY_TASK_DEFAULT_QUEUE = env_str("EDGEWISE_CELERY_QUEUE", "edgewise")
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
@@ -174,6 +197,10 @@ CELERY_BEAT_SCHEDULE = {
     "node-liveness-sweep": {
         "task": "sites.node_liveness_sweep",
         "schedule": env_float("EDGEWISE_LIVENESS_SWEEP_INTERVAL", 10.0),
+    },
+    "model-version-reconcile": {
+        "task": "models_registry.model_version_reconcile",
+        "schedule": env_float("EDGEWISE_MODEL_RECONCILE_INTERVAL", 60.0),
     },
 }
 

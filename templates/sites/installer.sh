@@ -1,0 +1,176 @@
+{% autoescape off %}#!/bin/sh
+# Edgewise edge runtime installer for site {{ site_label }}.
+#
+# Run it on a Linux machine at that site that has Python 3.11 or newer:
+#     sh {{ script_name }}
+# As root on a machine with systemd it installs and starts the service
+# edgewise-node; otherwise it installs into your home directory (or
+# EDGEWISE_PREFIX) and prints the command that starts the node.
+#
+# This file carries an enrollment token for this one site. The token is
+# single-purpose: it only enrolls nodes at this site ({{ token_uses }}), and it
+# expires{{ token_expiry }}. Until then anyone holding this file can enroll
+# a node here, so keep it out of shared places and delete it once done.
+#
+# Settings (environment variables, all optional):
+#   EDGEWISE_PYTHON       Python 3.11+ interpreter to use (default: python3)
+#   EDGEWISE_PREFIX       where the runtime is installed (default: /opt/edgewise
+#                         as root, else ~/.local/share/edgewise-runtime)
+#   EDGEWISE_STATE_DIR    the node's state (default: /var/lib/edgewise as root,
+#                         else ~/.local/share/edgewise)
+#   EDGEWISE_NODE_NAME    the node's name (default: the host name)
+#   EDGEWISE_NODE_ROLE    device, gateway or server (default: device)
+#   EDGEWISE_OFFLINE=1    install everything from the control plane, no package index
+#   EDGEWISE_PIP_ARGS     extra arguments for pip (a proxy, an internal index)
+#   EDGEWISE_START=1      without systemd: start the node in the background
+#   EDGEWISE_SYSTEMD=0    never install a systemd service (containers, tests)
+#
+# Safe to run again: an enrolled node is not enrolled twice.
+set -eu
+
+CONTROL_PLANE_URL={{ url }}
+ENROLLMENT_TOKEN={{ token }}
+SIGNING_KEY_FINGERPRINT={{ fingerprint }}
+SITE={{ site_slug }}
+RUNTIME_VERSION={{ version }}
+RUNTIME_WHEEL={{ wheel_filename }}
+RUNTIME_SHA256={{ wheel_sha256 }}
+DIST_URL="$CONTROL_PLANE_URL/agent/v1/dist/"
+
+say() { printf 'edgewise: %s\n' "$*"; }
+die() { printf 'edgewise: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(uname -s)" = Linux ] || die "this installer is for Linux; this machine runs $(uname -s)"
+
+if [ "$(id -u)" = 0 ]; then is_root=1; else is_root=0; fi
+if [ "$is_root" = 1 ]; then
+    prefix=${EDGEWISE_PREFIX:-/opt/edgewise}
+    state_dir=${EDGEWISE_STATE_DIR:-/var/lib/edgewise}
+else
+    prefix=${EDGEWISE_PREFIX:-$HOME/.local/share/edgewise-runtime}
+    state_dir=${EDGEWISE_STATE_DIR:-$HOME/.local/share/edgewise}
+fi
+node_name=${EDGEWISE_NODE_NAME:-$(hostname 2>/dev/null || uname -n)}
+node_role=${EDGEWISE_NODE_ROLE:-device}
+case "$node_role" in
+    device|gateway|server) ;;
+    *) die "EDGEWISE_NODE_ROLE=$node_role is not a node role (use device, gateway or server)" ;;
+esac
+
+# -- Python 3.11+ ------------------------------------------------------------
+version_ok='import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'
+if [ -n "${EDGEWISE_PYTHON:-}" ]; then
+    python=$EDGEWISE_PYTHON
+    command -v "$python" >/dev/null 2>&1 || die "EDGEWISE_PYTHON=$python is not an executable"
+else
+    python=$(command -v python3 2>/dev/null) || \
+        die "python3 was not found; install Python 3.11 or newer, or set EDGEWISE_PYTHON to one"
+fi
+if ! "$python" -c "$version_ok" 2>/dev/null; then
+    found=$("$python" -c 'import sys; print(".".join(map(str, sys.version_info[:3])))' 2>/dev/null || echo unknown)
+    die "$python is Python $found; the edge runtime needs Python 3.11 or newer (install one, or set EDGEWISE_PYTHON)"
+fi
+"$python" -c 'import venv, ensurepip' 2>/dev/null || \
+    die "$python cannot create virtual environments; install its venv module (Debian/Ubuntu: apt-get install python3-venv)"
+
+# -- the runtime -------------------------------------------------------------
+if [ ! -x "$prefix/bin/python" ]; then
+    say "creating a Python environment in $prefix"
+    "$python" -m venv "$prefix" || die "could not create a virtual environment in $prefix"
+fi
+
+if [ "${EDGEWISE_OFFLINE:-0}" = 1 ]; then
+    index_args=--no-index
+    say "installing edge-runtime $RUNTIME_VERSION and its dependencies from $DIST_URL only"
+else
+    index_args=
+    say "installing edge-runtime $RUNTIME_VERSION from $DIST_URL"
+fi
+# The runtime itself comes from this control plane and nowhere else, checked
+# against the sha256 the console computed; dependencies come from the control
+# plane's wheelhouse or, unless offline, the package index.
+# EDGEWISE_PIP_ARGS and index_args are split into words on purpose; no globbing.
+set -f
+# shellcheck disable=SC2086
+"$prefix/bin/python" -m pip install --disable-pip-version-check --no-input \
+    --find-links "$DIST_URL" $index_args ${EDGEWISE_PIP_ARGS:-} \
+    "edge-runtime @ $DIST_URL$RUNTIME_WHEEL#sha256=$RUNTIME_SHA256" || \
+    die "pip could not install edge-runtime $RUNTIME_VERSION from $DIST_URL (see pip's message above)"
+set +f
+runtime="$prefix/bin/edge-runtime"
+[ -x "$runtime" ] || die "the installation did not provide $runtime"
+
+# -- enrollment --------------------------------------------------------------
+if [ -f "$state_dir/identity.json" ]; then
+    say "this node is already enrolled (state in $state_dir); not enrolling it again"
+else
+    # Before the one-time token leaves this machine: the control plane at this
+    # URL must prove it holds the signing key this installer was issued with.
+    say "checking that $CONTROL_PLANE_URL holds signing key $SIGNING_KEY_FINGERPRINT"
+    "$prefix/bin/python" - "$CONTROL_PLANE_URL" "$SIGNING_KEY_FINGERPRINT" <<'PY' || \
+        die "not enrolling: $CONTROL_PLANE_URL did not prove it holds the expected signing key; the token was not used"
+import base64, hashlib, secrets, sys
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+url, expected = sys.argv[1], sys.argv[2]
+challenge = secrets.token_hex(32)
+try:
+    response = httpx.get(f"{url}/agent/v1/signing-key", params={"challenge": challenge}, timeout=30)
+    response.raise_for_status()
+    raw = base64.b64decode(response.json()["public_key"], validate=True)
+    signature = base64.b64decode(response.json()["signature"], validate=True)
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected:
+        sys.exit(f"edgewise: error: the control plane's signing key fingerprint is {actual}, "
+                 f"but this installer expects {expected}")
+    Ed25519PublicKey.from_public_bytes(raw).verify(signature, b"edgewise-key-proof:v1:" + challenge.encode())
+except SystemExit:
+    raise
+except Exception as exc:
+    sys.exit(f"edgewise: error: could not verify the control plane's signing key: {type(exc).__name__}: {exc}")
+PY
+    say "enrolling node $node_name ($node_role) at site $SITE"
+    "$runtime" enroll --url "$CONTROL_PLANE_URL" --token "$ENROLLMENT_TOKEN" \
+        --fingerprint "$SIGNING_KEY_FINGERPRINT" --name "$node_name" --role "$node_role" \
+        --state-dir "$state_dir" || die "enrollment failed (see the message above); nothing was started"
+fi
+
+# -- running it --------------------------------------------------------------
+if [ "$is_root" = 1 ] && [ -d /run/systemd/system ] && [ "${EDGEWISE_SYSTEMD:-1}" != 0 ]; then
+    unit=/etc/systemd/system/edgewise-node.service
+    cat > "$unit" <<UNIT
+[Unit]
+Description=Edgewise edge runtime (site $SITE)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart="$runtime" run --state-dir "$state_dir"
+Restart=always
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    systemctl daemon-reload
+    systemctl enable edgewise-node.service
+    # restart, not start: a re-run after an upgrade must load the new code.
+    systemctl restart edgewise-node.service
+    say "started edgewise-node.service (systemctl status edgewise-node)"
+elif [ "${EDGEWISE_START:-0}" = 1 ]; then
+    pid_file="$state_dir/edge-runtime.pid"
+    log_file="$state_dir/edge-runtime.log"
+    if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+        say "the node is already running (pid $(cat "$pid_file")); not starting another"
+    else
+        nohup "$runtime" run --state-dir "$state_dir" >>"$log_file" 2>&1 </dev/null &
+        echo $! > "$pid_file"
+        say "started the node in the background: pid $(cat "$pid_file"), log $log_file"
+    fi
+else
+    say "installed. Start the node with:"
+    printf "    '%s' run --state-dir '%s'\n" "$runtime" "$state_dir"
+fi
+{% endautoescape %}

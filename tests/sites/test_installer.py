@@ -1,0 +1,307 @@
+"""The downloadable installer, rendered and then run for real against a live control plane.
+
+The process tests install offline: the control plane's wheelhouse is filled
+with wheels of the runtime's dependencies from ``var/wheelhouse-cache``
+(``EDGEWISE_WHEELHOUSE_CACHE`` overrides the folder), and the installer runs
+with ``EDGEWISE_OFFLINE=1``, so pip reaches nothing but the control plane.
+CI fills that cache once in its setup step with::
+
+    .venv/bin/python -m pip download --only-binary=:all: --dest var/wheelhouse-cache \\
+        'httpx>=0.27' 'cryptography>=42' 'pydantic>=2.6' 'websockets>=12'
+
+(the requirements are ``edge_runtime.REQUIRES``). When the cache cannot
+satisfy them, the session fixture runs that command itself, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+import edge_runtime
+from audit.services import Actor
+from orchestrator import keys
+from sites import services, wheel
+from sites.installer import InstallerError, render_installer
+from sites.models import EnrollmentToken, Node, NodeStatus, Site
+from tests.fixtures.processes import REPO, ControlPlane, process_env, wait_until
+
+BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
+NOT_A_FINGERPRINT = "0" * 64
+
+
+# -- fixtures ----------------------------------------------------------------
+
+
+def _resolves_offline(folder: Path) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "--quiet",
+         "--disable-pip-version-check", "--find-links", str(folder), *edge_runtime.REQUIRES],
+        capture_output=True, text=True,
+    )
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def dependency_wheels() -> Path:
+    """A folder of wheels that satisfies ``edge_runtime.REQUIRES`` for this Python, offline."""
+    folder = Path(os.environ.get("EDGEWISE_WHEELHOUSE_CACHE", REPO / "var" / "wheelhouse-cache"))
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _resolves_offline(folder):
+        # One-time setup, the same command as CI's; never needed once the cache is filled.
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--quiet",
+             "--disable-pip-version-check", "--dest", str(folder), *edge_runtime.REQUIRES],
+            check=True,
+        )
+    assert _resolves_offline(folder), f"{folder} does not satisfy {edge_runtime.REQUIRES} offline"
+    return folder
+
+
+@pytest.fixture
+def wheelhouse(dependency_wheels: Path) -> Path:
+    """The control plane's wheelhouse, filled (both processes share settings.DATA_DIR)."""
+    target = Path(settings.WHEELHOUSE_DIR)
+    target.mkdir(parents=True, exist_ok=True)
+    for wheel_file in dependency_wheels.glob("*.whl"):
+        if not (target / wheel_file.name).exists():
+            shutil.copy2(wheel_file, target / wheel_file.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One runtime installation for the module's tests: it is software, not state.
+    return tmp_path_factory.mktemp("prefix") / "edgewise"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in {"Z", "X"}
+
+
+@pytest.fixture
+def started_pids() -> Iterator[list[int]]:
+    """Nodes the installer started in the background; stopped after the test."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _run(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "edgewise-install.sh"
+    path.write_text(script)
+    return subprocess.run(["bash", str(path)], env=process_env(**env), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+def _install_env(prefix: Path, state_dir: Path, name: str) -> dict[str, str]:
+    return {
+        "EDGEWISE_PREFIX": str(prefix),
+        "EDGEWISE_STATE_DIR": str(state_dir),
+        "EDGEWISE_NODE_NAME": name,
+        "EDGEWISE_PYTHON": BASE_PYTHON,
+        "EDGEWISE_OFFLINE": "1",
+        "EDGEWISE_START": "1",
+        # Tests run as root: never write a unit into the machine's systemd.
+        "EDGEWISE_SYSTEMD": "0",
+    }
+
+
+def _started_pid(stdout: str) -> int:
+    match = re.search(r"started the node in the background: pid (\d+)", stdout)
+    assert match, f"the installer started no node:\n{stdout}"
+    return int(match.group(1))
+
+
+# -- running the real installer ----------------------------------------------
+
+
+@pytest.mark.process
+def test_it_installs_enrolls_and_starts_a_node_that_syncs(
+    live_control_plane: ControlPlane, site_berlin: Site, wheelhouse: Path, prefix: Path, tmp_path: Path,
+    started_pids: list[int],
+) -> None:
+    # Two uses: a second enrollment would be allowed by the token, so only the
+    # installer's own check can keep a re-run from enrolling twice.
+    token_row, token = services.token_create(actor=Actor.system("test"), site=site_berlin, max_uses=2)
+    script = render_installer(url=live_control_plane.url, token=token, fingerprint=keys.public_key_fingerprint(),
+                              site=site_berlin)
+    state_dir = tmp_path / "state"
+    env = _install_env(prefix, state_dir, "line-3")
+
+    first = _run(script, tmp_path, **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    started_pids.append(_started_pid(first.stdout))
+    node = Node.objects.get(site=site_berlin, name="line-3")
+    assert node.runtime_version == edge_runtime.__version__
+
+    def online() -> bool:
+        node.refresh_from_db()
+        return node.status == NodeStatus.ONLINE and node.last_seen_at is not None
+
+    wait_until(online, timeout=60, what="the installed node to sync and be online")
+
+    # The runtime came from this control plane's dist page, pinned by the hash
+    # written into the script.
+    pinned = re.search(r"^RUNTIME_SHA256=([0-9a-f]{64})$", script, re.MULTILINE)
+    assert pinned
+    (direct_url,) = prefix.glob("lib/python*/site-packages/edge_runtime-*.dist-info/direct_url.json")
+    origin = json.loads(direct_url.read_text())
+    assert origin["url"] == f"{live_control_plane.url}/agent/v1/dist/{wheel.runtime_wheel().filename}"
+    assert origin["archive_info"]["hashes"]["sha256"] == pinned.group(1)
+
+    again = _run(script, tmp_path, **env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already enrolled" in again.stdout
+    assert "already running" in again.stdout
+    assert Node.objects.filter(site=site_berlin).count() == 1
+    token_row.refresh_from_db()
+    assert token_row.uses == 1
+
+
+@pytest.mark.process
+def test_it_refuses_a_control_plane_with_another_key_without_spending_the_token(
+    live_control_plane: ControlPlane, site_ohio: Site, wheelhouse: Path, prefix: Path, tmp_path: Path,
+    started_pids: list[int],
+) -> None:
+    token_row, token = services.token_create(actor=Actor.system("test"), site=site_ohio)
+    script = render_installer(url=live_control_plane.url, token=token, fingerprint=NOT_A_FINGERPRINT,
+                              site=site_ohio)
+    state_dir = tmp_path / "state"
+    result = _run(script, tmp_path, **_install_env(prefix, state_dir, "pos-1"))
+    assert result.returncode != 0
+    assert f"the control plane's signing key fingerprint is {keys.public_key_fingerprint()}" in result.stderr
+    assert f"this installer expects {NOT_A_FINGERPRINT}" in result.stderr
+    assert "the token was not used" in result.stderr
+    assert "started the node" not in result.stdout
+    assert not Node.objects.filter(site=site_ohio).exists()
+    token_row.refresh_from_db()
+    assert token_row.uses == 0
+    assert not (state_dir / "identity.json").exists()
+
+
+# -- checks that stop the installer early ------------------------------------
+
+
+@pytest.fixture
+def script(site_berlin: Site) -> str:
+    _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    return render_installer(url="http://127.0.0.1:9", token=token, fingerprint=NOT_A_FINGERPRINT, site=site_berlin)
+
+
+def _old_python(tmp_path: Path) -> Path:
+    # An interpreter that reports 3.9: fails the version probe, prints its version.
+    stub = tmp_path / "python3.9"
+    stub.write_text('#!/bin/sh\ncase "$2" in *print*) echo 3.9.18 ;; *) exit 1 ;; esac\n')
+    stub.chmod(0o755)
+    return stub
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"EDGEWISE_PYTHON": "/nonexistent/python3"}, "EDGEWISE_PYTHON=/nonexistent/python3 is not an executable"),
+        ({"EDGEWISE_PYTHON": "OLD"}, "is Python 3.9.18; the edge runtime needs Python 3.11 or newer"),
+        ({"EDGEWISE_NODE_ROLE": "boss"}, "EDGEWISE_NODE_ROLE=boss is not a node role"),
+    ],
+)
+def test_it_stops_with_a_clear_message_before_installing_anything(
+    script: str, tmp_path: Path, overrides: dict[str, str], says: str
+) -> None:
+    env = _install_env(tmp_path / "prefix", tmp_path / "state", "gw-1")
+    env.update({k: str(_old_python(tmp_path)) if v == "OLD" else v for k, v in overrides.items()})
+    result = _run(script, tmp_path, **env)
+    assert result.returncode == 1
+    assert says in result.stderr
+    assert not (tmp_path / "prefix").exists()
+
+
+# -- rendering ---------------------------------------------------------------
+
+
+def test_it_names_the_site_and_the_token_terms_in_the_header(site_berlin: Site) -> None:
+    token_row, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    text = render_installer(url="https://edgewise.example.org/", token=token, fingerprint=NOT_A_FINGERPRINT,
+                            site=site_berlin)
+    assert text.startswith("#!/bin/sh\n")
+    header = text.split("set -eu", 1)[0]
+    assert "site Plant Berlin (plant-berlin)" in header
+    assert "single-purpose" in header
+    assert f"expires at {token_row.expires_at:%Y-%m-%d %H:%M} UTC" in header
+    assert "CONTROL_PLANE_URL=https://edgewise.example.org\n" in text
+    assert "edge-runtime @ $DIST_URL$RUNTIME_WHEEL#sha256=$RUNTIME_SHA256" in text
+    assert f"RUNTIME_SHA256={wheel.runtime_wheel().sha256}\n" in text
+    for shell in ("sh", "bash"):
+        check = subprocess.run([shell, "-n"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, (shell, check.stderr)
+
+
+def test_it_quotes_every_value_so_none_runs_as_shell(site_berlin: Site, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    site_berlin.name = f"Plant\n touch {marker}\n# Berlin"
+    url = f"http://127.0.0.1:8000/x'$(touch {marker})`touch {marker}`"
+    token = f"ew_tok_'; touch {marker}; '"
+    text = render_installer(url=url, token=token, fingerprint=NOT_A_FINGERPRINT, site=site_berlin)
+    header = text.split("set -eu", 1)[0]
+    assert all(line.startswith("#") for line in header.strip().splitlines())
+    assignments = "\n".join(line for line in text.splitlines()
+                            if re.match(r"^(CONTROL_PLANE_URL|ENROLLMENT_TOKEN|SITE)=", line))
+    shown = subprocess.run(
+        ["sh", "-c", assignments + '\nprintf "%s\\n%s\\n%s" "$CONTROL_PLANE_URL" "$ENROLLMENT_TOKEN" "$SITE"'],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert shown.split("\n") == [url, token, "plant-berlin"]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"url": "ftp://edgewise.example.org"}, "url"),
+        ({"url": "edgewise.example.org"}, "url"),
+        ({"url": "https://edgewise.example.org/?next=1"}, "url"),
+        ({"fingerprint": "ABC"}, "fingerprint"),
+        ({"fingerprint": "g" * 64}, "fingerprint"),
+        ({"token": ""}, "token"),
+        ({"token": "ew_tok_abc\ndef"}, "token"),
+    ],
+)
+def test_it_refuses_a_value_that_cannot_go_into_an_installer(
+    site_berlin: Site, kwargs: dict[str, Any], names: str
+) -> None:
+    values: dict[str, Any] = {"url": "https://edgewise.example.org", "token": "ew_tok_abcdefgh",
+                              "fingerprint": NOT_A_FINGERPRINT, **kwargs}
+    with pytest.raises(InstallerError, match=f"^{names}:"):
+        render_installer(site=site_berlin, **values)
+
+
+def test_it_states_remaining_uses_for_a_multi_use_token(site_berlin: Site) -> None:
+    row, token = services.token_create(actor=Actor.system("test"), site=site_berlin, max_uses=5)
+    EnrollmentToken.objects.filter(pk=row.pk).update(uses=2)
+    text = render_installer(url="https://edgewise.example.org", token=token, fingerprint=NOT_A_FINGERPRINT,
+                            site=site_berlin)
+    assert "(3 more of 5 nodes)" in text

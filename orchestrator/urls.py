@@ -9,6 +9,8 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("agent/v1/", include("sites.agent_urls")),
+    path("agent/v1/", include("models_registry.agent_urls")),
     path("audit/", include("audit.urls")),
+    path("models/", include("models_registry.urls")),
     path("", include("sites.urls")),
 ]

@@ -241,13 +241,15 @@ def node_revoke(*, actor: Actor, node: Node) -> Node:
 
 def desired_state_content(node: Node) -> dict[str, Any]:
     """Everything in a node's desired state except its generation and time."""
+    from models_registry.selectors import desired_models_for_node
+
     site = node.site
     return {
         "node_id": str(node.uuid),
         "site": site.slug,
         "labels": {str(k): str(v) for k, v in (site.labels or {}).items()},
         "sync_interval_s": settings.SYNC_INTERVAL_S,
-        "models": [],
+        "models": [m.model_dump(mode="json") for m in desired_models_for_node(node)],
         "policy": {},
     }
 
@@ -326,6 +328,9 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
                 actor=actor, action="node.report", obj=node, site_uuid=node.site.uuid,
                 before={k: v[0] for k, v in changes.items()}, after={k: v[1] for k, v in changes.items()},
             )
+        from models_registry.services import model_status_report
+
+        model_status_report(node=node, statuses=request.actual.models, actor=actor)
         for refusal in request.refusals:
             audit_record(
                 actor=actor, action="node.desired_state_refused", obj=node, site_uuid=node.site.uuid,

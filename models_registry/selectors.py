@@ -1,0 +1,218 @@
+"""Reads of the model registry: placement of versions on nodes, and what nodes report.
+
+Placement rules, in order, for every model deployed (directly or through its
+site) to a node:
+
+1. the newest deployed version of the model wins (by upload time);
+2. the node must meet the version's requirements: the model's classification
+   may not exceed the site's clearance, the node's reported memory must reach
+   ``min_memory_mb``, its role must be listed (when roles are listed) and it
+   must report every required execution provider. A node that does not
+   qualify gets nothing for that model, and the reason is reported;
+3. the variant: ``int8`` for nodes with role ``device`` or under 4096 MB of
+   memory when the version allows quantization and a variant exists, else the
+   original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from django.db.models import Q, QuerySet
+
+from edge_runtime import protocol
+from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, VersionStatus
+from policies.permissions import restrict, site_ids_for
+from sites.models import Clearance, Node
+
+SMALL_NODE_MEMORY_MB = 4096
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What one node gets for one model: a variant, or the reason it gets nothing."""
+
+    node: Node
+    version: ModelVersion
+    variant: str | None
+    reason: str = ""
+
+    @property
+    def placed(self) -> bool:
+        return self.variant is not None
+
+
+def exclusion_reason(version: ModelVersion, node: Node) -> str:
+    """Why ``node`` may not run ``version`` ("" when it may)."""
+    hardware = node.hardware or {}
+    classification = version.model.classification
+    if classification > node.site.clearance:
+        return (f"the model is classified {Clearance(classification).label}, above the site's clearance "
+                f"{Clearance(node.site.clearance).label}")
+    memory = int(hardware.get("memory_mb") or 0)
+    if version.min_memory_mb and memory < version.min_memory_mb:
+        reported = f"reports {memory} MB" if memory else "has not reported its memory"
+        return f"needs {version.min_memory_mb} MB of memory; the node {reported}"
+    if version.node_roles and node.role not in version.node_roles:
+        return f"runs only on {', '.join(version.node_roles)} nodes; this node is a {node.role}"
+    providers = hardware.get("execution_providers") or []
+    missing = [p for p in version.required_providers if p not in providers]
+    if missing:
+        return f"needs execution provider {', '.join(missing)}, which the node does not report"
+    return ""
+
+
+def choose_variant(version: ModelVersion, node: Node, variants: list[ModelVariant]) -> ModelVariant | None:
+    """The variant ``node`` gets, or None for the original."""
+    small = node.role == "device" or int((node.hardware or {}).get("memory_mb") or 0) < SMALL_NODE_MEMORY_MB
+    if version.allow_quantized and small:
+        return next((v for v in variants if v.kind == "int8"), None)
+    return None
+
+
+def _active_deployments() -> QuerySet[Deployment]:
+    return Deployment.objects.filter(removed_at__isnull=True, version__status=VersionStatus.VALID).select_related(
+        "version__model").prefetch_related("version__variants")
+
+
+def _plan(node: Node) -> dict[int, Placement]:
+    """Per model id, what ``node`` gets (newest deployed version per model wins)."""
+    deployments = _active_deployments().filter(Q(node=node) | Q(site_id=node.site_id))
+    newest: dict[int, ModelVersion] = {}
+    for deployment in deployments:
+        version = deployment.version
+        current = newest.get(version.model_id)
+        if current is None or (version.created_at, version.pk) > (current.created_at, current.pk):
+            newest[version.model_id] = version
+    plan: dict[int, Placement] = {}
+    for model_id, version in newest.items():
+        reason = exclusion_reason(version, node)
+        if reason:
+            plan[model_id] = Placement(node=node, version=version, variant=None, reason=reason)
+            continue
+        variant = choose_variant(version, node, list(version.variants.all()))
+        plan[model_id] = Placement(node=node, version=version, variant=variant.kind if variant else "original")
+    return plan
+
+
+def desired_model(placement: Placement) -> protocol.DesiredModel:
+    version = placement.version
+    chosen: Any = version
+    if placement.variant not in (None, "original"):
+        chosen = next(v for v in version.variants.all() if v.kind == placement.variant)
+    return protocol.DesiredModel(
+        name=version.model.slug,
+        version=version.version,
+        variant=placement.variant or "original",
+        sha256=chosen.sha256,
+        size=chosen.size,
+        signature=chosen.signature,
+        classification=version.model.classification,
+        providers=list(version.preferred_providers),
+        required_providers=list(version.required_providers),
+        max_batch_size=version.max_batch_size,
+        max_queue_delay_ms=version.max_queue_delay_ms,
+    )
+
+
+def desired_models_for_node(node: Node) -> list[protocol.DesiredModel]:
+    """The models ``node`` should serve, sorted by name (part of its signed desired state)."""
+    if node.revoked_at is not None:
+        return []
+    placements = [p for p in _plan(node).values() if p.placed]
+    return sorted((desired_model(p) for p in placements), key=lambda m: m.name)
+
+
+def _target_nodes(deployment: Deployment) -> list[Node]:
+    if deployment.node_id:
+        return [deployment.node] if deployment.node.revoked_at is None else []
+    return list(deployment.site.nodes.filter(revoked_at__isnull=True).select_related("site"))
+
+
+def deployment_placement(deployment: Deployment) -> list[Placement]:
+    """Per targeted node: the variant it gets from this deployment, or why it gets none."""
+    placements = []
+    for node in _target_nodes(deployment):
+        planned = _plan(node).get(deployment.version.model_id)
+        if deployment.removed_at is not None:
+            placements.append(Placement(node, deployment.version, None, "the deployment was removed"))
+        elif deployment.version.status != VersionStatus.VALID:
+            placements.append(Placement(node, deployment.version, None, "the version is not valid"))
+        elif planned is not None and planned.version.pk != deployment.version.pk:
+            placements.append(Placement(node, deployment.version, None,
+                                        f"version {planned.version.version} of this model is newer and wins"))
+        elif planned is not None:
+            placements.append(planned)
+    return placements
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementRow:
+    """For the console: what a node should run of a version, and what it says it runs."""
+
+    placement: Placement
+    reported: dict[str, Any] | None
+
+    @property
+    def node(self) -> Node:
+        return self.placement.node
+
+    @property
+    def cpu_fallback(self) -> bool:
+        # Served on CPU although the version prefers another provider: it works, slowly.
+        preferred = [p for p in self.placement.version.preferred_providers if p != CPU_PROVIDER]
+        return bool(self.reported and self.reported.get("provider") == CPU_PROVIDER and preferred)
+
+
+def _reported(node: Node, model_slug: str) -> dict[str, Any] | None:
+    for status in (node.actual_state or {}).get("models") or []:
+        if isinstance(status, dict) and status.get("name") == model_slug:
+            return status
+    return None
+
+
+def model_placements(version: ModelVersion, *, user: Any = None) -> list[PlacementRow]:
+    """Per node targeted by an active deployment of ``version``: desired and reported state.
+
+    With ``user``, only the nodes they may see.
+    """
+    rows: dict[int, PlacementRow] = {}
+    deployments = version.deployments.filter(removed_at__isnull=True).select_related(
+        "version__model", "site", "node__site")
+    visible = site_ids_for(user, "view") if user is not None else None
+    for deployment in deployments:
+        for placement in deployment_placement(deployment):
+            node = placement.node
+            if node.pk in rows:
+                continue
+            if visible is not None and not visible.filter(pk=node.site_id).exists():
+                continue
+            rows[node.pk] = PlacementRow(placement=placement, reported=_reported(node, version.model.slug))
+    return sorted(rows.values(), key=lambda r: (r.node.site.name, r.node.name))
+
+
+def model_list() -> list[dict[str, Any]]:
+    """Every model with its latest version (the registry is estate-wide)."""
+    models = Model.objects.prefetch_related("versions").order_by("slug")
+    return [{"model": m, "latest": max(m.versions.all(), key=lambda v: (v.created_at, v.pk), default=None)}
+            for m in models]
+
+
+def deployment_list(*, user: Any, version: ModelVersion) -> QuerySet[Deployment]:
+    """Active deployments of ``version`` whose target site ``user`` may see."""
+    deployments = version.deployments.filter(removed_at__isnull=True).select_related("site", "node__site")
+    ids = site_ids_for(user, "view")
+    if ids is None:
+        return deployments
+    return deployments.filter(Q(site__in=ids) | Q(node__site__in=ids))
+
+
+def operable_targets(user: Any) -> tuple[QuerySet[Any], QuerySet[Node]]:
+    """The sites and active nodes ``user`` may deploy to."""
+    from sites.models import Site
+
+    sites = restrict(Site.objects.order_by("name"), user, "operate")
+    nodes = restrict(Node.objects.filter(revoked_at__isnull=True).select_related("site"), user, "operate")
+    return sites, nodes.order_by("site__name", "name")

@@ -1,0 +1,385 @@
+"""Writes of the model registry. Each runs in one transaction with its audit event.
+
+Validation is a state machine (``VersionStatus``): ``model_version_upload``
+stores the artifact and leaves the version ``uploaded``; the Celery task
+``models_registry.model_version_validate`` claims it with a conditional update
+(``uploaded`` → ``validating``), runs the checks of ``models_registry.validation``
+outside any transaction, and ends it ``valid`` or ``invalid``. Every transition
+writes a ``ModelVersionEvent`` and an audit event. ``model_version_reconcile``
+(periodic) re-queues versions whose worker was lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from audit.services import Actor, audit_record
+from edge_runtime import protocol, signing
+from models_registry import storage, validation
+from models_registry.models import (
+    VERSION_PATTERN,
+    Deployment,
+    Model,
+    ModelVariant,
+    ModelVersion,
+    ModelVersionEvent,
+    NodeModelReport,
+    VersionStatus,
+)
+from orchestrator import keys
+from sites.models import Clearance, Node, NodeRole, Site
+from sites.services import desired_state_publish
+
+# A worker that holds a version this long without finishing is presumed lost.
+MAX_VALIDATION_ATTEMPTS = 3
+_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,59}$")
+
+
+class RegistryError(Exception):
+    """A refused request; ``status`` is the HTTP status a view answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class ArtifactRefused(RegistryError):
+    status = 413
+
+
+class DeploymentRefused(RegistryError):
+    status = 409
+
+
+def _user_id(actor: Actor) -> int | None:
+    from django.contrib.auth import get_user_model
+
+    if actor.type != "user":
+        return None
+    return get_user_model().objects.filter(username=actor.label).values_list("pk", flat=True).first()
+
+
+def _first_error(exc: ValidationError) -> tuple[str, str | None]:
+    if hasattr(exc, "error_dict"):
+        field, errors = next(iter(exc.error_dict.items()))
+        return f"{field}: {' '.join(m for e in errors for m in e.messages)}", field
+    return " ".join(exc.messages), None
+
+
+def model_create(*, actor: Actor, slug: str, name: str, description: str = "",
+                 classification: int = Clearance.INTERNAL) -> Model:
+    with transaction.atomic():
+        model = Model(slug=slug, name=name, description=description, classification=classification,
+                      created_by_id=_user_id(actor))
+        try:
+            model.full_clean()
+        except ValidationError as exc:
+            message, field = _first_error(exc)
+            raise RegistryError(message, field=field) from exc
+        model.save()
+        audit_record(actor=actor, action="model.create", obj=model,
+                     after={"slug": slug, "name": name, "classification": classification})
+    return model
+
+
+def _providers(values: Iterable[str], field: str) -> list[str]:
+    cleaned = [v.strip() for v in values if v and v.strip()]
+    for value in cleaned:
+        if not _PROVIDER.match(value):
+            raise RegistryError(f"{field}: {value!r} is not an execution provider name "
+                                "(for example CUDAExecutionProvider)", field=field)
+    if len(cleaned) > 16:
+        raise RegistryError(f"{field}: at most 16 providers", field=field)
+    return list(dict.fromkeys(cleaned))
+
+
+def _requirements(*, min_memory_mb: int, node_roles: Iterable[str], required_providers: Iterable[str],
+                  preferred_providers: Iterable[str], allow_quantized: bool, max_batch_size: int,
+                  max_queue_delay_ms: float) -> dict[str, Any]:
+    roles = list(dict.fromkeys(node_roles))
+    unknown = [r for r in roles if r not in NodeRole.values]
+    if unknown:
+        raise RegistryError(f"node_roles: unknown role {unknown[0]!r}; roles are {', '.join(NodeRole.values)}",
+                            field="node_roles")
+    if not 0 <= min_memory_mb <= 16 * 1024 * 1024:
+        raise RegistryError("min_memory_mb: must be between 0 and 16777216", field="min_memory_mb")
+    if not 1 <= max_batch_size <= 1024:
+        raise RegistryError("max_batch_size: must be between 1 and 1024", field="max_batch_size")
+    if not 0 <= max_queue_delay_ms <= 1000:
+        raise RegistryError("max_queue_delay_ms: must be between 0 and 1000", field="max_queue_delay_ms")
+    return {
+        "min_memory_mb": int(min_memory_mb),
+        "node_roles": roles,
+        "required_providers": _providers(required_providers, "required_providers"),
+        "preferred_providers": _providers(preferred_providers, "preferred_providers"),
+        "allow_quantized": bool(allow_quantized),
+        "max_batch_size": int(max_batch_size),
+        "max_queue_delay_ms": float(max_queue_delay_ms),
+    }
+
+
+def _event(version: ModelVersion, *, to: str, before: str, message: str, actor: Actor) -> None:
+    """Record one transition (already applied to ``version``): timeline row and audit event."""
+    ModelVersionEvent.objects.create(version=version, from_status=before, to_status=to, message=message[:4000])
+    audit_record(actor=actor, action=f"model_version.{to}", obj=version, object_repr=str(version),
+                 before={"status": before} if before else None, after={"status": to, "message": message[:1000]})
+
+
+def _enqueue_validation(version_id: int) -> None:
+    from models_registry.tasks import model_version_validate_task
+
+    transaction.on_commit(lambda: model_version_validate_task.delay(version_id))
+
+
+def _artifact_unused(sha256: str) -> bool:
+    return not (ModelVersion.objects.filter(sha256=sha256).exists()
+                or ModelVariant.objects.filter(sha256=sha256).exists())
+
+
+def model_version_upload(*, actor: Actor, model: Model, version: str, file: BinaryIO | Iterable[bytes],
+                         min_memory_mb: int = 0, node_roles: Sequence[str] = (),
+                         required_providers: Sequence[str] = (), preferred_providers: Sequence[str] = (),
+                         allow_quantized: bool = False, max_batch_size: int = 8,
+                         max_queue_delay_ms: float = 0.0) -> ModelVersion:
+    """Store the artifact and create the version (``uploaded``); validation is queued on commit.
+
+    Everything that can be checked without the file is checked before a byte
+    is stored; a file over ``MAX_MODEL_BYTES`` is refused with nothing kept.
+    """
+    if not re.match(VERSION_PATTERN, version or ""):
+        raise RegistryError("version: 1 to 50 letters, digits, '.', '_', '+' or '-', starting with a letter or "
+                            "digit", field="version")
+    requirements = _requirements(
+        min_memory_mb=min_memory_mb, node_roles=node_roles, required_providers=required_providers,
+        preferred_providers=preferred_providers, allow_quantized=allow_quantized, max_batch_size=max_batch_size,
+        max_queue_delay_ms=max_queue_delay_ms,
+    )
+    if ModelVersion.objects.filter(model=model, version=version).exists():
+        raise RegistryError(f"version: model {model.slug} already has a version {version}", field="version")
+    try:
+        stored = storage.artifact_store(file)
+    except storage.ArtifactTooLarge as exc:
+        raise ArtifactRefused(f"file: {exc}", field="file") from exc
+    try:
+        with transaction.atomic():
+            row = ModelVersion.objects.create(model=model, version=version, sha256=stored.sha256, size=stored.size,
+                                              created_by_id=_user_id(actor), **requirements)
+            _event(row, to=VersionStatus.UPLOADED, before="", actor=actor,
+                   message=f"uploaded {stored.size} bytes, sha256 {stored.sha256}")
+            audit_record(actor=actor, action="model_version.upload", obj=row, object_repr=str(row),
+                         after={"sha256": stored.sha256, "size": stored.size, **requirements})
+            _enqueue_validation(row.pk)
+    except IntegrityError as exc:
+        if _artifact_unused(stored.sha256):
+            stored.path.unlink(missing_ok=True)
+        raise RegistryError(f"version: model {model.slug} already has a version {version}", field="version") from exc
+    return row
+
+
+def model_version_validate(*, version_id: int) -> ModelVersion | None:
+    """Claim and validate one version. Safe to run twice: a second run finds nothing to claim.
+
+    The checks run outside any transaction (they take seconds); the result is
+    written only if this run still holds the claim, so a run the reconciler
+    gave up on cannot overwrite the run that replaced it.
+    """
+    actor = Actor.system("validation")
+    claimed_at = timezone.now()
+    with transaction.atomic():
+        claimed = ModelVersion.objects.filter(pk=version_id, status=VersionStatus.UPLOADED).update(
+            status=VersionStatus.VALIDATING, claimed_at=claimed_at, attempts=F("attempts") + 1)
+        if not claimed:
+            return None
+        version = ModelVersion.objects.select_related("model").get(pk=version_id)
+        _event(version, to=VersionStatus.VALIDATING, before=VersionStatus.UPLOADED, actor=actor,
+               message=f"validation started (attempt {version.attempts})")
+    path = storage.artifact_path(version.sha256)
+    with tempfile.TemporaryDirectory(prefix="edgewise-validate-") as workdir:
+        result = _run_checks(path, version.allow_quantized, Path(workdir))
+        variant: tuple[storage.StoredArtifact, float] | None = None
+        if result.ok and result.variant is not None:
+            variant = (storage.artifact_store_path(result.variant.path), result.variant.max_abs_diff)
+    key = keys.signing_key()
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().select_related("model").get(pk=version_id)
+        if version.status != VersionStatus.VALIDATING or version.claimed_at != claimed_at:
+            return version
+        version.validation_log = result.log
+        version.opset = result.opset
+        version.signature_inputs = result.inputs
+        version.signature_outputs = result.outputs
+        if result.ok:
+            version.signature = signing.sign_artifact(version.sha256, key)
+            version.status = VersionStatus.VALID
+            message = "every check passed; artifact signed"
+            if variant is not None:
+                stored, diff = variant
+                ModelVariant.objects.update_or_create(
+                    version=version, kind="int8",
+                    defaults={"sha256": stored.sha256, "size": stored.size, "max_abs_diff": diff,
+                              "signature": signing.sign_artifact(stored.sha256, key)})
+                message += f"; int8 variant made (max |Δ| {diff:.6g})"
+        else:
+            version.status = VersionStatus.INVALID
+            message = result.error
+        version.save()
+        _event(version, to=version.status, before=VersionStatus.VALIDATING, actor=actor, message=message)
+    return version
+
+
+def _run_checks(path: Path, allow_quantized: bool, workdir: Path) -> validation.ValidationResult:
+    if not path.exists():
+        return validation.ValidationResult(ok=False, log=[{
+            "step": "artifact", "ok": False, "detail": f"the stored artifact is missing from {path.parent}"}])
+    try:
+        return validation.validate_artifact(path, allow_quantized=allow_quantized, workdir=workdir)
+    except Exception as exc:  # noqa: BLE001 - a bug in a check must end the version, not loop it
+        return validation.ValidationResult(ok=False, log=[{
+            "step": "validation", "ok": False, "detail": f"unexpected error: {type(exc).__name__}: {exc}"}])
+
+
+def model_version_reconcile(*, now: dt.datetime | None = None) -> int:
+    """Re-queue versions left ``uploaded`` and recover those stuck ``validating``.
+
+    A version held longer than ``MODEL_VALIDATION_TIMEOUT_S`` lost its worker:
+    it goes back to ``uploaded`` and is queued again, or ``invalid`` after
+    ``MAX_VALIDATION_ATTEMPTS`` (a model that kills every worker that loads it).
+    Safe to run twice. Returns how many versions were queued or ended.
+    """
+    now = now or timezone.now()
+    actor = Actor.system("validation-reconciler")
+    cut = now - dt.timedelta(seconds=settings.MODEL_VALIDATION_TIMEOUT_S)
+    touched = 0
+    for version_id in ModelVersion.objects.filter(status=VersionStatus.VALIDATING, claimed_at__lt=cut).values_list(
+            "pk", flat=True):
+        with transaction.atomic():
+            version = ModelVersion.objects.select_for_update().select_related("model").get(pk=version_id)
+            if version.status != VersionStatus.VALIDATING or version.claimed_at is None or version.claimed_at >= cut:
+                continue
+            lost = f"validation did not finish within {settings.MODEL_VALIDATION_TIMEOUT_S:g}s (its worker was lost)"
+            if version.attempts >= MAX_VALIDATION_ATTEMPTS:
+                version.status = VersionStatus.INVALID
+                version.validation_log = [*version.validation_log, {
+                    "step": "validation", "ok": False,
+                    "detail": f"{lost} in {version.attempts} attempts; the model may crash onnxruntime"}]
+                message = f"{lost} in {version.attempts} attempts; given up"
+            else:
+                version.status = VersionStatus.UPLOADED
+                message = f"{lost}; queued again"
+                _enqueue_validation(version.pk)
+            version.save(update_fields=["status", "validation_log"])
+            _event(version, to=version.status, before=VersionStatus.VALIDATING, actor=actor, message=message)
+            touched += 1
+    for version_id in ModelVersion.objects.filter(status=VersionStatus.UPLOADED).values_list("pk", flat=True):
+        # Its task may have been lost with the broker; a duplicate finds nothing to claim.
+        with transaction.atomic():
+            _enqueue_validation(version_id)
+        touched += 1
+    return touched
+
+
+def _affected_nodes(deployments: Iterable[Deployment]) -> list[Node]:
+    nodes: dict[int, Node] = {}
+    for deployment in deployments:
+        if deployment.node_id:
+            nodes[deployment.node_id] = deployment.node
+        else:
+            for node in deployment.site.nodes.filter(revoked_at__isnull=True).select_related("site"):
+                nodes[node.pk] = node
+    return [n for n in nodes.values() if n.revoked_at is None]
+
+
+def _deployment_fields(deployment: Deployment) -> dict[str, Any]:
+    return {"model": deployment.version.model.slug, "version": deployment.version.version,
+            "target": deployment.target_label}
+
+
+def deployment_create(*, actor: Actor, version: ModelVersion, sites: Sequence[Site] = (),
+                      nodes: Sequence[Node] = ()) -> list[Deployment]:
+    """Assign a valid version to sites and nodes, then publish the affected nodes' desired states.
+
+    The caller has checked that the actor may operate every target site.
+    Assigning a version to a target it is already deployed to changes nothing.
+    """
+    if not sites and not nodes:
+        raise RegistryError("choose at least one site or node to deploy to", field="targets")
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().select_related("model").get(pk=version.pk)
+        if version.status != VersionStatus.VALID:
+            raise DeploymentRefused(
+                f"version {version.version} of model {version.model.slug} is {version.get_status_display().lower()}; "
+                "only valid versions can be deployed")
+        for node in nodes:
+            if node.revoked_at is not None:
+                raise DeploymentRefused(f"node {node} is revoked", field="nodes")
+        active = Deployment.objects.filter(version=version, removed_at__isnull=True)
+        deployments: list[Deployment] = []
+        targets: list[dict[str, Any]] = [{"site": s} for s in sites] + [{"node": n} for n in nodes]
+        for target in targets:
+            existing = active.filter(**target).first()
+            if existing is not None:
+                deployments.append(existing)
+                continue
+            deployment = Deployment.objects.create(version=version, created_by_id=_user_id(actor), **target)
+            audit_record(actor=actor, action="deployment.create", obj=deployment, object_repr=str(deployment),
+                         site_uuid=deployment.target_site.uuid, after=_deployment_fields(deployment))
+            deployments.append(deployment)
+        for node in _affected_nodes(deployments):
+            desired_state_publish(node=node, actor=actor)
+    return deployments
+
+
+def deployment_remove(*, actor: Actor, deployment: Deployment) -> Deployment:
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update(of=("self",)).select_related(
+            "version__model", "site", "node__site").get(pk=deployment.pk)
+        if deployment.removed_at is not None:
+            raise RegistryError("this deployment is already removed")
+        deployment.removed_at = timezone.now()
+        deployment.save(update_fields=["removed_at"])
+        audit_record(actor=actor, action="deployment.remove", obj=deployment, object_repr=str(deployment),
+                     site_uuid=deployment.target_site.uuid, before=_deployment_fields(deployment))
+        for node in _affected_nodes([deployment]):
+            desired_state_publish(node=node, actor=actor)
+    return deployment
+
+
+def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus], actor: Actor | None = None) -> int:
+    """Audit what a node refused or failed to serve, once per (node, artifact, error).
+
+    Called from every sync; a node repeating the same error on every sync
+    leaves one record. Returns how many new reports were recorded.
+    """
+    actor = actor or Actor.node(node)
+    recorded = 0
+    with transaction.atomic():
+        for status in statuses:
+            if status.state != "refused" and not (status.state == "failed" and status.error):
+                continue
+            artifact = status.sha256 or f"{status.name}@{status.version}/{status.variant}"
+            _, created = NodeModelReport.objects.get_or_create(
+                node=node, artifact=artifact, error_digest=hashlib.sha256(status.error.encode()).hexdigest(),
+                defaults={"name": status.name, "version": status.version, "variant": status.variant,
+                          "state": status.state, "error": status.error},
+            )
+            if created:
+                audit_record(actor=actor, action=f"model.{status.state}", obj=node, site_uuid=node.site.uuid,
+                             after={"model": status.name, "version": status.version, "variant": status.variant,
+                                    "sha256": status.sha256, "error": status.error})
+                recorded += 1
+    return recorded

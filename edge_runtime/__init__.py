@@ -19,4 +19,7 @@ REQUIRES: tuple[str, ...] = (
     "cryptography>=42",
     "pydantic>=2.6",
     "websockets>=12",
+    "onnxruntime>=1.18",
+    "numpy>=1.26",
+    "uvicorn[standard]>=0.30",
 )

@@ -337,7 +337,9 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
                 after={"generation": refusal.generation, "reason": refusal.reason, "at": refusal.at.isoformat()},
             )
         desired = DesiredState.objects.filter(node=node).first()
-        if desired is None:
+        if desired is None or "hardware" in changes:
+            # Placement depends on the hardware a node reports: republish (a
+            # no-op when the content comes out the same).
             desired = desired_state_publish(node=node, actor=Actor.system("sync"))
     if "status" in changes:
         broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})

@@ -1,0 +1,39 @@
+"""The node's model server: ONNX models behind the Open Inference Protocol.
+
+* :mod:`.loader` picks the execution provider, reads the signature, smoke-tests;
+* :mod:`.registry` holds the served versions, swaps them hot, keeps the last good one;
+* :mod:`.batcher` batches concurrent requests per model version;
+* :mod:`.app` is the OIP v2 REST API (JSON and binary tensors) and ``/metrics``;
+* :mod:`.server` runs it on an asyncio loop (:func:`run_server`);
+* :mod:`.standalone` serves a folder of ``.onnx`` files with no control plane.
+"""
+
+from __future__ import annotations
+
+from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
+from edge_runtime.serving.loader import (
+    DEFAULT_PROVIDER_PRIORITY,
+    LoadedModel,
+    LoadError,
+    ProviderError,
+    load_model,
+    select_providers,
+)
+from edge_runtime.serving.registry import ModelNotFound, ModelRegistry
+from edge_runtime.serving.server import ServerError, ServerHandle, run_server
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PROVIDER_PRIORITY",
+    "LoadError",
+    "LoadedModel",
+    "ModelNotFound",
+    "ModelRegistry",
+    "OIPApp",
+    "ProviderError",
+    "ServerError",
+    "ServerHandle",
+    "load_model",
+    "run_server",
+    "select_providers",
+]

@@ -1,0 +1,371 @@
+"""The Open Inference Protocol (KServe v2) REST API as a plain ASGI application.
+
+Endpoints::
+
+    GET  /v2/health/live                 200 while the process serves
+    GET  /v2/health/ready                200 when no first load is pending
+    GET  /v2                             server metadata (extensions incl. binary_tensor_data)
+    GET  /v2/models/{m}[/versions/{v}]          model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready    200 if that version serves
+    POST /v2/models/{m}[/versions/{v}]/infer    inference, JSON or binary tensors
+    GET  /metrics                        Prometheus text format
+
+No web framework: the routes are few and fixed, and on the inference path
+every microsecond of routing and middleware is paid per request. Errors are
+``{"error": "..."}``: 400 for a request the model cannot take (naming the
+input and the problem), 404 for an unknown model or version, 405 for a wrong
+method, 413 for a body over the limit, 500 when the model itself fails. An
+error answers one request; the server carries on serving everyone.
+
+Binary tensor data extension: a request whose JSON header is followed by raw
+tensor bytes says so with ``Inference-Header-Content-Length``; each binary
+input carries ``parameters.binary_data_size``, in input order. Outputs are
+returned binary when asked for (``outputs[].parameters.binary_data`` or the
+request's ``parameters.binary_data_output``), in the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import onnxruntime as ort
+
+from edge_runtime import __version__
+from edge_runtime.serving.batcher import ModelUnavailable
+from edge_runtime.serving.registry import ModelNotFound, ModelRegistry, ServedVersion
+from edge_runtime.serving.tensors import Array, TensorError, from_binary, from_json, to_binary, to_json_data
+
+logger = logging.getLogger("edge_runtime.serving")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+SERVER_NAME = "edgewise-edge-runtime"
+EXTENSIONS = ["binary_tensor_data", "health", "metadata", "metrics"]
+PLATFORM = "onnxruntime_onnx"
+HEADER_LENGTH = b"inference-header-content-length"
+
+JSON_TYPE = [(b"content-type", b"application/json")]
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BadRequest(HTTPError):
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
+class OIPApp:
+    def __init__(self, registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 server_name: str = SERVER_NAME) -> None:
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+        self.registry = registry
+        self.max_body_bytes = max_body_bytes
+        self.server_name = server_name
+        self.live = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            status, headers, body = await self.handle(scope, receive)
+        except HTTPError as exc:
+            status, headers, body = exc.status, JSON_TYPE, _error_body(exc.message)
+        except Exception:  # noqa: BLE001 - one request's bug must not take the server down
+            logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            status, headers, body = 500, JSON_TYPE, _error_body("internal server error")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def handle(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        method: str = scope["method"]
+        parts = scope["path"].strip("/").split("/")
+        if parts[0] == "v2":
+            n = len(parts)
+            if n >= 3 and parts[1] == "models":
+                name = parts[2]
+                version: str | None = None
+                rest = parts[3:]
+                if len(rest) >= 2 and rest[0] == "versions":
+                    version, rest = rest[1], rest[2:]
+                if not rest:
+                    _allow(method, "GET")
+                    return self.model_metadata(name, version)
+                if rest == ["ready"]:
+                    _allow(method, "GET")
+                    self._resolve(name, version)
+                    return 200, JSON_TYPE, b""
+                if rest == ["infer"]:
+                    _allow(method, "POST")
+                    return await self.infer(scope, receive, name, version)
+            elif n == 1:
+                _allow(method, "GET")
+                return 200, JSON_TYPE, _json({"name": self.server_name, "version": __version__,
+                                              "extensions": EXTENSIONS})
+            elif n == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
+                _allow(method, "GET")
+                ok = self.live if parts[2] == "live" else self.live and self.registry.ready
+                return (200 if ok else 503), JSON_TYPE, b""
+        elif parts == ["metrics"]:
+            _allow(method, "GET")
+            return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], \
+                self.registry.metrics.render().encode()
+        raise HTTPError(404, f"no such endpoint: {scope['path']}")
+
+    # metadata ----------------------------------------------------------------
+
+    def _resolve(self, name: str, version: str | None) -> ServedVersion:
+        try:
+            return self.registry.get(name, version)
+        except ModelNotFound as exc:
+            raise HTTPError(404, str(exc)) from None
+
+    def model_metadata(self, name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        served = self._resolve(name, version)
+        model = served.model
+        return 200, JSON_TYPE, _json({
+            "name": name,
+            "versions": self.registry.versions(name),
+            "platform": PLATFORM,
+            "inputs": [spec.metadata() for spec in model.inputs],
+            "outputs": [spec.metadata() for spec in model.outputs],
+            "parameters": {"version": served.version, "execution_provider": model.provider,
+                           "max_batch_size": served.max_batch_size},
+        })
+
+    # inference ---------------------------------------------------------------
+
+    async def infer(self, scope: Scope, receive: Receive, name: str,
+                    version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        served = self._resolve(name, version)
+        metrics = served.metrics
+        metrics.requests += 1
+        started = time.perf_counter()
+        try:
+            headers = dict(scope["headers"])
+            body = await self._read_body(receive, headers)
+            request, feeds, wanted = self._parse(served, body, headers)
+            try:
+                outputs = await served.batcher.submit(feeds)
+            except ModelUnavailable as exc:
+                raise HTTPError(503, str(exc)) from None
+            except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+                raise BadRequest(f"model '{name}' refused the request: {_one_line(exc)}") from None
+            except Exception as exc:  # noqa: BLE001 - the model failed on this request only
+                raise HTTPError(500, f"model '{name}' failed on this request: {_one_line(exc)}") from None
+            result = self._respond(served, request, outputs, wanted)
+        except HTTPError:
+            metrics.errors += 1
+            raise
+        finally:
+            metrics.latency.observe(time.perf_counter() - started)
+        return result
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "the client closed the connection before sending the whole body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding in (b"gzip", b"deflate"):
+            body = _decompress(body, encoding, limit)
+        elif encoding not in (b"identity", b""):
+            raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
+        return body
+
+    def _parse(self, served: ServedVersion, body: bytes,
+               headers: dict[bytes, bytes]) -> tuple[dict[str, Any], dict[str, Array], list[tuple[str, bool]]]:
+        header_length = headers.get(HEADER_LENGTH)
+        if header_length is not None:
+            if not header_length.isdigit() or int(header_length) > len(body):
+                raise BadRequest(f"Inference-Header-Content-Length {header_length.decode(errors='replace')!r} "
+                                 f"does not fit a body of {len(body)} bytes")
+            split = int(header_length)
+            head, binary = body[:split], memoryview(body)[split:]
+        else:
+            head, binary = body, memoryview(b"")
+        try:
+            request = json.loads(head)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("the request body must be a JSON object")
+        if "id" in request and not isinstance(request["id"], str):
+            raise BadRequest("'id' must be a string")
+        inputs = request.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise BadRequest("'inputs' must be a non-empty list of tensors")
+        model = served.model
+        specs = model.inputs_by_name
+        feeds: dict[str, Array] = {}
+        offset = 0
+        for tensor in inputs:
+            if not isinstance(tensor, dict):
+                raise BadRequest("each input must be a JSON object with name, shape, datatype and data")
+            name = tensor.get("name")
+            if not isinstance(name, str):
+                raise BadRequest("an input has no 'name'")
+            spec = specs.get(name)
+            if spec is None:
+                raise BadRequest(f"model '{served.name}' has no input named '{name}' "
+                                 f"(its inputs: {', '.join(specs)})")
+            if name in feeds:
+                raise BadRequest(f"input '{name}' is given twice")
+            datatype = tensor.get("datatype")
+            if datatype != spec.datatype:
+                raise BadRequest(f"input '{name}': datatype {datatype!r} does not match the model's {spec.datatype}")
+            try:
+                shape = _check_shape(name, tensor.get("shape"), spec.shape)
+                parameters = tensor.get("parameters") or {}
+                size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+                if size is not None:
+                    if "data" in tensor:
+                        raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+                    if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                        raise BadRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
+                    feeds[name] = from_binary(name, datatype, shape, binary[offset:offset + size])
+                    offset += size
+                else:
+                    if "data" not in tensor:
+                        raise BadRequest(f"input '{name}' has no 'data' (nor binary_data_size)")
+                    feeds[name] = from_json(name, datatype, shape, tensor["data"])
+            except TensorError as exc:
+                raise BadRequest(str(exc)) from None
+        if offset != len(binary):
+            raise BadRequest(f"the body has {len(binary) - offset} bytes of binary data that no input claims")
+        missing = [n for n in specs if n not in feeds]
+        if missing:
+            raise BadRequest(f"missing input(s) {', '.join(missing)} for model '{served.name}'")
+        if len(feeds) > 1 and served.batcher.stackable:
+            rows = {a.shape[0] for a in feeds.values()}
+            if len(rows) > 1:
+                raise BadRequest(f"inputs disagree on the batch dimension (sizes {sorted(rows)})")
+        return request, feeds, self._wanted_outputs(served, request)
+
+    def _wanted_outputs(self, served: ServedVersion, request: dict[str, Any]) -> list[tuple[str, bool]]:
+        parameters = request.get("parameters")
+        binary_default = isinstance(parameters, dict) and parameters.get("binary_data_output") is True
+        requested = request.get("outputs")
+        names = served.model.output_names
+        if requested is None:
+            return [(n, binary_default) for n in names]
+        if not isinstance(requested, list):
+            raise BadRequest("'outputs' must be a list")
+        wanted: list[tuple[str, bool]] = []
+        for item in requested:
+            name = item.get("name") if isinstance(item, dict) else None
+            if name not in names:
+                raise BadRequest(f"model '{served.name}' has no output named {name!r} "
+                                 f"(its outputs: {', '.join(names)})")
+            params = item.get("parameters") or {}
+            binary = params.get("binary_data", binary_default) if isinstance(params, dict) else binary_default
+            wanted.append((name, binary is True))
+        return wanted
+
+    def _respond(self, served: ServedVersion, request: dict[str, Any], outputs: list[Array],
+                 wanted: list[tuple[str, bool]]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        index = {n: i for i, n in enumerate(served.model.output_names)}
+        specs = served.model.outputs
+        tensors: list[dict[str, Any]] = []
+        blobs: list[bytes] = []
+        for name, binary in wanted:
+            i = index[name]
+            array = outputs[i]
+            tensor: dict[str, Any] = {"name": name, "datatype": specs[i].datatype, "shape": list(array.shape)}
+            if binary:
+                blob = to_binary(array)
+                tensor["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                tensor["data"] = to_json_data(array)
+            tensors.append(tensor)
+        response: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
+        if "id" in request:
+            response["id"] = request["id"]
+        response["outputs"] = tensors
+        head = _json(response)
+        if not blobs:
+            return 200, JSON_TYPE, head
+        return 200, [(b"content-type", b"application/octet-stream"),
+                     (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *blobs])
+
+
+def _check_shape(name: str, shape: Any, expected: tuple[int, ...]) -> list[int]:
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected, strict=True)):
+        raise BadRequest(f"input '{name}': shape {shape} does not match the model's {list(expected)} "
+                         f"(-1 is any size)")
+    return shape
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        raise HTTPError(405, f"method {method} not allowed here (use {allowed})")
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _error_body(message: str) -> bytes:
+    return _json({"error": message})
+
+
+def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
+    # wbits: 16+ for gzip framing, plain for zlib-wrapped deflate.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the {encoding.decode()} body cannot be decompressed: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise HTTPError(413, f"decompressed request body is over the limit of {limit} bytes")
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:500] if text else type(exc).__name__
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,207 @@
+"""Loading an ONNX model: execution provider choice, signature, smoke test.
+
+Provider order for one model: the model's own preference (``DesiredModel.
+providers``), then the node's priority list, each kept only if this ONNX
+Runtime build has it, and ``CPUExecutionProvider`` always last so that there
+is always something to run on. A provider the model *requires* but the node
+lacks is a refusal (:class:`ProviderError`), never a silent CPU fallback. ONNX
+Runtime itself may still fall back when a provider fails to initialise (a
+missing CUDA library, say); the provider the session actually runs on is
+recorded as :attr:`LoadedModel.provider`, and a required provider missing
+from the session is refused too.
+
+A model is smoke-tested before anyone can send it a request: one inference
+on generated inputs (dynamic dimensions set to 1), so that a model that
+loads but cannot run is refused while the previous version keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_runtime.serving.tensors import OIP_TO_NUMPY, Array, TensorError, oip_datatype
+
+logger = logging.getLogger("edge_runtime.serving")
+
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDER_PRIORITY: tuple[str, ...] = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    CPU,
+)
+# Listed by get_available_providers() but not a place to run a graph: the
+# Azure provider calls a remote endpoint, and inference never waits on the network.
+NON_COMPUTE_PROVIDERS = frozenset({"AzureExecutionProvider"})
+
+
+class LoadError(Exception):
+    """A model could not be loaded or failed its smoke test; the message says why."""
+
+
+class ProviderError(LoadError):
+    """The node lacks an execution provider the model requires."""
+
+
+def available_providers() -> list[str]:
+    """The compute providers of this ONNX Runtime build, in its own order."""
+    return [p for p in ort.get_available_providers() if p not in NON_COMPUTE_PROVIDERS]
+
+
+def select_providers(
+    *,
+    preferred: Sequence[str] = (),
+    required: Sequence[str] = (),
+    priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
+    available: Iterable[str] | None = None,
+) -> list[str]:
+    """The providers to ask ONNX Runtime for, best first, CPU last."""
+    have = [p for p in (available_providers() if available is None else available) if p not in NON_COMPUTE_PROVIDERS]
+    missing = [p for p in required if p not in have]
+    if missing:
+        raise ProviderError(
+            f"the model requires {', '.join(missing)}, which this node lacks "
+            f"(it has: {', '.join(have) or 'none'})"
+        )
+    chosen: list[str] = []
+    for provider in [*preferred, *priority]:
+        if provider in have and provider not in chosen and provider != CPU:
+            chosen.append(provider)
+    chosen.append(CPU)
+    return chosen
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    # -1 marks a dynamic dimension.
+    shape: tuple[int, ...]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass
+class LoadedModel:
+    """A session that passed its smoke test, with what the server needs to know about it."""
+
+    session: ort.InferenceSession
+    path: Path
+    provider: str
+    providers: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    load_seconds: float
+    smoke_seconds: float
+    inputs_by_name: dict[str, TensorSpec] = field(default_factory=dict)
+    output_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.inputs_by_name = {spec.name: spec for spec in self.inputs}
+        self.output_names = [spec.name for spec in self.outputs]
+
+    @property
+    def batchable(self) -> bool:
+        """True if requests can be stacked along dimension 0 into one run."""
+        return bool(self.inputs) and all(
+            len(spec.shape) >= 1 and spec.shape[0] == -1 for spec in [*self.inputs, *self.outputs]
+        )
+
+    def run(self, feeds: dict[str, Array]) -> list[Array]:
+        return list(self.session.run(self.output_names, feeds))
+
+
+def _dims(shape: Sequence[Any] | None) -> tuple[int, ...]:
+    # ONNX Runtime gives ints for fixed dims and strings or None for symbolic ones.
+    if shape is None:
+        return ()
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _spec(arg: Any) -> TensorSpec:
+    try:
+        datatype = oip_datatype(arg.type)
+    except TensorError as exc:
+        raise LoadError(f"tensor '{arg.name}': {exc}") from None
+    return TensorSpec(name=arg.name, datatype=datatype, shape=_dims(arg.shape))
+
+
+def smoke_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, Array]:
+    """Inputs of the right dtype and shape (dynamic dims = 1): small random floats, zeros otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Array] = {}
+    for spec in specs:
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        dtype = OIP_TO_NUMPY[spec.datatype]
+        if spec.datatype == "BYTES":
+            array = np.full(shape, "", dtype=object)
+        elif dtype.kind == "f":
+            array = rng.uniform(-0.1, 0.1, size=shape).astype(dtype)
+        else:
+            # Zeros are valid indices and lengths, so integer inputs that
+            # steer the graph (Gather indices, shapes) stay in range.
+            array = np.zeros(shape, dtype=dtype)
+        feeds[spec.name] = array
+    return feeds
+
+
+def load_model(
+    path: Path,
+    *,
+    preferred: Sequence[str] = (),
+    required: Sequence[str] = (),
+    priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
+    intra_op_threads: int = 0,
+) -> LoadedModel:
+    """Load ``path`` with the best provider, read its signature and smoke-test it.
+
+    Raises :class:`ProviderError` or :class:`LoadError`; nothing is served
+    from a model that did not come back from here.
+    """
+    providers = select_providers(preferred=preferred, required=required, priority=priority)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    started = time.perf_counter()
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for a bad file
+        raise LoadError(f"onnxruntime cannot load {path.name}: {_one_line(exc)}") from exc
+    load_seconds = time.perf_counter() - started
+    actual = list(session.get_providers())
+    lost = [p for p in required if p not in actual]
+    if lost:
+        raise ProviderError(f"the model requires {', '.join(lost)}, but onnxruntime fell back to {actual[0]}")
+    if actual and actual[0] != providers[0]:
+        logger.warning("model %s asked for %s, runs on %s", path.name, providers[0], actual[0])
+    inputs = [_spec(arg) for arg in session.get_inputs()]
+    outputs = [_spec(arg) for arg in session.get_outputs()]
+    model = LoadedModel(
+        session=session, path=path, provider=actual[0] if actual else CPU, providers=actual,
+        inputs=inputs, outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0,
+    )
+    started = time.perf_counter()
+    try:
+        model.run(smoke_inputs(inputs))
+    except Exception as exc:  # noqa: BLE001 - any failure to run means the model is not usable
+        raise LoadError(f"smoke test of {path.name} failed: {_one_line(exc)}") from exc
+    model.smoke_seconds = time.perf_counter() - started
+    return model
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:800] if text else type(exc).__name__

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the model server, in the text exposition format (0.0.4).
+
+Written here rather than with ``prometheus_client``: the server needs five
+metric families with two labels, updated only from the event loop thread (so
+no locks), and a site installs one dependency fewer. The format is the plain
+text one every Prometheus scraper reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        # One slot per bucket plus +Inf.
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+@dataclass
+class ModelMetrics:
+    """The series of one model version."""
+
+    requests: int = 0
+    errors: int = 0
+    inferences: int = 0
+    batches: int = 0
+    queue_depth: int = 0
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class Metrics:
+    """Every model version's series, kept after a version is unloaded so counters never go back."""
+
+    def __init__(self) -> None:
+        self._series: dict[tuple[str, str], ModelMetrics] = {}
+
+    def of(self, model: str, version: str) -> ModelMetrics:
+        key = (model, version)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = ModelMetrics()
+        return series
+
+    def render(self) -> str:
+        lines: list[str] = []
+        items = sorted(self._series.items())
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        def labels(model: str, version: str, extra: str = "") -> str:
+            base = f'model="{_escape(model)}",version="{_escape(version)}"'
+            return "{" + base + (f",{extra}" if extra else "") + "}"
+
+        family("edgewise_inference_requests_total", "counter", "Inference requests received.")
+        for (model, version), m in items:
+            lines.append(f"edgewise_inference_requests_total{labels(model, version)} {m.requests}")
+        family("edgewise_inference_errors_total", "counter", "Inference requests that failed (4xx or 5xx).")
+        for (model, version), m in items:
+            lines.append(f"edgewise_inference_errors_total{labels(model, version)} {m.errors}")
+        family("edgewise_inference_queue_depth", "gauge", "Requests waiting for the model's next batch.")
+        for (model, version), m in items:
+            lines.append(f"edgewise_inference_queue_depth{labels(model, version)} {m.queue_depth}")
+        for name, attr, help_text in (
+            ("edgewise_inference_request_duration_seconds", "latency",
+             "Time from a request's arrival to its answer."),
+            ("edgewise_inference_batch_size", "batch_size", "Requests run together in one session.run."),
+        ):
+            family(name, "histogram", help_text)
+            for (model, version), m in items:
+                hist: Histogram = getattr(m, attr)
+                cumulative = 0
+                for bound, count in zip(hist.buckets, hist.counts, strict=False):
+                    cumulative += count
+                    le = 'le="' + _number(bound) + '"'
+                    lines.append(f"{name}_bucket{labels(model, version, le)} {cumulative}")
+                cumulative += hist.counts[-1]
+                inf = 'le="+Inf"'
+                lines.append(f"{name}_bucket{labels(model, version, inf)} {cumulative}")
+                lines.append(f"{name}_sum{labels(model, version)} {_number(hist.total)}")
+                lines.append(f"{name}_count{labels(model, version)} {hist.count}")
+        return "\n".join(lines) + "\n"

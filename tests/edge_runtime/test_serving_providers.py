@@ -1,0 +1,84 @@
+"""Execution provider choice and signature reading, with the real onnxruntime of this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_runtime.serving import LoadError, ModelRegistry, ProviderError, load_model, select_providers
+from edge_runtime.serving.loader import available_providers
+from tests.edge_runtime import onnx_models as om
+
+GPU_NODE = ["CUDAExecutionProvider", "TensorrtExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_it_orders_providers_by_priority_among_those_available() -> None:
+    assert select_providers(available=GPU_NODE) == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(available=["CPUExecutionProvider", "OpenVINOExecutionProvider"]) == [
+        "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_it_puts_the_models_own_preference_first_and_cpu_last() -> None:
+    chosen = select_providers(preferred=["CPUExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider"],
+                              available=GPU_NODE)
+    assert chosen == ["CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(priority=["CUDAExecutionProvider"], available=GPU_NODE) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_it_never_picks_the_azure_provider_to_compute() -> None:
+    assert "AzureExecutionProvider" not in available_providers()
+    assert "AzureExecutionProvider" not in select_providers(preferred=["AzureExecutionProvider"], available=GPU_NODE)
+
+
+def test_it_refuses_a_model_whose_required_provider_is_missing() -> None:
+    with pytest.raises(ProviderError, match="requires ROCMExecutionProvider, which this node lacks"):
+        select_providers(required=["ROCMExecutionProvider"], available=GPU_NODE)
+
+
+def test_it_refuses_to_load_where_a_required_provider_is_missing(tmp_path: Path) -> None:
+    import asyncio
+
+    missing = next(p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+                   if p not in ort.get_available_providers())
+    registry = ModelRegistry()
+
+    async def go() -> object:
+        try:
+            return await registry.load("m", "1", om.mlp(tmp_path / "m.onnx"), required_providers=[missing])
+        finally:
+            await registry.close()
+
+    status = asyncio.run(go())
+    assert status.state == "refused"  # type: ignore[attr-defined]
+    assert f"requires {missing}, which this node lacks" in status.error  # type: ignore[attr-defined]
+    assert status.serving_version is None  # type: ignore[attr-defined]
+
+
+def test_it_records_the_provider_a_session_actually_uses(tmp_path: Path) -> None:
+    model = load_model(om.mlp(tmp_path / "m.onnx"), preferred=["CUDAExecutionProvider"])
+    assert model.provider == model.session.get_providers()[0]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert model.provider == "CPUExecutionProvider"
+
+
+def test_it_reads_the_signature_with_dynamic_dims_as_minus_one(tmp_path: Path) -> None:
+    model = load_model(om.gather(tmp_path / "g.onnx"))
+    assert [(s.name, s.datatype, s.shape) for s in model.inputs] == [("x", "FP32", (-1, 4)), ("idx", "INT64", (-1, 1))]
+    assert [(s.name, s.datatype, s.shape) for s in model.outputs] == [("y", "FP32", (-1, 1))]
+    assert model.batchable
+    fixed = load_model(om.fixed_batch(tmp_path / "f.onnx"))
+    assert fixed.inputs[0].shape == (2, 3)
+    assert not fixed.batchable
+    strings = load_model(om.strings(tmp_path / "s.onnx"))
+    assert strings.inputs[0].datatype == "BYTES"
+    np.testing.assert_array_equal(strings.run({"x": np.array(["a"], dtype=object)})[0], ["a"])
+
+
+def test_it_smoke_tests_before_use(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="smoke test of bad.onnx failed"):
+        load_model(om.fails_smoke_test(tmp_path / "bad.onnx"))

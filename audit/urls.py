@@ -7,5 +7,6 @@ from audit import views
 app_name = "audit"
 
 urlpatterns = [
-    path("", views.audit_list, name="event-list"),
+    path("", views.event_list, name="event-list"),
+    path("<uuid:event_id>/", views.event_detail, name="event-detail"),
 ]

@@ -28,11 +28,11 @@ Errors are ``{"error": "...", "field": "..."}`` with a 4xx status.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 API_PREFIX = "/agent/v1"
 
 # Largest body an agent endpoint accepts. Sync and enroll bodies are small

@@ -1,4 +1,10 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels."""
+"""ASGI entry point: HTTP through Django, websockets through Channels.
+
+Two kinds of websocket clients: nodes, which authenticate every connection
+with their bearer credential and send no browser Origin, and browsers, which
+carry a session cookie and must come from an allowed host (the origin check
+is what stops another site's page from opening a socket with that cookie).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,18 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-from orchestrator.routing import websocket_urlpatterns  # noqa: E402
+from orchestrator.routing import agent_websocket_urlpatterns, browser_websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": URLRouter(
+            [
+                path("agent/", URLRouter(agent_websocket_urlpatterns)),
+                path("", AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(browser_websocket_urlpatterns)))),
+            ]
+        ),
     }
 )

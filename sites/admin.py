@@ -4,7 +4,6 @@ from django.contrib import admin
 from guardian.admin import GuardedModelAdmin
 
 from audit.admin import AuditedAdminMixin
-
 from sites.models import DesiredState, EnrollmentToken, Node, Region, Site
 
 

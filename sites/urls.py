@@ -8,4 +8,10 @@ app_name = "sites"
 
 urlpatterns = [
     path("", views.fleet, name="fleet"),
+    path("sites/<slug:slug>/", views.site_detail, name="site-detail"),
+    path("sites/<slug:slug>/tokens", views.token_create, name="token-create"),
+    path("sites/<slug:slug>/tokens/<uuid:token_id>/revoke", views.token_revoke, name="token-revoke"),
+    path("sites/<slug:slug>/installer", views.installer_download, name="site-installer"),
+    path("nodes/<uuid:node_id>/", views.node_detail, name="node-detail"),
+    path("nodes/<uuid:node_id>/revoke", views.node_revoke, name="node-revoke"),
 ]

@@ -72,7 +72,9 @@ def test_it_audits_grants_and_revokes(region_eu: Region, site_berlin: Site) -> N
     assert slugs(user) == {"plant-berlin"}
     role_revoke(actor=Actor.system("test"), principal=user, role="Viewer", obj=region_eu)
     assert slugs(user) == set()
-    actions = list(AuditEvent.objects.filter(action__startswith="role.").order_by("seq").values_list("action", flat=True))
+    actions = list(
+        AuditEvent.objects.filter(action__startswith="role.").order_by("seq").values_list("action", flat=True)
+    )
     assert actions[-2:] == ["role.grant", "role.revoke"]
 
 

@@ -13,5 +13,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         checked, broken = audit_verify()
         if broken is not None:
-            raise CommandError(f"audit chain broken at record #{broken.seq}: {broken.reason} ({checked} records verified before it)")
+            raise CommandError(
+                f"audit chain broken at record #{broken.seq}: {broken.reason} "
+                f"({checked} records verified before it)"
+            )
         self.stdout.write(self.style.SUCCESS(f"audit chain intact: {checked} records verified"))

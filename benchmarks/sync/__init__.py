@@ -1,0 +1,1 @@
+"""Sync throughput at N simulated nodes; see ``benchmarks.sync.run``."""

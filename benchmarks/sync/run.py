@@ -1,0 +1,263 @@
+"""Sync throughput of the control plane at N simulated nodes.
+
+Run: ``.venv/bin/python -m benchmarks.sync [--nodes 1000 --concurrency 64
+--duration 30 --warmup 5 --workers 2 --keep-db]`` (or ``python
+benchmarks/sync/run.py``). See ``benchmarks/README.md`` for what it reports.
+
+Phases, against a control plane of its own (``benchmarks.harness``):
+
+1. setup: create and migrate a database, start uvicorn, create a site and one
+   token with ``max_uses=N``;
+2. enroll: N nodes ``POST /agent/v1/enroll`` (bounded concurrency);
+3. settle: every node syncs twice. The first answer carries the signed
+   desired state (verified with the pinned key); the second sync reports it
+   applied. Both write audit events, so they are timed apart from the steady
+   state they lead to;
+4. baseline: the closed-loop generator against ``GET /agent/v1/health``,
+   which touches no database, at the same concurrency;
+5. sync: the same generator, each request the sync of the node whose turn it
+   is (steady state: the answers carry no desired state).
+
+Each measured phase is a warm-up followed by a measured window; the ratios
+sync/health compare the same machine under the same client in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+
+from benchmarks.harness import BenchmarkError, ControlPlane, Environment, machine, raise_on_sigterm, timed, write_report
+from benchmarks.loadgen import PhaseResult, RequestFailed, closed_loop, each_once
+from benchmarks.sync.fleet import Fleet
+from edge_runtime import protocol
+
+# The simulator sets the pace; a long interval keeps every node "online"
+# whatever the pace, so no liveness transition lands in the measurement.
+SYNC_INTERVAL_S = "3600"
+
+SETUP_CODE = """
+import json
+from audit.services import Actor
+from orchestrator import keys
+from sites import services
+actor = Actor.system("benchmark")
+region = services.region_create(actor=actor, slug="bench", name="Benchmark")
+site = services.site_create(actor=actor, region=region, slug="bench-site", name="Benchmark site",
+                            labels={"purpose": "benchmark"})
+_, token = services.token_create(actor=actor, site=site, max_uses=%(nodes)d, note="sync benchmark")
+print(json.dumps({"token": token, "site": site.slug, "fingerprint": keys.public_key_fingerprint()}))
+"""
+
+CHECK_CODE = """
+import json
+from audit.models import AuditEvent
+from sites.models import Node
+print(json.dumps({
+    "nodes": Node.objects.count(),
+    "nodes_online": Node.objects.filter(status="online").count(),
+    "nodes_applied": Node.objects.filter(applied_generation__gte=1).count(),
+    "audit_events": AuditEvent.objects.count(),
+}))
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sync", description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (1..10000, default 1000)")
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per phase (default 30)")
+    p.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds before each window (default 5)")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
+    p.add_argument("--enroll-concurrency", type=int, default=16, help="enrollments in flight (default 16)")
+    p.add_argument("--keep-db", action="store_true", help="keep the database afterwards (its name is printed)")
+    p.add_argument("--db-name", default=f"edgewise_bench_sync_{os.getpid()}",
+                   help="name of the database to create (must not exist; default edgewise_bench_sync_<pid>)")
+    p.add_argument("--settings", default="", help="DJANGO_SETTINGS_MODULE for the control plane, to compare "
+                                                  "configurations (default: orchestrator.settings)")
+    p.add_argument("--output", default="", help="report path (default benchmarks/results/sync-<timestamp>.json)")
+    args = p.parse_args(argv)
+    if not 1 <= args.nodes <= 10_000:
+        p.error("--nodes must be between 1 and 10000 (a token allows at most 10000 uses)")
+    for name in ("concurrency", "workers", "enroll_concurrency"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.duration <= 0 or args.warmup < 0:
+        p.error("--duration must be positive and --warmup not negative")
+    return args
+
+
+def _require_clean(phase: PhaseResult) -> None:
+    """Setup phases must succeed for every node, or the measurement means nothing."""
+    if phase.errors_total:
+        raise BenchmarkError(f"{phase.name}: {phase.errors_total} of {phase.requests + phase.errors_total} "
+                             f"requests failed ({phase.error_kinds}); first: {phase.first_error}")
+
+
+async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[str, Any]:
+    fleet = Fleet(args.nodes)
+    # A node never has two syncs in flight, so there can be no more in flight than nodes.
+    concurrency = min(args.concurrency, args.nodes)
+
+    def connect(in_flight: int) -> httpx.AsyncClient:
+        # A fresh pool per phase: connections left idle while the previous
+        # phase drained could be closed by the server's keep-alive timeout
+        # just as the next phase reuses them, which would count as errors.
+        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+        return httpx.AsyncClient(base_url=cp.url, limits=limits, timeout=httpx.Timeout(30.0))
+
+    say(f"enrolling {args.nodes} nodes ({args.enroll_concurrency} at a time)")
+    async with connect(args.enroll_concurrency) as client:
+        enrolled = await each_once("enroll", fleet.nodes, lambda node: node.enroll(client, token),
+                                   concurrency=args.enroll_concurrency)
+    _require_clean(enrolled)
+
+    say("settling: first sync (desired state, verified), then reporting it applied")
+    settle: list[PhaseResult] = []
+    for name in ("first_sync", "report_applied"):
+        async with connect(concurrency) as client:
+            phase = await each_once(name, fleet.nodes, lambda node: node.sync(client), concurrency=concurrency)
+        _require_clean(phase)
+        settle.append(phase)
+    first, applied = settle
+    unsettled = [n.name for n in fleet.nodes if n.applied_generation < 1 or n.desired_received != 1]
+    if unsettled:
+        raise BenchmarkError(f"{len(unsettled)} nodes did not settle on a verified desired state, "
+                             f"e.g. {unsettled[:3]}")
+
+    window = f"{args.warmup:g}s warm-up + {args.duration:g}s"
+    say(f"baseline: GET /agent/v1/health, {concurrency} in flight, {window}")
+    async with connect(concurrency) as client:
+        async def health() -> None:
+            resp = await client.get(f"{protocol.API_PREFIX}/health")
+            if resp.status_code != 200:
+                raise RequestFailed(f"health {resp.status_code}", resp.text[:200])
+            resp.json()
+
+        baseline = await closed_loop("health", health, concurrency=concurrency, warmup=args.warmup,
+                                     duration=args.duration, server_cpu=cp.cpu_seconds)
+
+    say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight, {window}")
+    syncs_before = fleet.syncs()
+    async with connect(concurrency) as client:
+        sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
+                                 warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
+    steady_syncs = fleet.syncs() - syncs_before
+    return {
+        "concurrency": concurrency,
+        "setup_phases": {p.name: p.as_dict() for p in (enrolled, first, applied)},
+        "phases": {"health": baseline.as_dict(), "sync": sync.as_dict()},
+        "fleet": {
+            "nodes": len(fleet.nodes),
+            # Each node got its desired state exactly once; steady-state answers carry none.
+            "desired_states_received": fleet.desired_received(),
+            "desired_states_in_steady_state": fleet.desired_received() - args.nodes,
+            "steady_state_syncs": steady_syncs,
+            "min_syncs_per_node": min(n.syncs for n in fleet.nodes),
+            "max_syncs_per_node": max(n.syncs for n in fleet.nodes),
+        },
+    }
+
+
+def ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    sync, health = phases["sync"], phases["health"]
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
+    return {
+        "sync_over_health_throughput": ratio(sync["throughput_rps"], health["throughput_rps"]),
+        "sync_over_health_p50": ratio(sync["latency_ms"]["p50"], health["latency_ms"]["p50"]),
+        "sync_over_health_p99": ratio(sync["latency_ms"]["p99"], health["latency_ms"]["p99"]),
+    }
+
+
+def say(message: str) -> None:
+    print(f"[sync-bench] {message}", file=sys.stderr, flush=True)
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = [("phase", "in flight", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "client cpu",
+             "server cpu")]
+    phases = [*report["setup_phases"].values(), *report["phases"].values()]
+    for ph in phases:
+        server = "" if ph.get("server_cpu") is None else f"{ph['server_cpu']:.2f}"
+        rows.append((ph["name"], str(ph["concurrency"]), str(ph["requests"]), f"{ph['throughput_rps']:.1f}",
+                     f"{ph['latency_ms']['p50']:.1f}", f"{ph['latency_ms']['p99']:.1f}",
+                     f"{ph['latency_ms']['max']:.1f}", str(ph["errors_total"]), f"{ph['client_cpu']:.2f}", server))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    r = report["ratios"]
+    lines.append("")
+    lines.append(f"sync/health throughput: {r['sync_over_health_throughput']}   "
+                 f"sync p50 / health p50: {r['sync_over_health_p50']}   "
+                 f"sync p99 / health p99: {r['sync_over_health_p99']}")
+    lines.append("(cpu: cores in use on average; server = all uvicorn processes, PostgreSQL not included)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_on_sigterm()
+    started = dt.datetime.now(dt.UTC)
+    report: dict[str, Any] = {
+        "benchmark": "sync",
+        "started_at": started.isoformat(timespec="seconds"),
+        "config": {k: getattr(args, k) for k in ("nodes", "concurrency", "duration", "warmup", "workers",
+                                                  "enroll_concurrency", "settings")},
+        "machine": machine(),
+    }
+    try:
+        with Environment(db_name=args.db_name, keep_db=args.keep_db, settings_module=args.settings,
+                         extra_env={"EDGEWISE_SYNC_INTERVAL": SYNC_INTERVAL_S}) as env:
+            say(f"database {env.db.name}, data dir {env.data_dir}")
+            env.db.create()
+            with timed() as t_migrate:
+                env.manage("migrate", "--no-input")
+            site = env.shell_json(SETUP_CODE % {"nodes": args.nodes})
+            with timed() as t_start:
+                cp = env.start_control_plane(workers=args.workers)
+            say(f"control plane on {cp.url} with {args.workers} worker(s)")
+            report["setup"] = {"migrate_s": round(t_migrate["s"], 2), "server_start_s": round(t_start["s"], 2),
+                               "site": site["site"], "signing_key_fingerprint": site["fingerprint"]}
+            try:
+                report.update(asyncio.run(drive(args, cp, site["token"])))
+            except BenchmarkError:
+                say(f"control plane log:\n{cp.log_tail()}")
+                raise
+            report["server_check"] = env.shell_json(CHECK_CODE)
+            # Warnings and tracebacks of the control plane explain any errors counted above.
+            report["server_log_tail"] = cp.log_tail(4000)
+            report["ratios"] = ratios(report["phases"])
+            if args.keep_db:
+                say(f"kept database {env.db.name} ({env.db.url})")
+    except BenchmarkError as exc:
+        say(f"failed: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted; processes stopped and database dropped")
+        return 130
+    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    # Other work on the machine shows here; compare runs only at similar load.
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    path = write_report("sync", report, args.output)
+    print(table(report))
+    print(f"\nreport: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""``edge-runtime``: enroll this machine as a node, run the agent, show its status.
+
+::
+
+    edge-runtime enroll --url URL --token TOKEN [--fingerprint HEX] [--name NAME]
+                        [--role device|gateway|server] [--state-dir DIR] [--force]
+    edge-runtime run [--state-dir DIR] [--log-level LEVEL]
+    edge-runtime status [--state-dir DIR] [--json]
+
+The state directory defaults to ``$EDGEWISE_STATE_DIR``, else
+``/var/lib/edgewise`` when run as root, else ``~/.local/share/edgewise``.
+Exit status: 0 on success, 1 when the request was refused or failed, 2 for
+bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from edge_runtime import __version__, signing
+from edge_runtime.agent import Agent
+from edge_runtime.hardware import detect_hardware
+from edge_runtime.protocol import API_PREFIX, EnrollRequest, EnrollResponse
+from edge_runtime.state import Identity, StateDir, StateError, default_state_dir
+
+ENROLL_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CliError(Exception):
+    """Ends the command with a message on stderr and exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class OneLineFormatter(logging.Formatter):
+    """One event per line, whatever the message or traceback contains."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " | ")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging API
+        return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The libraries' own chatter (every request, every frame) is not an event of the node's.
+    for name in ("httpx", "httpcore", "websockets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def normalize_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(f"--url must be an http:// or https:// URL with a host, not {value!r}", 2)
+    if parts.query or parts.fragment:
+        raise CliError(f"--url must not carry a query or fragment: {value!r}", 2)
+    return value.strip().rstrip("/")
+
+
+def normalize_fingerprint(value: str) -> str:
+    cleaned = value.strip().lower().replace(":", "")
+    if not FINGERPRINT_RE.match(cleaned):
+        raise CliError(f"--fingerprint must be the 64 hex digits of a sha256 fingerprint, not {value!r}", 2)
+    return cleaned
+
+
+def default_node_name() -> str:
+    # Host names may hold characters a node name may not (the protocol allows [A-Za-z0-9._-]).
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:100]
+    return name or "node"
+
+
+# enroll -------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    url = normalize_url(args.url)
+    expected = normalize_fingerprint(args.fingerprint) if args.fingerprint else None
+    state = StateDir(args.state_dir)
+    if state.has_identity() and not args.force:
+        try:
+            current = state.load_identity()
+            who = f"node {current.node_id} ({current.name}) at site {current.site}"
+        except StateError:
+            who = "a node (its identity file is unreadable)"
+        raise CliError(f"{state.path} already holds the identity of {who}; pass --force to enroll again")
+    try:
+        request = EnrollRequest(
+            token=args.token, name=args.name or default_node_name(), role=args.role,
+            runtime_version=__version__, hardware=detect_hardware(),
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        option = {"token": "--token", "name": "--name", "role": "--role"}.get(str(first["loc"][0]), "request")
+        raise CliError(f"invalid {option}: {first['msg']}", 2) from exc
+
+    endpoint = f"{url}{API_PREFIX}/enroll"
+    try:
+        response = httpx.post(endpoint, content=request.model_dump_json(),
+                              headers={"Content-Type": "application/json"}, timeout=ENROLL_TIMEOUT)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the control plane at {url}: {exc or type(exc).__name__}") from exc
+    if response.status_code != 201:
+        raise CliError(f"enrollment refused (HTTP {response.status_code}): {_error_message(response)}")
+    try:
+        answer = EnrollResponse.model_validate_json(response.content)
+    except ValidationError as exc:
+        raise CliError(f"the control plane's answer is not a valid enrollment: {exc.errors()[0]['msg']}") from exc
+
+    # The key must be the one the answer names, and (when the installer says
+    # which key to expect) the one the installer was issued with: a different
+    # key means a different control plane, or someone in between.
+    try:
+        raw_key = base64.b64decode(answer.signing_public_key, validate=True)
+        signing.public_key_from_b64(answer.signing_public_key)
+    except (binascii.Error, signing.SignatureError) as exc:
+        raise CliError(f"the control plane sent an unusable signing key: {exc}; nothing was written") from exc
+    actual = signing.fingerprint(raw_key)
+    if actual != answer.signing_key_fingerprint.lower():
+        raise CliError(f"the control plane's signing key has fingerprint {actual}, not the "
+                       f"{answer.signing_key_fingerprint} it claims; nothing was written")
+    if expected is not None and actual != expected:
+        raise CliError(f"the control plane's signing key fingerprint {actual} does not match the expected "
+                       f"{expected}; refusing to trust it, nothing was written")
+
+    identity = Identity(
+        node_id=answer.node_id, site=answer.site, name=request.name, role=request.role,
+        credential=answer.credential, url=url, signing_public_key=answer.signing_public_key,
+        signing_key_fingerprint=actual, sync_interval_s=answer.sync_interval_s,
+        enrolled_at=dt.datetime.now(dt.UTC),
+    )
+    if args.force:
+        state.clear()
+    state.save_identity(identity)
+    print(f"enrolled node {identity.node_id} ({identity.name}, {identity.role}) at site {identity.site}")
+    print(f"pinned signing key fingerprint {actual}")
+    print(f"state dir {state.path}")
+    return 0
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        field = body.get("field")
+        return f"{body['error']}" + (f" (field {field})" if isinstance(field, str) and field else "")
+    return response.reason_phrase or "no error message"
+
+
+# run ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    state = StateDir(args.state_dir)
+    try:
+        agent = Agent(state)
+        with state.agent_lock():
+            asyncio.run(agent.run())
+    except StateError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+# status -------------------------------------------------------------------------
+
+
+def status_report(state: StateDir) -> dict[str, Any]:
+    """What the node knows about itself, from its state dir only (works offline)."""
+    identity = state.load_identity()
+    status = state.load_status()
+    desired: dict[str, Any]
+    try:
+        loaded = state.load_desired(identity)
+    except StateError as exc:
+        desired = {"verified": False, "error": str(exc)}
+    else:
+        if loaded is None:
+            desired = {"verified": False, "error": "none received yet"}
+        else:
+            _, state_ = loaded
+            desired = {"verified": True, "generation": state_.generation, "issued_at": state_.issued_at.isoformat(),
+                       "labels": state_.labels, "sync_interval_s": state_.sync_interval_s}
+    return {
+        "node_id": identity.node_id,
+        "name": identity.name,
+        "role": identity.role,
+        "site": identity.site,
+        "url": identity.url,
+        "signing_key_fingerprint": identity.signing_key_fingerprint,
+        "applied_generation": status.applied_generation,
+        "last_sync_at": status.last_sync_at.isoformat() if status.last_sync_at else None,
+        "last_attempt_at": status.last_attempt_at.isoformat() if status.last_attempt_at else None,
+        "consecutive_failures": status.consecutive_failures,
+        "pending_refusals": [r.model_dump(mode="json") for r in status.pending_refusals],
+        "last_error": status.last_error,
+        "last_error_at": status.last_error_at.isoformat() if status.last_error_at else None,
+        "updated_at": status.updated_at.isoformat() if status.updated_at else None,
+        "desired_state": desired,
+        "state_dir": str(state.path),
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        report = status_report(StateDir(args.state_dir))
+    except StateError as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    desired = report["desired_state"]
+    lines = [
+        ("node", f"{report['node_id']} ({report['name']}, {report['role']})"),
+        ("site", report["site"]),
+        ("control plane", report["url"]),
+        ("key fingerprint", report["signing_key_fingerprint"]),
+        ("applied generation", str(report["applied_generation"])),
+        ("desired state on disk", f"generation {desired['generation']}, verified" if desired["verified"]
+         else f"REFUSED: {desired['error']}"),
+        ("last sync", report["last_sync_at"] or "never"),
+        ("failed syncs", str(report["consecutive_failures"])),
+        ("pending refusals", "; ".join(f"generation {r['generation']}: {r['reason']}"
+                                        for r in report["pending_refusals"]) or "none"),
+        ("last error", report["last_error"] or "none"),
+        ("state dir", report["state_dir"]),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+# entry point --------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="The Edgewise edge runtime.")
+    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def state_dir_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, default=None,
+                       help="the node's state directory (default: $EDGEWISE_STATE_DIR, /var/lib/edgewise as root, "
+                            "else ~/.local/share/edgewise)")
+
+    enroll = sub.add_parser("enroll", help="enroll this machine as a node of a site")
+    enroll.add_argument("--url", required=True, help="the control plane's URL, e.g. https://edgewise.example.org")
+    enroll.add_argument("--token", required=True, help="the site's enrollment token")
+    enroll.add_argument("--fingerprint", help="sha256 fingerprint (hex) the control plane's signing key must have")
+    enroll.add_argument("--name", help="the node's name at its site (default: this host's name)")
+    enroll.add_argument("--role", choices=["device", "gateway", "server"], default="device")
+    enroll.add_argument("--force", action="store_true", help="replace an existing identity in the state dir")
+    state_dir_option(enroll)
+    enroll.set_defaults(func=cmd_enroll)
+
+    run = sub.add_parser("run", help="run the agent until SIGTERM or SIGINT")
+    run.add_argument("--log-level", default=os.environ.get("EDGEWISE_LOG_LEVEL", "INFO").upper(),
+                     choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    state_dir_option(run)
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="show this node's state (works offline)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    state_dir_option(status)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.state_dir is None:
+        args.state_dir = default_state_dir()
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"edge-runtime {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    return code

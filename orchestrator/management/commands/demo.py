@@ -1,0 +1,395 @@
+"""``manage.py demo``: the control plane and a small fleet of real edge runtimes on loopback.
+
+It migrates, resets the ``admin`` password, makes sure the demo regions and
+sites exist (``orchestrator.demo``), then starts as child processes the
+control plane (uvicorn), a Celery worker and beat, and for each demo site one
+or two ``edge-runtime`` processes, each enrolled with a fresh one-use token and
+kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it.
+Then it supervises until Ctrl-C or SIGTERM and stops every child it started.
+
+Children run in sessions of their own, so a Ctrl-C in the terminal reaches
+only this process, which stops the nodes first and the control plane last.
+On Linux each child also gets SIGTERM if this process dies without cleaning
+up (``PR_SET_PDEATHSIG``), so a killed demo leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
+
+from orchestrator import demo, keys
+from sites.models import Site
+
+DEMO_SYNC_INTERVAL_S = "5"
+DEMO_SWEEP_INTERVAL_S = "5"
+STOP_TIMEOUT_S = 15.0
+HEALTH_TIMEOUT_S = 60.0
+
+
+class Stop(Exception):
+    """Raised by the signal handler: leave the supervision loop and clean up."""
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to send SIGTERM
+    # when the demo process goes away, even by SIGKILL.
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    core: bool  # a core child's death ends the demo; a node's does not
+    proc: subprocess.Popen[bytes] | None = None
+    reported_exit: bool = False
+    _log_fh: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str], cwd: Path) -> None:
+        self._log_fh = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log_fh, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,  # no threads here, so preexec_fn is safe
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def close_log(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def _stop_all(children: list[Child]) -> None:
+    """SIGTERM every running child, wait, then SIGKILL what is left. Safe to call twice."""
+    running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+            # A node paused with `kill -STOP` (to fake a lost link) acts on SIGTERM only once continued.
+            proc.send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for child in children:
+        child.close_log()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        # As uvicorn binds: connections of a previous run in TIME_WAIT do not count.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _default_port() -> int:
+    raw = os.environ.get("EDGEWISE_DEMO_PORT", "8000")
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise CommandError(f"EDGEWISE_DEMO_PORT={raw!r} is not a port number") from exc
+
+
+def _seconds(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    return float(raw) if raw else default
+
+
+class Command(BaseCommand):
+    help = "Run the control plane, Celery and a small fleet of real edge runtimes on loopback, with demo sites."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--port", type=int, default=None,
+                            help="port of the control plane on 127.0.0.1 (default $EDGEWISE_DEMO_PORT or 8000)")
+        parser.add_argument("--no-nodes", action="store_true", help="start no edge runtimes")
+
+    def say(self, text: str = "") -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # The health polls would otherwise log one line each into the demo's output.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        port = options["port"] or _default_port()
+        url = f"http://127.0.0.1:{port}"
+        self.banner_mode()
+        if not _port_free(port):
+            raise CommandError(f"port {port} on 127.0.0.1 is in use; pass --port or set EDGEWISE_DEMO_PORT")
+
+        data_dir = Path(settings.DATA_DIR)
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        if settings.EMBEDDED:
+            # Kombu's filesystem transport expects its folders to exist.
+            for key in ("data_folder_in", "processed_folder", "control_folder"):
+                folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(key)
+                if folder:
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+
+        self.say("Migrating the database ...")
+        call_command("migrate", interactive=False, verbosity=0)
+        password = demo.admin_reset()
+        sites = demo.sites_ensure()
+        self.say(f"Demo sites: {', '.join(f'{s.slug} ({s.region.name})' for s in sites)}")
+
+        env = self.child_env(url)
+        children: list[Child] = []
+        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        reason = "stopped"
+        try:
+            self.start_core(children, env, port, logs, data_dir)
+            self.wait_healthy(url, children)
+            nodes = [] if options["no_nodes"] else self.start_nodes(children, env, url, sites, logs, data_dir)
+            # This process only supervises from here on; an idle connection
+            # would hold SQLite readers and PostgreSQL slots for nothing.
+            connections.close_all()
+            self.banner_ready(url, password, logs, env, nodes)
+            self.supervise(children, env)
+        except Stop as stop:
+            reason = f"received {stop}"
+        finally:
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            if children:
+                self.say(f"\nStopping the demo ({reason}) ...")
+            # Nodes first, so the control plane sees them go; the control plane last.
+            _stop_all([c for c in children if not c.core])
+            _stop_all([c for c in children if c.core])
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.say("Every demo process has stopped.")
+
+    def banner_mode(self) -> None:
+        if settings.EMBEDDED:
+            db = settings.DATABASES["default"]["NAME"]
+            self.say(self.style.WARNING(
+                "=" * 78 + "\n"
+                "EMBEDDED MODE: neither DATABASE_URL nor REDIS_URL is set.\n"
+                f"  database:      SQLite at {db}\n"
+                "  channel layer: in-process (live updates reach only the web process's clients)\n"
+                f"  Celery broker: filesystem queue in {settings.CELERY_BROKER_TRANSPORT_OPTIONS['data_folder_in']}\n"
+                "Fine for a demo on one machine; production sets DATABASE_URL and REDIS_URL.\n" + "=" * 78
+            ))
+        else:
+            db = settings.DATABASES["default"]
+            where = f"database {db['NAME']!r} on {db.get('HOST') or 'localhost'}:{db.get('PORT') or 5432}"
+            if settings.DATABASE_URL:
+                self.say(self.style.SUCCESS(f"Using PostgreSQL from DATABASE_URL: {where}"))
+            else:
+                self.say(self.style.WARNING(f"DATABASE_URL is not set: SQLite at {db['NAME']}"))
+            if settings.REDIS_URL:
+                self.say(self.style.SUCCESS("Using Redis from REDIS_URL (Celery broker and channel layer)"))
+            else:
+                self.say(self.style.WARNING("REDIS_URL is not set: in-process channel layer, filesystem broker"))
+
+    def child_env(self, url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        env["PYTHONUNBUFFERED"] = "1"
+        env["DJANGO_SETTINGS_MODULE"] = os.environ.get("DJANGO_SETTINGS_MODULE", "orchestrator.settings")
+        # Spelled out so every child resolves the same folder (and signing key)
+        # whatever its working directory.
+        env["EDGEWISE_DATA_DIR"] = str(settings.DATA_DIR)
+        # A quick pulse so that the demo shows liveness changes within a minute;
+        # values set by the caller win.
+        env.setdefault("EDGEWISE_SYNC_INTERVAL", DEMO_SYNC_INTERVAL_S)
+        env.setdefault("EDGEWISE_LIVENESS_SWEEP_INTERVAL", DEMO_SWEEP_INTERVAL_S)
+        env.setdefault("EDGEWISE_PUBLIC_URL", url)
+        return env
+
+    def start_child(self, children: list[Child], child: Child, env: dict[str, str]) -> Child:
+        child.start(env, Path(settings.BASE_DIR))
+        children.append(child)
+        self.say(f"  started {child.name} (pid {child.pid}), log: {child.log}")
+        return child
+
+    def start_core(self, children: list[Child], env: dict[str, str], port: int, logs: Path, data_dir: Path) -> None:
+        py = sys.executable
+        self.say("Starting the control plane, the Celery worker and beat ...")
+        self.start_child(children, Child(
+            "control plane",
+            [py, "-m", "uvicorn", "orchestrator.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+             "--lifespan", "off"],
+            logs / "control-plane.log", core=True), env)
+        self.start_child(children, Child(
+            "celery worker",
+            [py, "-m", "celery", "-A", "orchestrator", "worker", "-l", "info", "--concurrency", "2",
+             "-n", f"demo-{os.getpid()}@%h"],
+            logs / "celery-worker.log", core=True), env)
+        self.start_child(children, Child(
+            "celery beat",
+            [py, "-m", "celery", "-A", "orchestrator", "beat", "-l", "info",
+             "-s", str(data_dir / "celerybeat-schedule")],
+            logs / "celery-beat.log", core=True), env)
+
+    def check_core(self, children: list[Child]) -> None:
+        for child in children:
+            code = child.exited()
+            if child.core and code is not None:
+                raise CommandError(
+                    f"the {child.name} exited with code {code}; its log ({child.log}) ends with:\n{child.log_tail()}"
+                )
+
+    def wait_healthy(self, url: str, children: list[Child]) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            self.check_core(children)
+            try:
+                if httpx.get(f"{url}/agent/v1/health", timeout=2).status_code == 200:
+                    self.say(f"Control plane is up at {url}")
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise CommandError(f"the control plane did not answer {url}/agent/v1/health within {HEALTH_TIMEOUT_S:.0f} s")
+
+    def start_nodes(self, children: list[Child], env: dict[str, str], url: str, sites: list[Site], logs: Path,
+                    data_dir: Path) -> list[Child]:
+        # The console script when the project is installed, else the package run
+        # from this checkout: the same code either way.
+        script = shutil.which("edge-runtime", path=env["PATH"])
+        exe = [script] if script else [sys.executable, "-m", "edge_runtime"]
+        fingerprint = keys.public_key_fingerprint()
+        self.say("Enrolling and starting the demo nodes ...")
+        nodes: list[Child] = []
+        for site in sites:
+            for spec in demo.site_spec(site.slug).nodes:
+                state_dir = data_dir / "demo-nodes" / site.slug / spec.name
+                if not self.enrolled(site, spec.name, state_dir, url):
+                    if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
+                        continue
+                nodes.append(self.start_child(children, Child(
+                    f"node {site.slug}/{spec.name}", [*exe, "run", "--state-dir", str(state_dir)],
+                    logs / f"node-{site.slug}-{spec.name}.log", core=False), env))
+        return nodes
+
+    def enrolled(self, site: Site, name: str, state_dir: Path, url: str) -> bool:
+        """Whether ``state_dir`` holds the credential of the active node ``name`` for this control plane.
+
+        Otherwise the old node, if any, is revoked (its state directory is gone
+        or belongs to another database or port) so the name can enroll again.
+        """
+        marker = _marker(state_dir)
+        node = demo.node_active(site, name)
+        try:
+            record = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if node is not None and state_dir.is_dir() and record == {"node": str(node.uuid), "url": url}:
+            self.say(f"  reusing {site.slug}/{name} (enrolled before, state in {state_dir})")
+            return True
+        if node is not None:
+            demo.node_retire(node)
+        return False
+
+    def enroll(self, exe: list[str], env: dict[str, str], site: Site, spec: demo.DemoNode, state_dir: Path, url: str,
+               fingerprint: str) -> bool:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        _marker(state_dir).unlink(missing_ok=True)
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        token = demo.enrollment_token(site)
+        argv = [*exe, "enroll", "--url", url, "--token", token, "--fingerprint", fingerprint, "--name", spec.name,
+                "--role", spec.role, "--state-dir", str(state_dir)]
+        result = subprocess.run(argv, cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120,
+                                check=False)
+        node = demo.node_active(site, spec.name)
+        if result.returncode != 0 or node is None:
+            # One node that fails to enroll should not take the demo down; say why.
+            self.say(self.style.ERROR(
+                f"  could not enroll {site.slug}/{spec.name} (exit {result.returncode}):\n"
+                f"{result.stdout}{result.stderr}".rstrip()
+            ))
+            return False
+        _marker(state_dir).write_text(json.dumps({"node": str(node.uuid), "url": url}))
+        self.say(f"  enrolled {site.slug}/{spec.name} as a {spec.role}")
+        return True
+
+    def banner_ready(self, url: str, password: str, logs: Path, env: dict[str, str], nodes: list[Child]) -> None:
+        interval = _seconds(env, "EDGEWISE_SYNC_INTERVAL", 10.0)
+        stale = _seconds(env, "EDGEWISE_NODE_STALE_AFTER", 3 * interval)
+        offline = _seconds(env, "EDGEWISE_NODE_OFFLINE_AFTER", 12 * interval)
+        lines = [
+            "",
+            self.style.SUCCESS("Edgewise demo is running."),
+            f"  Console:  {url}/",
+            f"  Admin:    {url}/admin/",
+            f"  Login:    {demo.ADMIN_USERNAME} / {password}   (a new password on every run)",
+            f"  Logs:     {logs}",
+        ]
+        if nodes:
+            lines.append("  Nodes:")
+            lines += [f"    {n.name.removeprefix('node ')}  pid {n.pid}" for n in nodes]
+            lines.append(
+                f"  Nodes sync every {interval:g} s. Pause one (kill -STOP <pid>; resume with kill -CONT <pid>)\n"
+                f"  or stop it (kill <pid>): it turns stale after {stale:g} s and offline after {offline:g} s "
+                "without a sync."
+            )
+        lines.append("Press Ctrl-C to stop the demo and every process it started.")
+        self.say("\n".join(lines))
+
+    def supervise(self, children: list[Child], env: dict[str, str]) -> None:
+        interval = _seconds(env, "EDGEWISE_SYNC_INTERVAL", 10.0)
+        stale = _seconds(env, "EDGEWISE_NODE_STALE_AFTER", 3 * interval)
+        offline = _seconds(env, "EDGEWISE_NODE_OFFLINE_AFTER", 12 * interval)
+        while True:
+            self.check_core(children)
+            for child in children:
+                code = child.exited()
+                if not child.core and code is not None and not child.reported_exit:
+                    child.reported_exit = True
+                    self.say(self.style.WARNING(
+                        f"{child.name} (pid {child.pid}) exited with code {code}; the console shows it stale "
+                        f"after {stale:g} s and offline after {offline:g} s. Log: {child.log}"
+                    ))
+            time.sleep(0.5)
+
+
+def _marker(state_dir: Path) -> Path:
+    # Beside the state directory, not in it: that directory belongs to the edge runtime.
+    return state_dir.parent / f"{state_dir.name}.demo.json"

@@ -1,0 +1,162 @@
+"""Reads for the console: sites, nodes and tokens as the person asking may see them.
+
+Every selector takes the user and narrows through ``policies.permissions.restrict``.
+Statuses are derived from ``last_seen_at`` at the time of the read (see
+``sites.liveness``), never from the stored status, so a page is never behind
+the liveness sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from django.db.models import Prefetch, Q, QuerySet
+from django.utils import timezone
+
+from policies.permissions import restrict
+from sites.liveness import node_status, site_status
+from sites.models import DesiredState, EnrollmentToken, Node, NodeStatus, Region, Site
+
+# What the fleet's status filter accepts; the words of ``site_status``.
+SITE_STATUSES: list[tuple[str, str]] = [
+    ("online", "Online"),  # every live node online
+    ("degraded", "Degraded"),  # some live nodes online
+    ("offline", "Offline"),  # no live node online
+    ("empty", "No nodes"),  # no live node at all (none enrolled, or all revoked)
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteRow:
+    site: Site
+    nodes_online: int
+    nodes_total: int
+    last_seen_at: dt.datetime | None
+    status: str
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRow:
+    node: Node
+    status: str
+    hardware_summary: str
+    desired_generation: int | None
+
+    @property
+    def in_sync(self) -> bool:
+        return self.desired_generation is not None and self.node.applied_generation == self.desired_generation
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRow:
+    token: EnrollmentToken
+    state: str
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "active"
+
+
+def region_list(*, user: Any) -> QuerySet[Region]:
+    """The regions with at least one site ``user`` may see (all of them for estate-wide roles)."""
+    return restrict(Region.objects.order_by("name"), user)
+
+
+def site_list(*, user: Any, region: str | None = None, status: str | None = None, q: str | None = None,
+              now: dt.datetime | None = None) -> list[SiteRow]:
+    """The sites ``user`` may see, with live node counts and a status each.
+
+    Two queries whatever the number of sites: the sites, and their nodes'
+    liveness columns in one prefetch. ``status`` filters on the derived status,
+    so it is applied after the counts are computed.
+    """
+    now = now or timezone.now()
+    sites = restrict(Site.objects.select_related("region"), user)
+    if region:
+        sites = sites.filter(region__slug=region)
+    if q:
+        q = q.strip()
+        sites = sites.filter(Q(name__icontains=q) | Q(slug__icontains=q) | Q(jurisdiction__icontains=q))
+    liveness = Node.objects.only("id", "site_id", "last_seen_at", "revoked_at")
+    sites = sites.prefetch_related(Prefetch("nodes", queryset=liveness, to_attr="liveness_nodes"))
+    rows = [_site_row(site, now) for site in sites.order_by("name")]
+    if status:
+        rows = [row for row in rows if row.status == status]
+    return rows
+
+
+def _site_row(site: Site, now: dt.datetime) -> SiteRow:
+    nodes: list[Node] = site.liveness_nodes  # type: ignore[attr-defined]
+    statuses = [node_status(last_seen_at=n.last_seen_at, revoked=n.revoked_at is not None, now=now) for n in nodes]
+    live = [n for n, s in zip(nodes, statuses, strict=True) if s != NodeStatus.REVOKED]
+    seen = [n.last_seen_at for n in live if n.last_seen_at is not None]
+    return SiteRow(
+        site=site,
+        nodes_online=sum(1 for s in statuses if s == NodeStatus.ONLINE),
+        nodes_total=len(live),
+        last_seen_at=max(seen) if seen else None,
+        status=site_status(statuses),
+    )
+
+
+def node_list(*, user: Any, site: Site, now: dt.datetime | None = None) -> list[NodeRow]:
+    """The nodes of ``site``, active ones first, with live status and desired generation."""
+    now = now or timezone.now()
+    nodes = restrict(Node.objects.filter(site=site).select_related("desired"), user)
+    rows = [node_row(node, now=now) for node in nodes.order_by("revoked_at", "name")]
+    return rows
+
+
+def node_row(node: Node, *, now: dt.datetime | None = None) -> NodeRow:
+    now = now or timezone.now()
+    return NodeRow(
+        node=node,
+        status=node_status(last_seen_at=node.last_seen_at, revoked=node.revoked_at is not None, now=now),
+        hardware_summary=hardware_summary(node.hardware),
+        desired_generation=desired_generation(node),
+    )
+
+
+def desired_generation(node: Node) -> int | None:
+    try:
+        return node.desired.generation
+    except DesiredState.DoesNotExist:
+        return None
+
+
+def hardware_summary(hardware: dict[str, Any]) -> str:
+    """"8 cores · 15.6 GiB · CUDA, CPU": what an operator needs to place models, on one line."""
+    parts: list[str] = []
+    if hardware.get("cpu_cores"):
+        parts.append(f"{hardware['cpu_cores']} cores")
+    if hardware.get("memory_mb"):
+        parts.append(memory_label(int(hardware["memory_mb"])))
+    providers = [str(p).removesuffix("ExecutionProvider") for p in hardware.get("execution_providers") or []]
+    if providers:
+        parts.append(", ".join(providers))
+    return " · ".join(parts) or "not reported"
+
+
+def memory_label(mb: int) -> str:
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb} MiB"
+
+
+def token_list(*, user: Any, site: Site, now: dt.datetime | None = None) -> list[TokenRow]:
+    """The enrollment tokens of ``site``, newest first, with their state now."""
+    now = now or timezone.now()
+    tokens = restrict(EnrollmentToken.objects.filter(site=site), user).order_by("-created_at")
+    return [TokenRow(token=t, state=token_state(t, now=now)) for t in tokens]
+
+
+def token_state(token: EnrollmentToken, *, now: dt.datetime) -> str:
+    # The same order of reasons as services._token_usable, so the list says
+    # what an enrollment with this token would be told.
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at <= now:
+        return "expired"
+    if token.uses >= token.max_uses:
+        return "used up"
+    return "active"

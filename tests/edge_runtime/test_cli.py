@@ -1,0 +1,140 @@
+"""``edge-runtime enroll`` and ``status`` as a site technician runs them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from audit.services import Actor
+from orchestrator import keys
+from sites import services
+from sites.models import Node, Site
+from tests.fixtures.processes import BIN, ControlPlane, EdgeNode, process_env, wait_until
+
+pytestmark = [pytest.mark.process, pytest.mark.django_db(transaction=True)]
+
+
+def edge_runtime(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "edge-runtime"), *args], env=process_env(), capture_output=True, text=True,
+                          timeout=60)
+
+
+def token(site: Site) -> str:
+    return services.token_create(actor=Actor.system("test"), site=site, max_uses=5)[1]
+
+
+def test_it_enrolls_when_the_fingerprint_matches_and_pins_the_key(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "node"
+    fingerprint = keys.public_key_fingerprint()
+    result = edge_runtime("enroll", "--url", live_control_plane.url + "/", "--token", token(site_berlin),
+                          "--fingerprint", fingerprint.upper(), "--name", "pos-1", "--state-dir", str(state_dir))
+    assert result.returncode == 0, result.stderr
+    node = Node.objects.get(name="pos-1")
+    assert f"enrolled node {node.uuid} (pos-1, device) at site plant-berlin" in result.stdout
+    assert f"pinned signing key fingerprint {fingerprint}" in result.stdout
+    identity = json.loads((state_dir / "identity.json").read_text())
+    assert identity["signing_key_fingerprint"] == fingerprint and identity["node_id"] == str(node.uuid)
+    assert identity["url"] == live_control_plane.url
+    assert (state_dir / "identity.json").stat().st_mode & 0o077 == 0
+
+
+def test_it_refuses_a_control_plane_with_another_key_and_writes_nothing(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "node"
+    result = edge_runtime("enroll", "--url", live_control_plane.url, "--token", token(site_berlin),
+                          "--fingerprint", "ab" * 32, "--name", "pos-1", "--state-dir", str(state_dir))
+    assert result.returncode == 1
+    assert f"signing key fingerprint {keys.public_key_fingerprint()} does not match the expected {'ab' * 32}" \
+        in result.stderr
+    assert "nothing was written" in result.stderr
+    assert not state_dir.exists() or not any(state_dir.iterdir())
+
+
+def test_it_refuses_a_malformed_fingerprint_before_calling_the_control_plane(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    result = edge_runtime("enroll", "--url", live_control_plane.url, "--token", token(site_berlin),
+                          "--fingerprint", "not-hex", "--state-dir", str(tmp_path / "node"))
+    assert result.returncode == 2
+    assert "--fingerprint must be the 64 hex digits" in result.stderr
+    assert not Node.objects.exists()
+
+
+def test_it_shows_the_control_planes_error_on_a_refused_token(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    result = edge_runtime("enroll", "--url", live_control_plane.url, "--token", "ewt_not-a-real-token",
+                          "--state-dir", str(tmp_path / "node"))
+    assert result.returncode == 1
+    assert "enrollment refused (HTTP 401): unknown enrollment token (field token)" in result.stderr
+    assert not (tmp_path / "node" / "identity.json").exists()
+
+
+def test_it_refuses_to_overwrite_an_identity_unless_forced(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "node"
+    value = token(site_berlin)
+    first = edge_runtime("enroll", "--url", live_control_plane.url, "--token", value, "--name", "a",
+                         "--state-dir", str(state_dir))
+    assert first.returncode == 0, first.stderr
+    before = (state_dir / "identity.json").read_text()
+    again = edge_runtime("enroll", "--url", live_control_plane.url, "--token", value, "--name", "b",
+                         "--state-dir", str(state_dir))
+    assert again.returncode == 1
+    assert "already holds the identity of node" in again.stderr and "--force" in again.stderr
+    assert (state_dir / "identity.json").read_text() == before
+    assert not Node.objects.filter(name="b").exists()
+    forced = edge_runtime("enroll", "--url", live_control_plane.url, "--token", value, "--name", "b", "--force",
+                          "--state-dir", str(state_dir))
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((state_dir / "identity.json").read_text())["name"] == "b"
+
+
+def test_it_names_a_bad_url_and_an_unreachable_control_plane(tmp_path: Path) -> None:
+    bad = edge_runtime("enroll", "--url", "ftp://x", "--token", "ewt_whatever1", "--state-dir", str(tmp_path / "n"))
+    assert bad.returncode == 2 and "--url must be an http:// or https:// URL" in bad.stderr
+    down = edge_runtime("enroll", "--url", "http://127.0.0.1:9", "--token", "ewt_whatever1",
+                        "--state-dir", str(tmp_path / "n"))
+    assert down.returncode == 1 and "cannot reach the control plane at http://127.0.0.1:9" in down.stderr
+    assert not (tmp_path / "n").exists()
+
+
+def test_it_shows_the_status_offline(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
+) -> None:
+    node = edge_node(site_berlin, "gw-1", role="gateway", start=False)
+    report = node.status()
+    assert report["applied_generation"] == 0 and report["last_sync_at"] is None
+    assert report["desired_state"] == {"verified": False, "error": "none received yet"}
+    live_control_plane.stop()
+    text = node.cli("status", "--state-dir", str(node.state_dir)).stdout
+    assert "site:" in text and "plant-berlin" in text and "applied generation:" in text
+    assert re.search(rf"^control plane: +{re.escape(live_control_plane.url)}$", text, re.M)
+    assert re.search(r"^last sync: +never$", text, re.M)
+
+
+def test_it_says_when_the_node_is_not_enrolled(tmp_path: Path) -> None:
+    for command in ("status", "run"):
+        result = edge_runtime(command, "--state-dir", str(tmp_path / "nothing"))
+        assert result.returncode == 1
+        assert "this node is not enrolled" in result.stderr and "edge-runtime enroll" in result.stderr
+
+
+def test_it_refuses_a_second_agent_on_the_same_state_dir(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
+) -> None:
+    node = edge_node(site_berlin, "gw-1")
+    wait_until(lambda: node.status()["last_sync_at"], what="the first agent to sync")
+    second = node.cli("run", "--state-dir", str(node.state_dir), check=False, timeout=30)
+    assert second.returncode == 1
+    assert "another agent is already running with" in second.stderr
+    assert node.proc is not None and node.proc.poll() is None

@@ -65,10 +65,17 @@ def postgres_server_url() -> str:
 
 
 def raise_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so that cleanup runs as it does on Ctrl-C."""
+    """Treat SIGTERM as Ctrl-C, so that cleanup runs the same way for both.
+
+    Re-raising it as SIGINT lets ``asyncio.run`` cancel its main task in
+    order (its own SIGINT handling) instead of unwinding from a random
+    callback. SIGINT gets Python's handler back even if the parent started
+    us with it ignored (a background job of a script).
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        signal.raise_signal(signal.SIGINT)
 
     signal.signal(signal.SIGTERM, handler)
 

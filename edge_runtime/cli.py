@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from cryptography.exceptions import InvalidSignature
 from pydantic import ValidationError
 
 from edge_runtime import __version__, signing
@@ -119,6 +121,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         option = {"token": "--token", "name": "--name", "role": "--role"}.get(str(first["loc"][0]), "request")
         raise CliError(f"invalid {option}: {first['msg']}", 2) from exc
 
+    if expected is not None:
+        # Before the one-time token leaves this machine: the control plane at
+        # this URL must prove it holds the key the installer was issued with.
+        check_signing_key(url, expected)
+
     endpoint = f"{url}{API_PREFIX}/enroll"
     try:
         response = httpx.post(endpoint, content=request.model_dump_json(),
@@ -163,6 +170,35 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_signing_key(url: str, expected: str) -> None:
+    """Raise CliError unless the control plane proves it holds the key with fingerprint ``expected``."""
+    challenge = secrets.token_hex(32)
+    try:
+        response = httpx.get(f"{url}{API_PREFIX}/signing-key", params={"challenge": challenge},
+                             timeout=ENROLL_TIMEOUT)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the control plane at {url}: {exc or type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise CliError(f"the control plane did not show its signing key (HTTP {response.status_code}): "
+                       f"{_error_message(response)}; the token was not used")
+    try:
+        body = response.json()
+        raw = base64.b64decode(body["public_key"], validate=True)
+        proof = base64.b64decode(body["signature"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise CliError(f"the control plane's signing key answer is malformed ({exc}); the token was not used") from exc
+    actual = signing.fingerprint(raw)
+    if actual != expected:
+        raise CliError(f"the control plane's signing key fingerprint {actual} does not match the expected "
+                       f"{expected}; refusing to trust it, the token was not used and nothing was written")
+    try:
+        public = signing.public_key_from_b64(body["public_key"])
+        public.verify(proof, signing.key_proof_message(challenge))
+    except (signing.SignatureError, InvalidSignature) as exc:
+        raise CliError("the control plane could not prove it holds the signing key it shows; "
+                       "the token was not used and nothing was written") from exc
+
+
 def _error_message(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -181,12 +217,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     state = StateDir(args.state_dir)
     try:
-        agent = Agent(state)
         with state.agent_lock():
-            asyncio.run(agent.run())
+            asyncio.run(_run_node(state, args))
     except StateError as exc:
         raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot serve models on {args.serve_host}:{args.serve_port}: {exc}") from exc
     return 0
+
+
+async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
+    """The agent and, beside it in the same loop, the model server it feeds.
+
+    The server starts first and answers from whatever the last verified
+    desired state loads, so local applications keep their inference while the
+    control plane is out of reach.
+    """
+    from edge_runtime.model_store import ModelReconciler, ModelStore
+    from edge_runtime.serving.registry import ModelRegistry
+    from edge_runtime.serving.server import run_server
+
+    identity = state.load_identity()
+    registry = ModelRegistry(provider_priority=args.providers) if args.providers else ModelRegistry()
+    store = ModelStore(registry=registry, state_dir=state.path, base_url=identity.url,
+                       node_id=identity.node_id, credential=identity.credential,
+                       public_key=identity.signing_public_key)
+    handle = None
+    if args.serve_port >= 0:
+        handle = await run_server(registry, args.serve_host, args.serve_port)
+        logging.getLogger("edge_runtime").info("model server listening on %s", handle.url)
+    agent = Agent(state, reconcilers=[ModelReconciler(store)])
+    agent.status.model_server_url = handle.url if handle is not None else ""
+    try:
+        await agent.run()
+    finally:
+        if handle is not None:
+            await handle.stop()
+        await store.aclose()
+        await registry.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edge_runtime.serving.standalone import serve_main
+
+    setup_logging(args.log_level)
+    kwargs: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms}
+    if args.providers:
+        kwargs["provider_priority"] = args.providers
+    return serve_main(args.model_dir, args.host, args.port, **kwargs)
 
 
 # status -------------------------------------------------------------------------
@@ -224,6 +302,7 @@ def status_report(state: StateDir) -> dict[str, Any]:
         "last_error_at": status.last_error_at.isoformat() if status.last_error_at else None,
         "updated_at": status.updated_at.isoformat() if status.updated_at else None,
         "desired_state": desired,
+        "model_server_url": status.model_server_url,
         "state_dir": str(state.path),
     }
 
@@ -271,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the node's state directory (default: $EDGEWISE_STATE_DIR, /var/lib/edgewise as root, "
                             "else ~/.local/share/edgewise)")
 
+    def providers_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--providers", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                       default=[x.strip() for x in os.environ.get("EDGEWISE_PROVIDERS", "").split(",") if x.strip()],
+                       help="execution providers in order of preference (default: the best this machine has, "
+                            "CPU last)")
+
     enroll = sub.add_parser("enroll", help="enroll this machine as a node of a site")
     enroll.add_argument("--url", required=True, help="the control plane's URL, e.g. https://edgewise.example.org")
     enroll.add_argument("--token", required=True, help="the site's enrollment token")
@@ -284,8 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent until SIGTERM or SIGINT")
     run.add_argument("--log-level", default=os.environ.get("EDGEWISE_LOG_LEVEL", "INFO").upper(),
                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    run.add_argument("--serve-host", default=os.environ.get("EDGEWISE_SERVE_HOST", "127.0.0.1"),
+                     help="address of the local inference API (default 127.0.0.1; 0.0.0.0 for the site's LAN)")
+    run.add_argument("--serve-port", type=int, default=int(os.environ.get("EDGEWISE_SERVE_PORT", "8080")),
+                     help="port of the local inference API (default 8080; -1 serves no models)")
+    providers_option(run)
     state_dir_option(run)
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve every .onnx file in a folder, with no control plane")
+    serve.add_argument("--model-dir", type=Path, required=True, help="folder of .onnx files (name = file stem)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-queue-delay-ms", type=float, default=0.0)
+    serve.add_argument("--log-level", default=os.environ.get("EDGEWISE_LOG_LEVEL", "INFO").upper(),
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    providers_option(serve)
+    serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="show this node's state (works offline)")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -297,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.state_dir is None:
+    if getattr(args, "state_dir", "unset") is None:
         args.state_dir = default_state_dir()
     try:
         code: int = args.func(args)

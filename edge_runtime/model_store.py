@@ -286,3 +286,7 @@ class ModelReconciler:
     async def reconcile(self, desired: DesiredState) -> dict[str, Any]:
         statuses = await self.store.reconcile(desired.models)
         return {"models": [s.model_dump(mode="json") for s in statuses]}
+
+    def model_status(self) -> list[ModelStatus]:
+        """What serves now (background retries and swaps included), for every sync."""
+        return self.store.statuses()

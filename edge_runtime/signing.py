@@ -114,3 +114,13 @@ def verify_artifact(sha256_hex: str, signature_b64: str, public_key: Ed25519Publ
         public_key.verify(signature, artifact_message(sha256_hex))
     except InvalidSignature as exc:
         raise SignatureError("the artifact's signature does not match the pinned key") from exc
+
+
+# A control plane proves it holds its signing key by signing a node's random
+# challenge under this prefix. The prefix and the hex-only challenge make sure
+# such a proof can never pass for a signed desired state or artifact.
+KEY_PROOF_PREFIX = b"edgewise-key-proof:v1:"
+
+
+def key_proof_message(challenge_hex: str) -> bytes:
+    return KEY_PROOF_PREFIX + challenge_hex.encode()

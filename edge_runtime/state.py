@@ -81,6 +81,8 @@ class Status(BaseModel):
     last_error: str = ""
     last_error_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
+    # Where this node's inference API listens ("" when it serves no models).
+    model_server_url: str = ""
 
 
 def default_state_dir() -> Path:

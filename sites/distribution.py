@@ -51,7 +51,7 @@ CONTENT_TYPE = "application/octet-stream"
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.whl$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
-KEY_PROOF_PREFIX = b"edgewise-key-proof:v1:"
+KEY_PROOF_PREFIX = signing.KEY_PROOF_PREFIX
 _CHALLENGE = re.compile(r"^[0-9a-f]{32,128}$")
 
 
@@ -237,7 +237,7 @@ def signing_key(request: HttpRequest) -> JsonResponse:
         return JsonResponse({"error": "challenge must be 32 to 128 lowercase hex digits", "field": "challenge"},
                             status=400)
     key = keys.signing_key()
-    proof = key.sign(KEY_PROOF_PREFIX + challenge.encode())
+    proof = key.sign(signing.key_proof_message(challenge))
     response = JsonResponse({
         "public_key": keys.public_key_b64(),
         "fingerprint": signing.fingerprint(signing.public_key_raw(key.public_key())),

@@ -104,33 +104,9 @@ runtime="$prefix/bin/edge-runtime"
 if [ -f "$state_dir/identity.json" ]; then
     say "this node is already enrolled (state in $state_dir); not enrolling it again"
 else
-    # Before the one-time token leaves this machine: the control plane at this
-    # URL must prove it holds the signing key this installer was issued with.
-    say "checking that $CONTROL_PLANE_URL holds signing key $SIGNING_KEY_FINGERPRINT"
-    "$prefix/bin/python" - "$CONTROL_PLANE_URL" "$SIGNING_KEY_FINGERPRINT" <<'PY' || \
-        die "not enrolling: $CONTROL_PLANE_URL did not prove it holds the expected signing key; the token was not used"
-import base64, hashlib, secrets, sys
-
-import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-url, expected = sys.argv[1], sys.argv[2]
-challenge = secrets.token_hex(32)
-try:
-    response = httpx.get(f"{url}/agent/v1/signing-key", params={"challenge": challenge}, timeout=30)
-    response.raise_for_status()
-    raw = base64.b64decode(response.json()["public_key"], validate=True)
-    signature = base64.b64decode(response.json()["signature"], validate=True)
-    actual = hashlib.sha256(raw).hexdigest()
-    if actual != expected:
-        sys.exit(f"edgewise: error: the control plane's signing key fingerprint is {actual}, "
-                 f"but this installer expects {expected}")
-    Ed25519PublicKey.from_public_bytes(raw).verify(signature, b"edgewise-key-proof:v1:" + challenge.encode())
-except SystemExit:
-    raise
-except Exception as exc:
-    sys.exit(f"edgewise: error: could not verify the control plane's signing key: {type(exc).__name__}: {exc}")
-PY
+    # `edge-runtime enroll --fingerprint` first has the control plane prove it
+    # holds the signing key this installer was issued with, and only then
+    # lets the one-time token leave this machine.
     say "enrolling node $node_name ($node_role) at site $SITE"
     "$runtime" enroll --url "$CONTROL_PLANE_URL" --token "$ENROLLMENT_TOKEN" \
         --fingerprint "$SIGNING_KEY_FINGERPRINT" --name "$node_name" --role "$node_role" \

@@ -126,6 +126,8 @@ def _install_env(prefix: Path, state_dir: Path, name: str) -> dict[str, str]:
         "EDGEWISE_PYTHON": BASE_PYTHON,
         "EDGEWISE_OFFLINE": "1",
         "EDGEWISE_START": "1",
+        # The node started in the background picks a free port for its inference API.
+        "EDGEWISE_SERVE_PORT": "0",
         # Tests run as root: never write a unit into the machine's systemd.
         "EDGEWISE_SYSTEMD": "0",
     }

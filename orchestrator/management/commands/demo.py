@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
@@ -298,6 +299,9 @@ class Command(BaseCommand):
         fingerprint = keys.public_key_fingerprint()
         self.say("Enrolling and starting the demo nodes ...")
         nodes: list[Child] = []
+        # Each node's inference API gets a port of its own, counting up from
+        # the control plane's port + 100 (the order of the demo's sites).
+        serve_port = int(urlsplit(url).port or 8000) + 100
         for site in sites:
             for spec in demo.site_spec(site.slug).nodes:
                 state_dir = data_dir / "demo-nodes" / site.slug / spec.name
@@ -305,8 +309,10 @@ class Command(BaseCommand):
                     if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
                         continue
                 nodes.append(self.start_child(children, Child(
-                    f"node {site.slug}/{spec.name}", [*exe, "run", "--state-dir", str(state_dir)],
+                    f"node {site.slug}/{spec.name} (inference on http://127.0.0.1:{serve_port})",
+                    [*exe, "run", "--state-dir", str(state_dir), "--serve-port", str(serve_port)],
                     logs / f"node-{site.slug}-{spec.name}.log", core=False), env))
+                serve_port += 1
         return nodes
 
     def enrolled(self, site: Site, name: str, state_dir: Path, url: str) -> bool:

@@ -49,7 +49,6 @@ import httpx
 from pydantic import ValidationError
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
-from websockets.typing import Origin
 
 from edge_runtime import __version__, signing
 from edge_runtime.hardware import detect_hardware
@@ -118,11 +117,6 @@ def stream_url(base_url: str, node_id: str) -> str:
         raise ValueError(f"control-plane URL must be http:// or https://, not {base_url!r}")
     path = f"{parts.path.rstrip('/')}{API_PREFIX}/nodes/{node_id}/stream"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
-def control_plane_origin(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def document_digest(signed: SignedDesiredState) -> str:
@@ -425,12 +419,10 @@ class Agent:
         headers = {"Authorization": f"Bearer {self.identity.credential}"}
         while True:
             try:
-                # The control plane checks websocket origins against its own
-                # host names (a browser's CSRF defence); a node is not a page of
-                # another site, so it names the control plane itself. Its bearer
-                # credential is what authenticates it.
+                # The bearer credential authenticates the node; agent routes
+                # take no browser Origin check, so the node sends none.
                 async with ws_connect(
-                    self.stream_url, additional_headers=headers, origin=Origin(control_plane_origin(self.base_url)),
+                    self.stream_url, additional_headers=headers,
                     open_timeout=STREAM_OPEN_TIMEOUT_S,
                     max_size=STREAM_MAX_MESSAGE_BYTES, user_agent_header=f"edgewise-edge-runtime/{__version__}",
                 ) as ws:

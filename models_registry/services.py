@@ -365,12 +365,13 @@ def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus],
     Called from every sync; a node repeating the same error on every sync
     leaves one record. Returns how many new reports were recorded.
     """
+    troubled = [s for s in statuses if s.state == "refused" or (s.state == "failed" and s.error)]
+    if not troubled:
+        return 0  # the common case: nothing to record, no transaction opened
     actor = actor or Actor.node(node)
     recorded = 0
     with transaction.atomic():
-        for status in statuses:
-            if status.state != "refused" and not (status.state == "failed" and status.error):
-                continue
+        for status in troubled:
             artifact = status.sha256 or f"{status.name}@{status.version}/{status.variant}"
             _, created = NodeModelReport.objects.get_or_create(
                 node=node, artifact=artifact, error_digest=hashlib.sha256(status.error.encode()).hexdigest(),

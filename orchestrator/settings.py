@@ -10,6 +10,8 @@ Every variable:
 ==============================  ===============================================
 ``DATABASE_URL``                ``postgres://user:pass@host:5432/name``
 ``REDIS_URL``                   ``redis://host:6379/0``
+``EDGEWISE_DB_POOL_SIZE``       PostgreSQL connections each process keeps in
+                                its pool, default 10; 0 turns pooling off
 ``EDGEWISE_SECRET_KEY``         Django secret key (required unless DEBUG)
 ``EDGEWISE_DEBUG``              true/false, default false
 ``EDGEWISE_ALLOWED_HOSTS``      comma separated, default ``localhost,127.0.0.1``
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.env import ConfigError, database_from_url, env_bool, env_float, env_list, env_str
+from orchestrator.env import ConfigError, database_from_url, env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -121,8 +123,16 @@ TEMPLATES = [
     }
 ]
 
+DB_POOL_SIZE = env_int("EDGEWISE_DB_POOL_SIZE", 10)
 if DATABASE_URL:
     DATABASES = {"default": database_from_url(DATABASE_URL)}
+    if DB_POOL_SIZE:
+        # Under ASGI every request runs in a thread of its own; without a pool
+        # each one would open (and pay for) a new PostgreSQL connection, and
+        # their number would grow with the requests in flight.
+        DATABASES["default"]["OPTIONS"] = {
+            "pool": {"min_size": 1, "max_size": DB_POOL_SIZE, "timeout": env_float("EDGEWISE_DB_POOL_TIMEOUT", 10.0)}
+        }
 else:
     DATABASES = {
         "default": {

@@ -19,5 +19,8 @@ os.environ.setdefault("EDGEWISE_CELERY_QUEUE", f"edgewise-test-{os.getpid()}")
 os.environ.setdefault("EDGEWISE_SYNC_INTERVAL", "1")
 os.environ.setdefault("EDGEWISE_NODE_STALE_AFTER", "4")
 os.environ.setdefault("EDGEWISE_NODE_OFFLINE_AFTER", "8")
+# Pooled connections stay open, and the test database cannot be dropped while
+# any process holds one; tests trade the pool's speed for a clean teardown.
+os.environ.setdefault("EDGEWISE_DB_POOL_SIZE", "0")
 
 from orchestrator.settings import *  # noqa: E402,F403

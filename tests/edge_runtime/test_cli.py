@@ -13,7 +13,7 @@ import pytest
 from audit.services import Actor
 from orchestrator import keys
 from sites import services
-from sites.models import Node, Site
+from sites.models import EnrollmentToken, Node, Site
 from tests.fixtures.processes import BIN, ControlPlane, EdgeNode, process_env, wait_until
 
 pytestmark = [pytest.mark.process, pytest.mark.django_db(transaction=True)]
@@ -56,6 +56,9 @@ def test_it_refuses_a_control_plane_with_another_key_and_writes_nothing(
         in result.stderr
     assert "nothing was written" in result.stderr
     assert not state_dir.exists() or not any(state_dir.iterdir())
+    # The check comes before enrollment: the token was not spent, no node exists.
+    assert not Node.objects.filter(site=site_berlin).exists()
+    assert EnrollmentToken.objects.get(site=site_berlin).uses == 0
 
 
 def test_it_refuses_a_malformed_fingerprint_before_calling_the_control_plane(

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 from typing import Any
 
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import F, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from policies.permissions import restrict
@@ -35,6 +36,8 @@ class SiteRow:
     nodes_total: int
     last_seen_at: dt.datetime | None
     status: str
+    # When the site's link was last confirmed: the newest sync or telemetry of its live nodes.
+    confirmed_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,8 @@ def site_list(*, user: Any, region: str | None = None, status: str | None = None
     if q:
         q = q.strip()
         sites = sites.filter(Q(name__icontains=q) | Q(slug__icontains=q) | Q(jurisdiction__icontains=q))
-    liveness = Node.objects.only("id", "site_id", "last_seen_at", "revoked_at")
+    liveness = (Node.objects.only("id", "site_id", "last_seen_at", "revoked_at")
+                .annotate(telemetry_at=F("telemetry_stream__received_at")))
     sites = sites.prefetch_related(Prefetch("nodes", queryset=liveness, to_attr="liveness_nodes"))
     rows = [_site_row(site, now) for site in sites.order_by("name")]
     if status:
@@ -92,12 +96,14 @@ def _site_row(site: Site, now: dt.datetime) -> SiteRow:
     statuses = [node_status(last_seen_at=n.last_seen_at, revoked=n.revoked_at is not None, now=now) for n in nodes]
     live = [n for n, s in zip(nodes, statuses, strict=True) if s != NodeStatus.REVOKED]
     seen = [n.last_seen_at for n in live if n.last_seen_at is not None]
+    confirmed = [*seen, *(n.telemetry_at for n in live if n.telemetry_at is not None)]  # type: ignore[attr-defined]
     return SiteRow(
         site=site,
         nodes_online=sum(1 for s in statuses if s == NodeStatus.ONLINE),
         nodes_total=len(live),
         last_seen_at=max(seen) if seen else None,
         status=site_status(statuses),
+        confirmed_at=max(confirmed) if confirmed else None,
     )
 
 
@@ -124,6 +130,95 @@ def desired_generation(node: Node) -> int | None:
         return node.desired.generation
     except DesiredState.DoesNotExist:
         return None
+
+
+# The provider every onnxruntime build has; serving on it when the model
+# prefers another one is a fallback the operator should see.
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeModelRow:
+    """One model on a node: what the control plane asked for joined with what the node says.
+
+    ``desired`` is the entry of the node's signed desired state (absent for a
+    model the node still reports after it was taken away); ``reported`` the
+    node's ``ModelStatus`` (absent until its first sync that mentions the model).
+    """
+
+    name: str
+    desired: dict[str, Any] | None
+    reported: dict[str, Any] | None
+
+    @property
+    def state(self) -> str:
+        if self.reported:
+            return str(self.reported.get("state") or "")
+        # Desired but not mentioned by the node yet: its next sync will say.
+        return "pending" if self.desired else ""
+
+    @property
+    def serving_version(self) -> str:
+        """The version that answers requests now ("" when none does)."""
+        if not self.reported:
+            return ""
+        if self.reported.get("state") == "serving":
+            return str(self.reported.get("version") or "")
+        return str(self.reported.get("serving_version") or "")
+
+    @property
+    def error(self) -> str:
+        if self.reported and self.reported.get("state") in ("failed", "refused"):
+            return str(self.reported.get("error") or "")
+        return ""
+
+    @property
+    def preferred_providers(self) -> list[str]:
+        return [str(p) for p in (self.desired or {}).get("providers") or []]
+
+    @property
+    def cpu_fallback(self) -> bool:
+        # Runs, but on CPU although the model asked for another provider first: slower than planned.
+        preferred = [p for p in self.preferred_providers if p != CPU_PROVIDER]
+        return bool(preferred and self.reported and self.reported.get("provider") == CPU_PROVIDER)
+
+    @property
+    def in_sync(self) -> bool:
+        if not self.desired or not self.reported:
+            return False
+        return (self.reported.get("version"), self.reported.get("variant", "original"), self.reported.get("state")) == (
+            self.desired.get("version"), self.desired.get("variant", "original"), "serving")
+
+
+def desired_payload(node: Node) -> dict[str, Any]:
+    """The node's published desired state as a dict ({} before the first publication)."""
+    try:
+        payload = node.desired.payload
+    except DesiredState.DoesNotExist:
+        return {}
+    try:
+        parsed = json.loads(payload)
+    except ValueError:
+        # Only the control plane writes it, as canonical JSON; a row edited by hand shows as empty.
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def node_models(node: Node) -> list[NodeModelRow]:
+    """Every model ``node`` should serve or still reports, desired ones first, each by name.
+
+    The node's own report is taken as it is (it is validated on the way in by
+    the agent protocol); entries that are not objects with a name are skipped.
+    """
+    desired = {str(m["name"]): m for m in desired_payload(node).get("models") or []
+               if isinstance(m, dict) and m.get("name")}
+    reported = {str(m["name"]): m for m in (node.actual_state or {}).get("models") or []
+                if isinstance(m, dict) and m.get("name")}
+    rows = [NodeModelRow(name=name, desired=entry, reported=reported.get(name))
+            for name, entry in sorted(desired.items())]
+    rows += [NodeModelRow(name=name, desired=None, reported=entry)
+             for name, entry in sorted(reported.items()) if name not in desired]
+    return rows
 
 
 def hardware_summary(hardware: dict[str, Any]) -> str:

@@ -19,8 +19,11 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.templatetags.static import static
+from django.urls import reverse
+from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRefresh
@@ -33,7 +36,8 @@ from policies.permissions import Action, restrict, user_can
 from sites import services
 from sites.forms import FleetFilterForm, InstallerForm, TokenCreateForm
 from sites.models import EnrollmentToken, Node, Site
-from sites.selectors import memory_label, node_list, node_row, site_list, token_list
+from sites.selectors import memory_label, node_list, node_models, node_row, site_list, token_list
+from sites.telemetry.selectors import site_confirmation, site_map_list, site_telemetry
 
 NODE_EVENTS_SHOWN = 25
 
@@ -115,7 +119,17 @@ def _site_context(request: HttpRequest, site: Site, **extra: Any) -> dict[str, A
 @require_GET
 def site_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     site = _site_for(request, slug)
-    return _render(request, "sites/site_detail.html", "nodes-table", _site_context(request, site))
+    # The nodes table refreshing itself also refreshes the site's status line (out of band).
+    extra: dict[str, Any] = {"confirmation": site_confirmation(site=site), "status_oob": wants_partial(request)}
+    if not wants_partial(request):
+        extra["telemetry"] = site_telemetry(site=site)
+        extra["live_config"] = {
+            "site": str(site.uuid), "window_s": extra["telemetry"].window_s, "history": extra["telemetry"].history,
+            # The newest point already in the history, per node: the charts skip what they already have.
+            "nodes": [{"uuid": str(n.node.uuid), "name": n.node.name, "seq": n.last_seq}
+                      for n in extra["telemetry"].nodes],
+        }
+    return _render(request, "sites/site_detail.html", "nodes-table", _site_context(request, site, **extra))
 
 
 @login_required
@@ -200,8 +214,13 @@ def _public_url(request: HttpRequest) -> str:
 
 @login_required
 @require_GET
-def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
+def node_detail(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponse:
     node = _node_for(request, node_id)
+    if wants_partial(request):
+        # The models panel refreshing itself, with the generation and actual state beside it (out of band).
+        context = {"node": node, "row": node_row(node), "models": node_models(node), "oob": True,
+                   "actual_json": _actual_json(node)}
+        return _render(request, "sites/node_detail.html", "node-models", context)
     events = restrict(AuditEvent.objects.filter(object_id=str(node.uuid)), request.user)[:NODE_EVENTS_SHOWN]
     context = {
         "node": node,
@@ -211,9 +230,14 @@ def node_detail(request: HttpRequest, node_id: uuid.UUID) -> HttpResponse:
         "can_operate": user_can(request.user, "operate", node.site),
         "memory": memory_label(int(node.hardware["memory_mb"])) if node.hardware.get("memory_mb") else "",
         "uptime": _duration(node.health.get("uptime_s")),
-        "actual_json": json.dumps(node.actual_state, indent=2, sort_keys=True) if node.actual_state else "",
+        "actual_json": _actual_json(node),
+        "models": node_models(node),
     }
-    return render(request, "sites/node_detail.html", context)
+    return _render(request, "sites/node_detail.html", "node-models", context)
+
+
+def _actual_json(node: Node) -> str:
+    return json.dumps(node.actual_state, indent=2, sort_keys=True) if node.actual_state else ""
 
 
 def _duration(seconds: Any) -> str:
@@ -247,3 +271,36 @@ def node_revoke(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponseBas
         return redirect("sites:site-detail", slug=node.site.slug)
     context = _site_context(request, node.site, nodes_error=error)
     return _render(request, "sites/site_detail.html", "nodes-table", context, status=400 if error else 200)
+
+
+# -- fleet map ---------------------------------------------------------------
+
+
+def _map_config(request: HttpRequest) -> dict[str, Any]:
+    return {
+        "data_url": reverse("sites:fleet-map-data"),
+        "basemap_url": static("vendor/world-atlas/countries-110m.json"),
+        # Empty unless the installation is connected and configured a tile server: nothing is fetched otherwise.
+        "tile_url": settings.MAP_TILE_URL,
+        "tile_attribution": settings.MAP_TILE_ATTRIBUTION,
+        "server_time": timezone.now().isoformat(),
+        "sites": site_map_list(user=request.user),
+    }
+
+
+@login_required
+@require_GET
+def fleet_map(request: HttpRequest) -> HttpResponse:
+    """Every site the user may see on a map, coloured by status, clustered per region, live."""
+    config = _map_config(request)
+    unplaced = [s for s in config["sites"] if s["lat"] is None or s["lon"] is None]
+    return render(request, "sites/fleet_map.html", {"map_config": config, "unplaced": unplaced})
+
+
+@login_required
+@require_GET
+def fleet_map_data(request: HttpRequest) -> JsonResponse:
+    """The map's sites as JSON: what the map reloads when told something changed, and every 5 s as a fallback."""
+    response = JsonResponse({"server_time": timezone.now().isoformat(), "sites": site_map_list(user=request.user)})
+    response["Cache-Control"] = "no-store"
+    return response

@@ -1,7 +1,9 @@
-"""``manage.py demo``: its data is idempotent, and the whole demo runs and stops cleanly."""
+"""``manage.py demo``: its data and models are idempotent, and the whole demo runs, serves and stops cleanly."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import re
@@ -13,12 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
+import onnxruntime as ort
 import psycopg
 import pytest
 from django.conf import settings
 from django.contrib.auth import authenticate
 
 from audit.models import AuditEvent
+from models_registry.models import Deployment, Model, ModelVersion
 from orchestrator import demo
 from sites.models import Site
 from tests.fixtures.processes import BIN, REPO, free_port, wait_until
@@ -51,6 +56,69 @@ def test_it_gives_admin_a_new_password_on_every_run() -> None:
     user = authenticate(username="admin", password=second)
     assert user is not None and user.is_superuser
     assert AuditEvent.objects.filter(action="user.password_reset").count() == 1
+
+
+def test_it_trains_the_same_demo_models_on_every_run() -> None:
+    first, second = demo.models_train(), demo.models_train()
+    assert set(first) == {"defect-classifier", "wear-regressor"}
+    # The same bytes, hence the same content-addressed artifact.
+    assert first == second
+
+    readings = demo.plant_data(rows=5, seed=1)[0]
+    classifier = ort.InferenceSession(first["defect-classifier"], providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, i.shape) for i in classifier.get_inputs()] == [("features", "tensor(float)", [None, 8])]
+    # Plain tensors (no ZipMap), which Open Inference Protocol clients can read.
+    assert [(o.name, o.type) for o in classifier.get_outputs()] == [
+        ("label", "tensor(int64)"), ("probabilities", "tensor(float)")]
+    label, probabilities = classifier.run(None, {"features": readings})
+    assert label.shape == (5,) and probabilities.shape == (5, 2)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    sample = np.asarray([demo.SAMPLE_READING], dtype=np.float32)
+    assert classifier.run(None, {"features": sample})[1][0, 1] > 0.5, "the curl's reading should look defective"
+
+    regressor = ort.InferenceSession(first["wear-regressor"], providers=["CPUExecutionProvider"])
+    (wear,) = regressor.run(["wear_pct"], {"features": readings})
+    assert wear.shape == (5, 1) and wear.dtype == np.float32
+    assert ((wear > -10) & (wear < 110)).all(), wear
+
+
+@pytest.mark.django_db
+def test_it_registers_validates_and_deploys_the_demo_models_once() -> None:
+    sites = demo.sites_ensure()
+    first = demo.models_ensure(sites)
+    second = demo.models_ensure(demo.sites_ensure())
+
+    assert [s.version.pk for s in first] == [s.version.pk for s in second]
+    assert Model.objects.count() == 2 and ModelVersion.objects.count() == 2
+    versions = {v.model.slug: v for v in ModelVersion.objects.select_related("model")}
+    assert {slug: v.status for slug, v in versions.items()} == {"defect-classifier": "valid", "wear-regressor": "valid"}
+    assert versions["defect-classifier"].signature_inputs == [{"name": "features", "datatype": "FP32",
+                                                               "shape": [-1, 8]}]
+    assert [v.kind for v in versions["defect-classifier"].variants.all()] == ["int8"]
+    assert versions["wear-regressor"].preferred_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    # What the registry stored is what training gives again: the artifact is reproducible.
+    trained = demo.models_train()
+    assert {slug: hashlib.sha256(data).hexdigest() for slug, data in trained.items()} == {
+        slug: v.sha256 for slug, v in versions.items()}
+
+    rows = Deployment.objects.select_related("version__model", "site")
+    deployed = {(d.version.model.slug, d.site.slug) for d in rows}
+    assert deployed == {("defect-classifier", "plant-berlin"), ("defect-classifier", "store-042"),
+                        ("defect-classifier", "hospital-osaka"), ("wear-regressor", "plant-berlin")}
+    assert {s.spec.slug: s.sites for s in second} == {
+        "defect-classifier": ("plant-berlin", "store-042", "hospital-osaka"), "wear-regressor": ("plant-berlin",)}
+    for action, count in [("model.create", 2), ("model_version.upload", 2), ("model_version.valid", 2),
+                          ("deployment.create", 4)]:
+        assert AuditEvent.objects.filter(action=action).count() == count, action
+
+
+def test_it_writes_a_curl_command_that_carries_one_reading() -> None:
+    command = demo.curl_command("http://127.0.0.1:8100")
+    match = re.fullmatch(r"curl -s (\S+) -H 'Content-Type: application/json' -d '([^']+)'", command)
+    assert match is not None, command
+    assert match.group(1) == "http://127.0.0.1:8100/v2/models/defect-classifier/infer"
+    assert json.loads(match.group(2)) == {"inputs": [{"name": "features", "shape": [1, 8], "datatype": "FP32",
+                                                       "data": list(demo.SAMPLE_READING)}]}
 
 
 # -- the whole demo, as processes ---------------------------------------------
@@ -138,6 +206,19 @@ def _node_states(dsn: str) -> dict[tuple[str, str], str]:
     return {(slug, name): status for slug, name, status in rows}
 
 
+def _reported_models(dsn: str, site: str, node: str) -> dict[str, dict[str, object]]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT n.actual_state FROM sites_node n JOIN sites_site s ON s.id = n.site_id "
+            "WHERE s.slug = %s AND n.name = %s AND n.revoked_at IS NULL", (site, node)).fetchone()
+    return {m["name"]: m for m in ((row[0] or {}).get("models") or [])} if row else {}
+
+
+def _serving(dsn: str, site: str, node: str, models: set[str]) -> dict[str, dict[str, object]] | None:
+    reported = _reported_models(dsn, site, node)
+    return reported if all(reported.get(m, {}).get("state") == "serving" for m in models) else None
+
+
 def _admin_login(url: str, password: str) -> httpx.Client:
     client = httpx.Client(base_url=url, timeout=10)
     page = client.get("/admin/login/")
@@ -195,6 +276,37 @@ def test_it_runs_the_demo_fleet_and_stops_every_process(demo_database: str, tmp_
         client = _admin_login(url, password)
         assert client.get("/admin/").status_code == 200
         client.close()
+
+        # Every node's inference URL is printed; the curl command works as printed.
+        for site, node in NODES:
+            assert re.search(rf"{site}/{node}\s+http://127\.0\.0\.1:\d+\s+pid \d+", out.text()), node
+        curl = out.wait_for(r"curl -s (http://\S+/v2/models/defect-classifier/infer) "
+                            r"-H 'Content-Type: application/json' -d '([^']+)'", proc, timeout=5)
+        assert "plant-berlin/gw-1" in out.text().split("Try it", 1)[1].split("\n", 1)[0]
+        gw1 = wait_until(lambda: _serving(demo_database, "plant-berlin", "gw-1",
+                                          {"defect-classifier", "wear-regressor"}),
+                         timeout=60, what="gw-1 to serve both demo models")
+        assert gw1["defect-classifier"]["version"] == "1.0.0" and gw1["defect-classifier"]["variant"] == "original"
+        answer = httpx.post(curl.group(1), content=curl.group(2), headers={"Content-Type": "application/json"},
+                            timeout=30)
+        assert answer.status_code == 200, answer.text
+        outputs = {o["name"]: o for o in answer.json()["outputs"]}
+        assert (outputs["label"]["datatype"], outputs["label"]["shape"]) == ("INT64", [1])
+        assert (outputs["probabilities"]["datatype"], outputs["probabilities"]["shape"]) == ("FP32", [1, 2])
+        assert sum(outputs["probabilities"]["data"]) == pytest.approx(1.0, abs=1e-5)
+
+        # A batch for the regressor on the same node: one wear value per reading.
+        base = curl.group(1).removesuffix("/v2/models/defect-classifier/infer")
+        readings = demo.plant_data(rows=3, seed=2)[0]
+        wear = httpx.post(f"{base}/v2/models/wear-regressor/infer", json={"inputs": [{
+            "name": "features", "shape": [3, 8], "datatype": "FP32", "data": readings.ravel().tolist()}]}, timeout=30)
+        assert wear.status_code == 200, wear.text
+        (tensor,) = wear.json()["outputs"]
+        assert (tensor["name"], tensor["datatype"], tensor["shape"]) == ("wear_pct", "FP32", [3, 1])
+        # The device at the same site is given the int8 variant of the classifier.
+        line3 = wait_until(lambda: _serving(demo_database, "plant-berlin", "line-3", {"defect-classifier"}),
+                           timeout=60, what="line-3 to serve the classifier")
+        assert line3["defect-classifier"]["variant"] == "int8"
 
         processes = _descendants(proc.pid)
         started = {int(pid) for pid in re.findall(r"started .+ \(pid (\d+)\)", out.text())}

@@ -1,11 +1,14 @@
 """``manage.py demo``: the control plane and a small fleet of real edge runtimes on loopback.
 
 It migrates, resets the ``admin`` password, makes sure the demo regions and
-sites exist (``orchestrator.demo``), then starts as child processes the
+sites exist and the demo models are trained, valid and deployed
+(``orchestrator.demo``), then starts as child processes the
 control plane (uvicorn), a Celery worker and beat, and for each demo site one
 or two ``edge-runtime`` processes, each enrolled with a fresh one-use token and
-kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it.
-Then it supervises until Ctrl-C or SIGTERM and stops every child it started.
+kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it,
+and prints each node's inference URL and a ``curl`` command that calls a
+demo model on one of them. Then it supervises until Ctrl-C or SIGTERM and
+stops every child it started.
 
 Children run in sessions of their own, so a Ctrl-C in the terminal reaches
 only this process, which stops the nodes first and the control plane last.
@@ -68,6 +71,8 @@ class Child:
     argv: list[str]
     log: Path
     core: bool  # a core child's death ends the demo; a node's does not
+    inference_url: str = ""  # a node's Open Inference Protocol API
+    site: str = ""  # a node's site slug
     proc: subprocess.Popen[bytes] | None = None
     reported_exit: bool = False
     _log_fh: IO[bytes] | None = field(default=None, repr=False)
@@ -149,6 +154,11 @@ class Command(BaseCommand):
                             help="port of the control plane on 127.0.0.1 (default $EDGEWISE_DEMO_PORT or 8000)")
         parser.add_argument("--no-nodes", action="store_true", help="start no edge runtimes")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Model slug → the sites its demo version is deployed to (empty: not deployable).
+        self.deployed: dict[str, tuple[str, ...]] = {}
+
     def say(self, text: str = "") -> None:
         self.stdout.write(text)
         self.stdout.flush()
@@ -177,6 +187,7 @@ class Command(BaseCommand):
         password = demo.admin_reset()
         sites = demo.sites_ensure()
         self.say(f"Demo sites: {', '.join(f'{s.slug} ({s.region.name})' for s in sites)}")
+        self.ensure_models(sites)
 
         env = self.child_env(url)
         children: list[Child] = []
@@ -204,6 +215,28 @@ class Command(BaseCommand):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.say("Every demo process has stopped.")
+
+    def ensure_models(self, sites: list[Site]) -> None:
+        self.say("Demo models (trained with scikit-learn when missing, validated, deployed) ...")
+        # onnxruntime's quantizer logs advice for model authors while it makes the int8
+        # variant; the outcome of every check is in the version's validation log anyway.
+        logging.disable(logging.WARNING)
+        try:
+            states = demo.models_ensure(sites)
+        finally:
+            logging.disable(logging.NOTSET)
+        for state in states:
+            version = state.version
+            self.deployed[version.model.slug] = state.sites
+            if state.sites:
+                self.say(f"  {version.model.slug} {version.version} ({version.get_status_display().lower()}): "
+                         f"deployed to {', '.join(state.sites)}")
+            else:
+                last = next((e for e in reversed(version.validation_log) if not e.get("ok")), None)
+                why = f": {last['step']}: {last['detail']}" if last else ""
+                self.say(self.style.WARNING(
+                    f"  {version.model.slug} {version.version} is {version.get_status_display().lower()}{why}; "
+                    "not deployed"))
 
     def banner_mode(self) -> None:
         if settings.EMBEDDED:
@@ -309,9 +342,10 @@ class Command(BaseCommand):
                     if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
                         continue
                 nodes.append(self.start_child(children, Child(
-                    f"node {site.slug}/{spec.name} (inference on http://127.0.0.1:{serve_port})",
+                    f"node {site.slug}/{spec.name}",
                     [*exe, "run", "--state-dir", str(state_dir), "--serve-port", str(serve_port)],
-                    logs / f"node-{site.slug}-{spec.name}.log", core=False), env))
+                    logs / f"node-{site.slug}-{spec.name}.log", core=False,
+                    inference_url=f"http://127.0.0.1:{serve_port}", site=site.slug), env))
                 serve_port += 1
         return nodes
 
@@ -369,8 +403,14 @@ class Command(BaseCommand):
             f"  Logs:     {logs}",
         ]
         if nodes:
-            lines.append("  Nodes:")
-            lines += [f"    {n.name.removeprefix('node ')}  pid {n.pid}" for n in nodes]
+            width = max(len(n.name) for n in nodes)
+            lines.append("  Nodes (each serves the Open Inference Protocol v2 at its inference URL):")
+            lines += [f"    {n.name.removeprefix('node '):<{width - 5}}  {n.inference_url}  pid {n.pid}"
+                      for n in nodes]
+            example = self.curl_example(nodes)
+            if example:
+                lines.append(f"  Try it: {example[0]} (it serves a few seconds after the node comes online):")
+                lines.append(f"    {example[1]}")
             lines.append(
                 f"  Nodes sync every {interval:g} s. Pause one (kill -STOP <pid>; resume with kill -CONT <pid>)\n"
                 f"  or stop it (kill <pid>): it turns stale after {stale:g} s and offline after {offline:g} s "
@@ -378,6 +418,15 @@ class Command(BaseCommand):
             )
         lines.append("Press Ctrl-C to stop the demo and every process it started.")
         self.say("\n".join(lines))
+
+    def curl_example(self, nodes: list[Child]) -> tuple[str, str] | None:
+        """(what it does, the command): the defect classifier called on the first node that should serve it."""
+        model = demo.MODELS[0]
+        node = next((n for n in nodes if n.site in self.deployed.get(model.slug, ())), None)
+        if node is None:
+            return None
+        what = f"{model.slug} on {node.name.removeprefix('node ')} scores one sensor reading"
+        return what, demo.curl_command(node.inference_url, model.slug)
 
     def supervise(self, children: list[Child], env: dict[str, str]) -> None:
         interval = _seconds(env, "EDGEWISE_SYNC_INTERVAL", 10.0)

@@ -22,4 +22,6 @@ REQUIRES: tuple[str, ...] = (
     "onnxruntime>=1.18",
     "numpy>=1.26",
     "uvicorn[standard]>=0.30",
+    "pandas>=2.2",  # the data engine: federated queries computed in place on local datasets
+    "pyarrow>=15",  # Parquet datasets, read with column selection and filter pushdown
 )

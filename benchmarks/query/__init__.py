@@ -1,0 +1,1 @@
+"""Federated query benchmark: the node's data engine against DuckDB, and one query across many sites."""

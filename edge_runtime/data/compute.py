@@ -1,0 +1,423 @@
+"""Filtering, scoring, grouping and partial aggregates: the pandas and numpy part of a query.
+
+Grouping works on dense integer group ids: each key becomes integer codes
+(a dictionary-read categorical's own codes; for a time bucket, the number of
+minutes, hours, days, weeks or months since the earliest one; otherwise
+``pandas.factorize``), the codes are combined mixed-radix, and the observed
+combinations are numbered. Counts, sums and the two-pass sums of squared
+deviations are then ``numpy.bincount`` calls and minima and maxima
+``numpy.minimum.at``/``maximum.at``: one pass over the rows each, no sort,
+no per-group Python. Results are turned into JSON values column by column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from edge_runtime.data.catalog import ColumnType
+from edge_runtime.data.sketch import sketch_groups
+from edge_runtime.data.sources import ExecutionError, one_line
+from edge_runtime.data.spec import ORDERED_OPS, BoundFilter, BoundQuery
+from edge_runtime.data.wire import AggregatePartial, Partials, RowsOutput, SketchState
+
+Array = npt.NDArray[Any]
+# score(model, version, {input column: values}) -> {model output name: values, one row per input row}
+Scorer = Callable[[str, str | None, dict[str, Array]], Mapping[str, Array]]
+
+SCORE_BATCH_ROWS = 65_536
+# Above this many possible key combinations, group ids are numbered by hashing instead of a lookup table.
+DENSE_KEY_SPACE = 1 << 24
+_US = {"minute": 60_000_000, "hour": 3_600_000_000, "day": 86_400_000_000}
+_DAY_US = 86_400_000_000
+NAT_TICKS = np.iinfo(np.int64).min
+
+
+# -- filtering and scoring -----------------------------------------------------------------------------------------
+
+
+def filter_mask(frame: pd.DataFrame, filters: Sequence[BoundFilter]) -> npt.NDArray[np.bool_]:
+    """Rows matching every filter. Plain comparisons on the typed values: nothing is parsed or evaluated."""
+    mask = np.ones(len(frame), dtype=bool)
+    for f in filters:
+        s = frame[f.column]
+        if isinstance(s.dtype, pd.CategoricalDtype) and f.op in ORDERED_OPS:
+            # An unordered categorical cannot be compared with < or >: compare its values.
+            s = s.astype("string")
+        if f.op == "is_null":
+            part = s.isna()
+        elif f.op == "not_null":
+            part = s.notna()
+        else:
+            v = f.value
+            if f.op == "eq":
+                part = s == v
+            elif f.op == "ne":
+                part = s != v
+            elif f.op == "lt":
+                part = s < v
+            elif f.op == "le":
+                part = s <= v
+            elif f.op == "gt":
+                part = s > v
+            elif f.op == "ge":
+                part = s >= v
+            elif f.op == "in":
+                part = s.isin(list(v))
+            else:  # between
+                part = (s >= v[0]) & (s <= v[1])
+            # Comparisons never match a null, "ne" included.
+            part = part & s.notna()
+        mask &= np.asarray(part.to_numpy(dtype=bool, na_value=False), dtype=bool)
+    return mask
+
+
+def apply_score(frame: pd.DataFrame, bound: BoundQuery, scorer: Scorer | None) -> pd.DataFrame:
+    """Add the score step's outputs as float columns (NaN where an input is null or the row was not scored)."""
+    score = bound.spec.score
+    if score is None:
+        return frame
+    if scorer is None:
+        raise ExecutionError("this node cannot score data (no model server)", "score.model")
+    n = len(frame)
+    complete = np.ones(n, dtype=bool)
+    for name in score.inputs:
+        complete &= frame[name].notna().to_numpy()
+    rows = np.flatnonzero(complete)
+    outputs = {o.column: np.full(n, np.nan) for o in score.outputs}
+    inputs_all = {name: frame[name].to_numpy(dtype=np.float64, na_value=np.nan) for name in score.inputs}
+    for start in range(0, len(rows), SCORE_BATCH_ROWS):
+        chunk = rows[start:start + SCORE_BATCH_ROWS]
+        feeds = {name: values[chunk] for name, values in inputs_all.items()}
+        try:
+            answer = scorer(score.model, score.version, feeds)
+        except Exception as exc:  # noqa: BLE001 - any failure of the model is this query's error, not the node's
+            raise ExecutionError(f"scoring with model {score.model!r} failed: {one_line(exc)}",
+                                 "score.model") from None
+        for i, out in enumerate(score.outputs):
+            where = f"score.outputs.{i}.output"
+            if out.output not in answer:
+                raise ExecutionError(f"model {score.model!r} has no output {out.output!r} "
+                                     f"(outputs: {', '.join(sorted(answer)) or 'none'})", where)
+            try:
+                values = np.asarray(answer[out.output], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ExecutionError(f"output {out.output!r} is not numeric", where) from None
+            if values.ndim == 2 and out.index is not None:
+                if out.index >= values.shape[1]:
+                    raise ExecutionError(f"output {out.output!r} has {values.shape[1]} values per row; "
+                                         f"index {out.index} is out of range", f"score.outputs.{i}.index")
+                values = values[:, out.index]
+            elif values.ndim == 2 and values.shape[1] == 1:
+                values = values[:, 0]
+            if values.ndim != 1 or values.shape[0] != len(chunk):
+                raise ExecutionError(f"output {out.output!r} has shape {values.shape}; expected one value per "
+                                     f"row ({len(chunk)}; name an index for several values per row)", where)
+            outputs[out.column][chunk] = values
+    result = frame.copy(deep=False)
+    for name, values in outputs.items():
+        result[name] = values
+    return result
+
+
+# -- time buckets ------------------------------------------------------------------------------------------------
+
+
+def bucket_numbers(ticks: npt.NDArray[np.int64], interval: str) -> npt.NDArray[np.int64]:
+    """Microsecond UTC ticks to bucket numbers: minutes, hours or days since the epoch, Monday-starting
+    weeks since the one holding the epoch, or months since January 1970 (NaT ticks give garbage: mask them)."""
+    if interval in _US:
+        return ticks // _US[interval]
+    days = ticks // _DAY_US
+    if interval == "week":
+        # Day 0 (1970-01-01) was a Thursday: (day + 3) // 7 counts Mondays.
+        return (days + 3) // 7
+    return ticks.view("datetime64[us]").astype("datetime64[M]").view(np.int64)
+
+
+def bucket_starts(numbers: npt.NDArray[np.int64], interval: str) -> npt.NDArray[np.datetime64]:
+    """The first instant of each bucket number, as ``datetime64[us]``."""
+    if interval in _US:
+        return (numbers * _US[interval]).view("datetime64[us]")
+    if interval == "week":
+        return ((numbers * 7 - 3) * _DAY_US).view("datetime64[us]")
+    return numbers.view("datetime64[M]").astype("datetime64[us]")
+
+
+def bucket_times(values: npt.NDArray[np.datetime64], interval: str) -> npt.NDArray[np.datetime64]:
+    """Floor UTC times to their minute, hour, day, Monday-starting week or month (NaT stays NaT)."""
+    ticks = values.astype("datetime64[us]").view(np.int64)
+    missing = np.isnat(values)
+    starts = bucket_starts(bucket_numbers(ticks, interval), interval).copy()
+    starts[missing] = np.datetime64("NaT")
+    return starts
+
+
+# -- grouping ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyCodes:
+    codes: npt.NDArray[np.int64]
+    # The key value of each code, as a pandas Series (its dtype is the key's: nulls are its missing value).
+    values: pd.Series
+
+
+@dataclass
+class Groups:
+    ids: npt.NDArray[np.int64]
+    count: int
+    # One Series per key: the key value of each group.
+    keys: list[pd.Series]
+    rows: npt.NDArray[np.int64]
+
+
+def key_codes(column: pd.Series | Array) -> KeyCodes:
+    """Integer codes for one key column, nulls included as a code of their own."""
+    if isinstance(column, pd.Series) and isinstance(column.dtype, pd.CategoricalDtype):
+        codes = column.cat.codes.to_numpy(dtype=np.int64)
+        categories = pd.Series(column.cat.categories)
+        if (codes < 0).any():
+            codes = np.where(codes < 0, len(categories), codes)
+            categories = pd.concat([categories, pd.Series([None], dtype=categories.dtype)], ignore_index=True)
+        return KeyCodes(codes=codes, values=categories)
+    raw, uniques = pd.factorize(column, use_na_sentinel=False)
+    return KeyCodes(codes=np.asarray(raw, dtype=np.int64), values=pd.Series(uniques))
+
+
+def bucket_codes(times: npt.NDArray[np.datetime64], interval: str) -> KeyCodes:
+    """Codes for a time bucket by arithmetic (bucket number minus the first one), no hashing."""
+    ticks = times.astype("datetime64[us]").view(np.int64)
+    missing = np.isnat(times)
+    numbers = bucket_numbers(ticks, interval)
+    present = numbers[~missing] if missing.any() else numbers
+    if len(present) == 0:
+        return KeyCodes(codes=np.zeros(len(times), dtype=np.int64),
+                        values=pd.Series(np.array(["NaT"], dtype="datetime64[us]")))
+    first, last = int(present.min()), int(present.max())
+    span = last - first + 1
+    if span > max(DENSE_KEY_SPACE, 4 * len(times)):
+        return key_codes(bucket_times(times, interval))
+    codes = numbers - first
+    starts = bucket_starts(np.arange(first, last + 1, dtype=np.int64), interval)
+    if missing.any():
+        codes[missing] = span
+        starts = np.concatenate([starts, np.array(["NaT"], dtype="datetime64[us]")])
+    return KeyCodes(codes=codes, values=pd.Series(starts))
+
+
+def group_rows(keys: Sequence[KeyCodes | pd.Series | Array], n_rows: int) -> Groups:
+    """Dense group ids for the rows (nulls form a group), and each group's key values and size."""
+    if not keys:
+        ids = np.zeros(n_rows, dtype=np.int64)
+        count = 1 if n_rows else 0
+        return Groups(ids=ids, count=count, keys=[], rows=np.bincount(ids, minlength=count).astype(np.int64))
+    coded = [k if isinstance(k, KeyCodes) else key_codes(k) for k in keys]
+    sizes = [max(len(k.values), 1) for k in coded]
+    # Mixed-radix combination of the per-key codes: one integer per distinct key tuple.
+    combined = coded[0].codes
+    space = sizes[0]
+    radix_ok = True
+    for key, size in zip(coded[1:], sizes[1:], strict=True):
+        if space * size >= 1 << 62:
+            # Renumber what is combined so far, so the next step cannot overflow.
+            dense, seen = pd.factorize(combined)
+            combined, space = np.asarray(dense, dtype=np.int64), max(len(seen), 1)
+            radix_ok = False
+        combined = combined * size + key.codes
+        space *= size
+    if space <= max(DENSE_KEY_SPACE, 4 * n_rows):
+        per_code = np.bincount(combined, minlength=space)
+        present = np.flatnonzero(per_code)
+        lookup = np.full(space, -1, dtype=np.int64)
+        lookup[present] = np.arange(len(present), dtype=np.int64)
+        ids = lookup[combined]
+        rows = per_code[present].astype(np.int64)
+        group_codes = present.astype(np.int64)
+    else:
+        dense, seen = pd.factorize(combined)
+        ids = np.asarray(dense, dtype=np.int64)
+        rows = np.bincount(ids, minlength=len(seen)).astype(np.int64)
+        group_codes = np.asarray(seen, dtype=np.int64)
+    if radix_ok:
+        per_key = []
+        rest = group_codes
+        for size in reversed(sizes):
+            per_key.append(rest % size)
+            rest = rest // size
+        per_key.reverse()
+    else:
+        # Any row of a group carries its key: take one per group.
+        one_row = np.zeros(len(rows), dtype=np.int64)
+        one_row[ids] = np.arange(n_rows, dtype=np.int64)
+        per_key = [k.codes[one_row] for k in coded]
+    values = [k.values.take(codes).reset_index(drop=True) for k, codes in zip(coded, per_key, strict=True)]
+    return Groups(ids=ids, count=len(rows), keys=values, rows=rows)
+
+
+# -- partial aggregates ------------------------------------------------------------------------------------------
+
+
+def _column_values(series: pd.Series, type_: ColumnType) -> tuple[Array, npt.NDArray[np.bool_]]:
+    """(values as float64, or int64 for integers and time ticks; a validity mask)."""
+    valid = series.notna().to_numpy(dtype=bool)
+    if type_ == "timestamp":
+        return series.to_numpy(dtype="datetime64[us]").view(np.int64), valid
+    if type_ == "int" and pd.api.types.is_integer_dtype(series.dtype):
+        return series.to_numpy(dtype=np.int64), valid
+    return series.to_numpy(dtype=np.float64, na_value=np.nan), valid
+
+
+def compute_partials(frame: pd.DataFrame, bound: BoundQuery) -> tuple[Groups, list[dict[str, Any]]]:
+    """Group the (filtered, scored) rows and compute every aggregate's partial state per group."""
+    spec = bound.spec
+    keys: list[KeyCodes | pd.Series | Array] = [frame[c] for c in spec.group_by]
+    if spec.time_bucket is not None:
+        times = frame[spec.time_bucket.column].to_numpy(dtype="datetime64[us]")
+        keys.append(bucket_codes(times, spec.time_bucket.interval))
+    groups = group_rows(keys, len(frame))
+    ids, g = groups.ids, groups.count
+    states: list[dict[str, Any]] = []
+    cache: dict[str, tuple[Array, npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
+    float_sum_cache: dict[str, Array] = {}
+    for agg in spec.aggregates:
+        state: dict[str, Any] = {}
+        if agg.column is None:
+            state["n"] = groups.rows
+            states.append(state)
+            continue
+        if agg.column not in cache:
+            values, valid = _column_values(frame[agg.column], bound.types[agg.column])
+            if valid.all():
+                cache[agg.column] = (values, ids, groups.rows)
+            else:
+                cache[agg.column] = (values[valid], ids[valid],
+                                     np.bincount(ids[valid], minlength=g).astype(np.int64))
+        vals, ids_v, n = cache[agg.column]
+        state["n"] = n
+
+        def float_sums(column: str = agg.column, x: Array = vals, at: npt.NDArray[np.int64] = ids_v) -> Array:
+            # One pass per column, shared by its sum, mean, std and var.
+            if column not in float_sum_cache:
+                float_sum_cache[column] = np.bincount(at, weights=x.astype(np.float64, copy=False), minlength=g)
+            return float_sum_cache[column]
+
+        if agg.op in ("sum", "mean"):
+            if vals.dtype == np.int64 and agg.op == "sum":
+                # Integer sums stay exact (bincount would round them through float64).
+                sums = np.zeros(g, dtype=np.int64)
+                np.add.at(sums, ids_v, vals)
+                state["sum"] = sums
+            else:
+                state["sum"] = float_sums()
+        elif agg.op in ("std", "var"):
+            x = vals.astype(np.float64, copy=False)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = float_sums() / n
+            # Two passes: deviations from the group's own mean, the numerically careful M2.
+            deviation = mean[ids_v]
+            np.subtract(x, deviation, out=deviation)
+            np.multiply(deviation, deviation, out=deviation)
+            state["mean"] = mean
+            state["m2"] = np.bincount(ids_v, weights=deviation, minlength=g)
+        elif agg.op in ("min", "max"):
+            state[agg.op] = _group_extreme(vals, ids_v, g, agg.op)
+        elif agg.op == "quantile":
+            state["sketch"] = sketch_groups(vals.astype(np.float64, copy=False), ids_v, g, agg.accuracy)
+        states.append(state)
+    return groups, states
+
+
+def _group_extreme(values: Array, ids: npt.NDArray[np.int64], g: int, op: str) -> Array:
+    """Per-group min or max; groups without a value keep the filler (masked later by n == 0)."""
+    if values.dtype == np.int64:
+        info = np.iinfo(np.int64)
+        out: Array = np.full(g, info.max if op == "min" else info.min, dtype=np.int64)
+    else:
+        out = np.full(g, np.inf if op == "min" else -np.inf)
+    (np.minimum if op == "min" else np.maximum).at(out, ids, values)
+    return out
+
+
+# -- JSON values -------------------------------------------------------------------------------------------------
+
+
+def json_list(values: pd.Series | Array, type_: ColumnType,
+              missing: npt.NDArray[np.bool_] | None = None) -> list[Any]:
+    """A column as JSON values (None for nulls and where ``missing``), converted column-wise."""
+    series = values if isinstance(values, pd.Series) else pd.Series(values)
+    null = series.isna().to_numpy(dtype=bool)
+    if missing is not None:
+        null = null | missing
+    if type_ == "timestamp":
+        ticks = series.to_numpy(dtype="datetime64[us]")
+        whole = (ticks[~null].view(np.int64) % 1_000_000 == 0).all()
+        out: list[Any] = np.datetime_as_string(ticks, unit="s" if whole else "us").tolist()
+    elif type_ == "int" and pd.api.types.is_integer_dtype(series.dtype):
+        out = series.to_numpy(dtype=np.int64).tolist()
+    elif type_ in ("int", "float"):
+        floats = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        if type_ == "int" and not null.all() and np.all(np.mod(floats[~null], 1) == 0):
+            out = np.where(null, 0, floats).astype(np.int64).tolist()
+        else:
+            out = floats.tolist()
+    elif type_ == "bool":
+        out = series.to_numpy(dtype=bool, na_value=False).tolist()
+    else:
+        out = series.astype(object).tolist()
+    if null.any():
+        for i in np.flatnonzero(null).tolist():
+            out[i] = None
+    return out
+
+
+def build_partials(bound: BoundQuery, groups: Groups, states: list[dict[str, Any]],
+                   keep: npt.NDArray[np.bool_]) -> Partials:
+    index = np.flatnonzero(keep)
+    key_types = bound.key_types
+    keys = [json_list(column.take(index), t) for column, t in zip(groups.keys, key_types, strict=True)]
+    aggregates: list[AggregatePartial] = []
+    for agg, state in zip(bound.spec.aggregates, states, strict=True):
+        type_: ColumnType = bound.types[agg.column] if agg.column is not None else "int"
+        n = state["n"][index]
+        empty = n == 0
+        fields: dict[str, Any] = {"n": n.tolist()}
+        if "sum" in state:
+            fields["sum"] = state["sum"][index].tolist()
+        if "mean" in state:
+            fields["mean"] = json_list(state["mean"][index], "float", empty)
+            fields["m2"] = json_list(state["m2"][index], "float", empty)
+        for extreme in ("min", "max"):
+            if extreme in state:
+                values = state[extreme][index]
+                if type_ == "timestamp":
+                    values = values.view("datetime64[us]")
+                elif type_ == "bool":
+                    values = values.astype(bool)
+                fields[extreme] = json_list(values, type_, empty)
+        if "sketch" in state:
+            fields["sketch"] = [SketchState.model_validate(state["sketch"][i].to_state()) for i in index]
+        # Built from typed arrays above, so validating tens of thousands of values again would only cost time.
+        aggregates.append(AggregatePartial.model_construct(name=agg.output_name, op=agg.op, column=agg.column,
+                                                           type=type_, **fields))
+    return Partials.model_construct(key_names=bound.key_names, key_types=key_types, keys=keys,
+                                    rows=groups.rows[index].tolist(), aggregates=aggregates)
+
+
+def build_rows(frame: pd.DataFrame, bound: BoundQuery) -> RowsOutput:
+    spec = bound.spec
+    if spec.order_by:
+        frame = frame.sort_values([o.name for o in spec.order_by], ascending=[not o.desc for o in spec.order_by],
+                                  na_position="last", kind="stable")
+    truncated = spec.limit is not None and len(frame) > spec.limit
+    if spec.limit is not None:
+        frame = frame.head(spec.limit)
+    types = [bound.types[c] for c in spec.columns]
+    columns = [json_list(frame[c].reset_index(drop=True), t) for c, t in zip(spec.columns, types, strict=True)]
+    values = [list(row) for row in zip(*columns, strict=True)] if columns else []
+    return RowsOutput(columns=list(spec.columns), types=types, values=values, truncated=truncated)

@@ -10,7 +10,11 @@ Two tasks run side by side:
 * the **stream** keeps a websocket open to the control plane, which pushes a
   nudge the moment this node's desired state changes; each nudge wakes the
   sync loop at once. The stream is an accelerator only: when it cannot
-  connect, polling carries on unchanged.
+  connect, polling carries on unchanged;
+* with :mod:`edge_runtime.telemetry`, a **collect loop** takes a telemetry
+  point every few seconds into the node's store-and-forward queue, whether
+  or not the control plane is reachable, and the stream session sends what
+  waits there (acknowledged points leave the queue).
 
 What the node accepts: a desired state signed by the key pinned at
 enrollment, addressed to this node, and not older than what it already
@@ -46,7 +50,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
@@ -60,12 +64,17 @@ from edge_runtime.protocol import (
     Health,
     ModelStatus,
     Nudge,
+    QueryRequest,
     Refusal,
     SignedDesiredState,
+    StreamError,
+    StreamMessage,
     SyncRequest,
     SyncResponse,
+    TelemetryAck,
 )
 from edge_runtime.state import REMEMBERED_REFUSALS, Identity, StateDir, StateError, Status
+from edge_runtime.telemetry import Telemetry, TelemetryStalled
 
 logger = logging.getLogger("edge_runtime.agent")
 
@@ -84,6 +93,7 @@ STREAM_MAX_MESSAGE_BYTES = 64 * 1024
 MAX_PENDING_REFUSALS = 100
 # Statuses that mean "this credential is not accepted": retrying fast cannot help.
 CREDENTIAL_REFUSED = frozenset({401, 403, 404})
+STREAM_MESSAGE: TypeAdapter[Nudge | TelemetryAck | StreamError] = TypeAdapter(StreamMessage)
 
 
 def backoff_ceiling(attempt: int, *, base: float = BACKOFF_BASE_S, factor: float = BACKOFF_FACTOR,
@@ -170,10 +180,27 @@ class ReportsModels(Protocol):
     def model_status(self) -> list[ModelStatus]: ...
 
 
+@runtime_checkable
+class AnswersQueries(Protocol):
+    """A reconciler that answers federated queries (:class:`edge_runtime.queries.QueryService`).
+
+    ``report`` is asked on every sync (its datasets change between desired
+    states); ``queries_received`` gets the queries of every successful sync
+    answer, an empty list included: a sync that succeeded also says that
+    answers waiting for the control plane can go out now.
+    """
+
+    def report(self) -> dict[str, Any]: ...
+
+    def queries_received(self, queries: list[QueryRequest]) -> None: ...
+
+
 class Agent:
     def __init__(self, state: StateDir, *, reconcilers: Sequence[Reconciler] = (),
-                 rng: random.Random | None = None, hardware: Hardware | None = None) -> None:
+                 rng: random.Random | None = None, hardware: Hardware | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.state = state
+        self.telemetry = telemetry
         self.identity: Identity = state.load_identity()
         self.public_key = self.identity.public_key()
         self.status: Status = state.load_status()
@@ -313,7 +340,8 @@ class Agent:
             runtime_version=__version__,
             hardware=self.hardware,
             actual=ActualState(applied_generation=self.status.applied_generation, models=self.model_status(),
-                               detail=self.detail),
+                               detail={**self.detail, **{r.name: r.report() for r in self.reconcilers
+                                                         if isinstance(r, AnswersQueries)}}),
             health=self.health(),
             refusals=list(self.status.pending_refusals),
         )
@@ -371,6 +399,10 @@ class Agent:
         applied = False
         if answer.desired is not None:
             applied = await self.consider(answer.desired)
+        # After the desired state: a query runs under the data policy that came with it.
+        for reconciler in self.reconcilers:
+            if isinstance(reconciler, AnswersQueries):
+                reconciler.queries_received(list(answer.queries))
         level = logging.INFO if applied or failed_before or not self.synced_once or reported else logging.DEBUG
         extra = f" after {failed_before} failed attempts" if failed_before else ""
         extra += f" reported {reported} refusal(s)" if reported else ""
@@ -430,24 +462,49 @@ class Agent:
                     attempt = 0
                     # Catch up with anything published while the stream was down.
                     self.wake.set()
-                    async for message in ws:
-                        try:
-                            nudge = Nudge.model_validate_json(message)
-                        except ValidationError:
-                            logger.warning("stream message ignored: not a nudge")
-                            continue
-                        logger.info("nudge generation=%d", nudge.generation)
-                        self.wake.set()
+                    await self._stream_session(ws)
                 reason = "closed by the control plane"
             except InvalidStatus as exc:
                 reason = f"refused with HTTP {exc.response.status_code}"
-            except (OSError, TimeoutError, WebSocketException) as exc:
+            except (OSError, TimeoutError, WebSocketException, TelemetryStalled) as exc:
                 reason = _one_line(exc) or type(exc).__name__
             cap = backoff_cap(self.interval)
             delay = backoff_delay(attempt, self.rng, cap=cap)
             attempt += 1
             logger.warning("stream disconnected: %s; reconnecting in %.1fs", reason, delay)
             await asyncio.sleep(delay)
+
+    async def _stream_session(self, ws: Any) -> None:
+        """Receive on ``ws`` and, with telemetry, send beside it; returns when either side ends."""
+        tasks = [asyncio.create_task(self._receive(ws), name="stream-receive")]
+        if self.telemetry is not None:
+            tasks.append(asyncio.create_task(self.telemetry.run_session(ws.send), name="telemetry-send"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            failure = task.exception()
+            if failure is not None:
+                raise failure
+
+    async def _receive(self, ws: Any) -> None:
+        async for message in ws:
+            try:
+                parsed = STREAM_MESSAGE.validate_json(message)
+            except ValidationError:
+                logger.warning("stream message ignored: not one this node understands")
+                continue
+            if isinstance(parsed, Nudge):
+                logger.info("nudge generation=%d", parsed.generation)
+                self.wake.set()
+            elif isinstance(parsed, TelemetryAck):
+                if self.telemetry is not None:
+                    self.telemetry.on_ack(parsed)
+            else:
+                logger.error("the control plane refused this node's telemetry: %s", _one_line(parsed.error))
 
     # running ------------------------------------------------------------------
 
@@ -473,6 +530,8 @@ class Agent:
             self._client = client
             tasks = [asyncio.create_task(self.sync_loop(), name="sync"),
                      asyncio.create_task(self.stream_loop(), name="stream")]
+            if self.telemetry is not None:
+                tasks.append(asyncio.create_task(self.telemetry.collect_loop(), name="telemetry"))
             stopper = asyncio.create_task(self.stopping.wait(), name="stop")
             try:
                 done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)

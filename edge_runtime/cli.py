@@ -5,10 +5,23 @@
     edge-runtime enroll --url URL --token TOKEN [--fingerprint HEX] [--name NAME]
                         [--role device|gateway|server] [--state-dir DIR] [--force]
     edge-runtime run [--state-dir DIR] [--log-level LEVEL]
+                     [--telemetry-interval SECONDS] [--telemetry-budget SIZE]
+                     [--datasets FILE] [--query-workers N]
     edge-runtime status [--state-dir DIR] [--json]
 
 The state directory defaults to ``$EDGEWISE_STATE_DIR``, else
 ``/var/lib/edgewise`` when run as root, else ``~/.local/share/edgewise``.
+Telemetry (``run``): a point every ``--telemetry-interval`` seconds
+(``$EDGEWISE_TELEMETRY_INTERVAL``, default 5), kept on disk within
+``--telemetry-budget`` (``$EDGEWISE_TELEMETRY_BUDGET``, bytes with an optional
+K, M or G suffix, default 64M) while the control plane is out of reach; see
+:mod:`edge_runtime.telemetry`.
+Federated queries (``run``): the node's datasets are declared in
+``--datasets`` (default ``<state dir>/datasets.json``; no file there means no
+datasets, see :mod:`edge_runtime.data.catalog`), queries run in
+``--query-workers`` threads (default 2) under the site's signed data policy,
+and every query and decision goes to the node's audit chain
+(``<state dir>/audit.sqlite3``); see :mod:`edge_runtime.queries`.
 Exit status: 0 on success, 1 when the request was refused or failed, 2 for
 bad usage.
 """
@@ -29,7 +42,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,6 +54,9 @@ from edge_runtime.agent import Agent
 from edge_runtime.hardware import detect_hardware
 from edge_runtime.protocol import API_PREFIX, EnrollRequest, EnrollResponse
 from edge_runtime.state import Identity, StateDir, StateError, default_state_dir
+
+if TYPE_CHECKING:
+    from edge_runtime.queries import QueryService
 
 ENROLL_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -234,27 +250,59 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
     control plane is out of reach.
     """
     from edge_runtime.model_store import ModelReconciler, ModelStore
+    from edge_runtime.serving.metrics import read_series
     from edge_runtime.serving.registry import ModelRegistry
     from edge_runtime.serving.server import run_server
+    from edge_runtime.telemetry import QUEUE_FILE, Telemetry, TelemetryQueue
 
     identity = state.load_identity()
     registry = ModelRegistry(provider_priority=args.providers) if args.providers else ModelRegistry()
     store = ModelStore(registry=registry, state_dir=state.path, base_url=identity.url,
                        node_id=identity.node_id, credential=identity.credential,
                        public_key=identity.signing_public_key)
+    # Before the server starts: a datasets file that cannot be read stops the node with its reason.
+    queries = _query_service(state, identity, args, registry)
     handle = None
     if args.serve_port >= 0:
         handle = await run_server(registry, args.serve_host, args.serve_port)
         logging.getLogger("edge_runtime").info("model server listening on %s", handle.url)
-    agent = Agent(state, reconcilers=[ModelReconciler(store)])
+    queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=args.telemetry_budget)
+    telemetry = Telemetry(queue, interval_s=args.telemetry_interval,
+                          read_models=lambda: read_series(registry.metrics), disk_path=state.path)
+    agent = Agent(state, reconcilers=[ModelReconciler(store), queries], telemetry=telemetry)
     agent.status.model_server_url = handle.url if handle is not None else ""
     try:
         await agent.run()
     finally:
+        await queries.aclose()
+        queue.close()
         if handle is not None:
             await handle.stop()
         await store.aclose()
         await registry.close()
+
+
+def _query_service(state: StateDir, identity: Identity, args: argparse.Namespace, registry: Any) -> QueryService:
+    """The node's federated query service: its datasets, its audit chain, its model server as scorer."""
+    from edge_runtime.data.audit import AuditError, NodeAudit
+    from edge_runtime.data.catalog import DATASETS_FILE, Catalog, CatalogError
+    from edge_runtime.data.node import registry_scorer
+    from edge_runtime.queries import QueryService
+
+    try:
+        if args.datasets is None:
+            catalog = Catalog.from_state_dir(state.path)
+            where = state.path / DATASETS_FILE
+        else:
+            catalog = Catalog.from_file(args.datasets)
+            where = args.datasets
+        audit = NodeAudit.in_state_dir(state.path)
+    except (CatalogError, AuditError) as exc:
+        raise CliError(str(exc)) from exc
+    logging.getLogger("edge_runtime").info("datasets: %s (from %s)", ", ".join(catalog.names()) or "none", where)
+    return QueryService(state_dir=state.path, catalog=catalog, audit=audit, base_url=identity.url,
+                        node_id=identity.node_id, credential=identity.credential, site=identity.site,
+                        scorer=registry_scorer(registry), workers=args.query_workers)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,7 +320,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def status_report(state: StateDir) -> dict[str, Any]:
     """What the node knows about itself, from its state dir only (works offline)."""
+    from edge_runtime.telemetry import read_queue_stats
+
     identity = state.load_identity()
+    queue = read_queue_stats(state.path)
+    telemetry: dict[str, Any] = {"pending_points": 0, "pending_gaps": 0, "pending_bytes": 0, "next_seq": 1,
+                                 "acked_seq": 0, "lost_points": 0, "gaps": []}
+    if queue is not None:
+        telemetry = {"pending_points": queue.pending_points, "pending_gaps": queue.pending_gaps,
+                     "pending_bytes": queue.pending_bytes, "next_seq": queue.next_seq, "acked_seq": queue.acked_seq,
+                     "lost_points": queue.lost_points,
+                     "gaps": [{"first_seq": a, "last_seq": b, "count": c} for a, b, c in queue.gaps]}
     status = state.load_status()
     desired: dict[str, Any]
     try:
@@ -303,6 +361,7 @@ def status_report(state: StateDir) -> dict[str, Any]:
         "updated_at": status.updated_at.isoformat() if status.updated_at else None,
         "desired_state": desired,
         "model_server_url": status.model_server_url,
+        "telemetry": telemetry,
         "state_dir": str(state.path),
     }
 
@@ -329,6 +388,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("pending refusals", "; ".join(f"generation {r['generation']}: {r['reason']}"
                                         for r in report["pending_refusals"]) or "none"),
         ("last error", report["last_error"] or "none"),
+        ("telemetry waiting", f"{report['telemetry']['pending_points']} point(s), "
+                              f"{report['telemetry']['pending_gaps']} gap record(s); "
+                              f"{report['telemetry']['lost_points']} point(s) lost to the disk budget"),
         ("state dir", report["state_dir"]),
     ]
     width = max(len(k) for k, _ in lines)
@@ -338,6 +400,47 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # entry point --------------------------------------------------------------------
+
+
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """Bytes from "65536", "512K", "64M" or "1G" (powers of 1024)."""
+    match = SIZE_RE.match(value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"a size is a number of bytes with an optional K, M or G, not {value!r}")
+    number, unit = int(match.group(1)), match.group(2).lower()
+    size = number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    from edge_runtime.telemetry import MIN_BUDGET_BYTES
+
+    if size < MIN_BUDGET_BYTES:
+        raise argparse.ArgumentTypeError(f"the telemetry budget must be at least {MIN_BUDGET_BYTES // 1024}K, "
+                                         f"not {value!r}")
+    return size
+
+
+def parse_interval(value: str) -> float:
+    from edge_runtime.telemetry import MIN_INTERVAL_S
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an interval is a number of seconds, not {value!r}") from None
+    if not MIN_INTERVAL_S <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"the telemetry interval must be between {MIN_INTERVAL_S} and 3600 "
+                                         f"seconds, not {value!r}")
+    return seconds
+
+
+def parse_workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of workers is a whole number, not {value!r}") from None
+    if not 1 <= workers <= 64:
+        raise argparse.ArgumentTypeError(f"query workers must be between 1 and 64, not {value!r}")
+    return workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address of the local inference API (default 127.0.0.1; 0.0.0.0 for the site's LAN)")
     run.add_argument("--serve-port", type=int, default=int(os.environ.get("EDGEWISE_SERVE_PORT", "8080")),
                      help="port of the local inference API (default 8080; -1 serves no models)")
+    run.add_argument("--telemetry-interval", type=parse_interval,
+                     default=os.environ.get("EDGEWISE_TELEMETRY_INTERVAL", "5"),
+                     help="seconds between telemetry points (default 5)")
+    run.add_argument("--telemetry-budget", type=parse_size, default=os.environ.get("EDGEWISE_TELEMETRY_BUDGET", "64M"),
+                     help="disk space for telemetry waiting for the control plane, e.g. 512K, 64M (default 64M); "
+                          "past it the oldest points give way to a gap record")
+    run.add_argument("--datasets", type=Path, default=os.environ.get("EDGEWISE_DATASETS") or None,
+                     help="the node's datasets file (default: <state dir>/datasets.json; none there: no datasets)")
+    run.add_argument("--query-workers", type=parse_workers, default=os.environ.get("EDGEWISE_QUERY_WORKERS", "2"),
+                     help="federated queries run at once on this node (default 2)")
     providers_option(run)
     state_dir_option(run)
     run.set_defaults(func=cmd_run)

@@ -14,6 +14,15 @@
 4. only then moves it to ``<sha256>.onnx`` and hands it to the registry,
    which smoke-tests it and swaps it in.
 
+Before any of that, the site's policy decides (step 0): a model whose
+classification the placement policy in the signed bundle
+(``DesiredState.policy``, see :mod:`edge_runtime.policy.placement`) forbids
+at this site is refused, whatever else the desired state says, with the rule
+named in the status; and whatever version of that model still serves is
+unloaded too, since the classification belongs to the model, not the
+version. A bundle that does not validate refuses every model (fail closed);
+an empty bundle (a control plane without policies) enforces nothing.
+
 onnxruntime never sees a byte that did not pass steps 1-3. A refused or
 failed model never touches the version that serves: it keeps serving and is
 named in the status as ``serving_version``. Versions no longer desired are
@@ -37,9 +46,11 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
 
 from edge_runtime import signing
-from edge_runtime.protocol import API_PREFIX, DesiredModel, DesiredState, ModelStatus
+from edge_runtime.policy.placement import PolicyBundle, site_decision
+from edge_runtime.protocol import API_PREFIX, DesiredModel, DesiredState, ModelStats, ModelStatus
 from edge_runtime.serving.registry import ModelRegistry
 
 logger = logging.getLogger("edge_runtime.model_store")
@@ -52,6 +63,10 @@ RETRY_MAX_S = 300.0
 
 class ArtifactRefused(Exception):
     """The artifact is not the one the signed desired state names (hash, signature, size)."""
+
+
+class PolicyRefused(ArtifactRefused):
+    """The site's policy forbids this model here."""
 
 
 class DownloadError(Exception):
@@ -90,26 +105,55 @@ class ModelStore:
         self.retry_base_s = retry_base_s
         self._lock = asyncio.Lock()
         self._desired: list[DesiredModel] = []
+        self._policy: PolicyBundle | str | None = None
         self._statuses: list[ModelStatus] = []
         self._retry: asyncio.Task[None] | None = None
         self._attempt = 0
 
     # the agent's entry points ---------------------------------------------------
 
-    async def reconcile(self, desired: Sequence[DesiredModel]) -> list[ModelStatus]:
-        """Serve exactly ``desired`` (as far as each one verifies and loads); one status per entry.
+    async def reconcile(self, desired: Sequence[DesiredModel],
+                        policy: PolicyBundle | str | None = None) -> list[ModelStatus]:
+        """Serve exactly ``desired`` (as far as each one verifies, is allowed and loads); one status per entry.
 
+        ``policy`` is the site's bundle, or a string saying why the bundle is
+        invalid (then every model is refused), or None (nothing to enforce).
         Safe to call again with the same list: what already serves stays as it is.
         """
         if self._retry is not None and self._retry is not asyncio.current_task():
             self._retry.cancel()
             self._retry = None
             self._attempt = 0
+        self._policy = policy
         return await self._reconcile(list(desired))
 
     def statuses(self) -> list[ModelStatus]:
-        """What the last reconcile left (and background retries since): for the agent's actual state."""
-        return list(self._statuses)
+        """What the last reconcile left (and background retries since), with the serving counters
+        of each serving version: for the agent's actual state."""
+        return [self._with_stats(s) for s in self._statuses]
+
+    def _with_stats(self, status: ModelStatus) -> ModelStatus:
+        if status.state != "serving":
+            return status
+        snapshot = self.registry.metrics.snapshot(status.name, status.version)
+        if snapshot is None:
+            return status
+        requests, errors, bounds, counts, total = snapshot
+        return status.model_copy(update={"stats": ModelStats(
+            requests=requests, errors=errors, latency_bounds=list(bounds), latency_counts=list(counts),
+            latency_sum_s=max(0.0, total))})
+
+    def check_policy(self, model: DesiredModel) -> None:
+        """Raise PolicyRefused if the site's policy forbids ``model`` here."""
+        policy = self._policy
+        if policy is None:
+            return
+        if isinstance(policy, str):
+            raise PolicyRefused(f"refused by site policy: the policy bundle is invalid ({policy})")
+        decision = site_decision(policy.placement, policy.site.facts(), model.classification)
+        if not decision.allowed:
+            raise PolicyRefused(f"refused by site policy (rule {decision.rule}, placement policy version "
+                                f"{policy.placement_version}): {decision.reason}")
 
     async def aclose(self) -> None:
         if self._retry is not None:
@@ -128,7 +172,16 @@ class ModelStore:
             self.artifacts.mkdir(parents=True, exist_ok=True)
             statuses: list[ModelStatus] = []
             transient = False
+            forbidden: set[str] = set()
             for model in desired:
+                try:
+                    self.check_policy(model)
+                except PolicyRefused as exc:
+                    forbidden.add(model.name)
+                    statuses.append(self._not_serving(model, "refused", str(exc)).model_copy(
+                        update={"serving_version": None}))
+                    logger.error("model %s version %s %s", model.name, model.version, exc)
+                    continue
                 try:
                     path = await self.fetch(model)
                 except ArtifactRefused as exc:
@@ -146,7 +199,7 @@ class ModelStore:
                     max_batch_size=model.max_batch_size, max_queue_delay_ms=model.max_queue_delay_ms,
                     retire_others=False,
                 ))
-            await self._unload_undesired(desired, statuses)
+            await self._unload_undesired(desired, statuses, forbidden)
             self._collect_garbage(desired)
             self._statuses = statuses
             if transient:
@@ -159,8 +212,14 @@ class ModelStore:
         return ModelStatus(name=model.name, version=model.version, sha256=model.sha256, variant=model.variant,
                            state=state, error=error[:1000], serving_version=self.registry.serving_version(model.name))
 
-    async def _unload_undesired(self, desired: list[DesiredModel], statuses: list[ModelStatus]) -> None:
-        wanted = {(m.name, m.version) for m in desired}
+    async def _unload_undesired(self, desired: list[DesiredModel], statuses: list[ModelStatus],
+                                forbidden: set[str]) -> None:
+        for name in sorted(forbidden):
+            if self.registry.versions(name):
+                # The policy forbids the model itself: no last known good version of it either.
+                logger.warning("unloading every version of model %s (forbidden by site policy)", name)
+                await self.registry.unload(name)
+        wanted = {(m.name, m.version) for m in desired if m.name not in forbidden}
         serving_names = {s.name for s in statuses if s.state == "serving"}
         desired_names = {m.name for m in desired}
         for name in self.registry.names():
@@ -284,9 +343,21 @@ class ModelReconciler:
         self.store = store
 
     async def reconcile(self, desired: DesiredState) -> dict[str, Any]:
-        statuses = await self.store.reconcile(desired.models)
-        return {"models": [s.model_dump(mode="json") for s in statuses]}
+        statuses = await self.store.reconcile(desired.models, policy_bundle(desired.policy))
+        return {"models": [s.model_dump(mode="json", exclude={"stats"}) for s in statuses]}
 
     def model_status(self) -> list[ModelStatus]:
         """What serves now (background retries and swaps included), for every sync."""
         return self.store.statuses()
+
+
+def policy_bundle(policy: dict[str, Any]) -> PolicyBundle | str | None:
+    """The bundle of a desired state; a string saying what is wrong if it does not validate; None if empty."""
+    if not policy:
+        return None
+    try:
+        return PolicyBundle.model_validate(policy)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "bundle"
+        return f"{where}: {first.get('msg', 'invalid')}"

@@ -19,8 +19,18 @@ Endpoints (all JSON, all under ``/agent/v1/``):
 ``GET nodes/<node_id>/artifacts/<sha256>``
     The bytes of a model artifact in this node's desired state (HTTP Range
     supported, so an interrupted download resumes).
+``POST nodes/<node_id>/queries/<query_id>/result``
+    ``edge_runtime.data.wire.QueryResult`` -> ``{"status": ...}``. A node's
+    answer to a federated query it received in a :class:`SyncResponse`
+    (``queries``). Idempotent: an answer posted again is stored once, and a
+    query that is closed or unknown answers 404, so the node stops retrying.
 ``WS nodes/<node_id>/stream``
-    The control plane pushes :class:`Nudge` messages ("sync now").
+    The control plane pushes :class:`Nudge` messages ("sync now"). The node
+    sends :class:`TelemetryFrame` messages; the control plane answers each
+    with a :class:`TelemetryAck` once its items are committed, carrying the
+    highest sequence number it holds for the node (which may be beyond the
+    frame: items it already had are skipped). A frame it cannot accept is
+    answered with :class:`StreamError` and the stream is closed.
 
 Errors are ``{"error": "...", "field": "..."}`` with a 4xx status.
 """
@@ -28,9 +38,9 @@ Errors are ``{"error": "...", "field": "..."}`` with a 4xx status.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION: Final = 1
 API_PREFIX = "/agent/v1"
@@ -88,6 +98,22 @@ class Refusal(WireModel):
     at: dt.datetime
 
 
+class ModelStats(WireModel):
+    """Cumulative serving counters of one model version since this node loaded it.
+
+    The control plane turns successive reports into windowed deltas (a drop
+    in ``requests`` means the process restarted and counting began again);
+    rollout health gates compare them between versions.
+    """
+
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    # Upper bounds in seconds; ``latency_counts`` has one more slot, for everything above the last.
+    latency_bounds: list[float] = Field(default_factory=list, max_length=64)
+    latency_counts: list[int] = Field(default_factory=list, max_length=65)
+    latency_sum_s: float = Field(default=0.0, ge=0)
+
+
 class ModelStatus(WireModel):
     """What actually serves one model on a node (reported in every sync)."""
 
@@ -101,6 +127,8 @@ class ModelStatus(WireModel):
     error: str = Field(default="", max_length=1000)
     # The version that keeps serving while this one failed, if any.
     serving_version: str | None = Field(default=None, max_length=50)
+    # Serving counters of ``version`` while it serves (absent from older runtimes).
+    stats: ModelStats | None = None
 
 
 class ActualState(WireModel):
@@ -174,12 +202,31 @@ class SignedDesiredState(WireModel):
     key_fingerprint: str
 
 
+# A query's id: the control plane's uuid for the query at one site.
+QUERY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# Largest query answer the control plane accepts (a site's policy caps its output far lower by default).
+MAX_QUERY_RESULT_BYTES = 16 * 1024 * 1024
+
+
+class QueryRequest(WireModel):
+    """A federated query waiting for this node (see ``edge_runtime.data``)."""
+
+    query_id: str = Field(pattern=QUERY_ID_PATTERN)
+    # The query document (edge_runtime.data.spec.QuerySpec), validated by the node.
+    spec: dict[str, Any]
+    # After this the node does not start (or finish) the query; its answer would be too late.
+    deadline: dt.datetime | None = None
+
+
 class SyncResponse(WireModel):
     protocol: Literal[1] = PROTOCOL_VERSION
     generation: int
     # Only present when the node's applied generation differs from ``generation``.
     desired: SignedDesiredState | None = None
     sync_interval_s: float
+    # Queries waiting for this node's answer. Offered on every sync until the
+    # answer arrives; the node runs each query id at most once.
+    queries: list[QueryRequest] = Field(default_factory=list, max_length=100)
 
 
 class Nudge(WireModel):
@@ -190,3 +237,118 @@ class Nudge(WireModel):
 class ErrorBody(WireModel):
     error: str
     field: str | None = None
+
+
+# -- telemetry over the stream ------------------------------------------------
+
+# A frame carries at most this many items; a backlog goes out in several.
+MAX_TELEMETRY_ITEMS = 200
+# Largest telemetry frame the control plane accepts (the node aims for far less).
+MAX_TELEMETRY_FRAME_BYTES = 1024 * 1024
+
+
+class ModelTelemetry(WireModel):
+    """One model version's figures over one telemetry interval (deltas, not totals)."""
+
+    model: str = Field(max_length=100)
+    version: str = Field(max_length=50)
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    # From the latency histogram's buckets in this interval; None when nothing was served.
+    latency_p50_ms: float | None = Field(default=None, ge=0)
+    latency_p95_ms: float | None = Field(default=None, ge=0)
+    batches: int = Field(default=0, ge=0)
+    batch_size_mean: float | None = Field(default=None, ge=0)
+    # Requests waiting for the model's next batch at the end of the interval.
+    queue_depth: int = Field(default=0, ge=0)
+
+
+class NodeResources(WireModel):
+    """The node's machine at the end of one telemetry interval."""
+
+    # All cores together, 0-100.
+    cpu_percent: float = Field(default=0.0, ge=0, le=100)
+    load1: float = Field(default=0.0, ge=0)
+    memory_used_mb: float = Field(default=0.0, ge=0)
+    memory_total_mb: float = Field(default=0.0, ge=0)
+    # The file system that holds the node's state directory.
+    disk_used_mb: float = Field(default=0.0, ge=0)
+    disk_total_mb: float = Field(default=0.0, ge=0)
+    # Requests waiting in every model's batcher.
+    inference_queue_depth: int = Field(default=0, ge=0)
+    # Telemetry points waiting in the node's store-and-forward queue.
+    telemetry_backlog: int = Field(default=0, ge=0)
+
+
+class TelemetryPoint(WireModel):
+    kind: Literal["point"] = "point"
+    # Assigned by the node, one higher for every point it ever produced.
+    seq: int = Field(ge=1)
+    at: dt.datetime
+    interval_s: float = Field(gt=0, le=3600)
+    resources: NodeResources
+    models: list[ModelTelemetry] = Field(default_factory=list, max_length=200)
+
+    @property
+    def last_seq(self) -> int:
+        return self.seq
+
+
+class TelemetryGap(WireModel):
+    """Points the node produced but could not keep (its disk budget ran out): said, not silently dropped."""
+
+    kind: Literal["gap"] = "gap"
+    # The first and last sequence numbers lost; every number in between was lost too.
+    seq: int = Field(ge=1)
+    last_seq: int = Field(ge=1)
+    count: int = Field(ge=1)
+    # When the first and the last lost point were taken.
+    start: dt.datetime
+    end: dt.datetime
+    reason: Literal["disk_budget"] = "disk_budget"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelemetryGap:
+        if self.last_seq < self.seq:
+            raise ValueError(f"gap ends at seq {self.last_seq}, before it starts at {self.seq}")
+        if self.count != self.last_seq - self.seq + 1:
+            raise ValueError(f"gap {self.seq}-{self.last_seq} holds {self.last_seq - self.seq + 1} points, "
+                             f"not {self.count}")
+        return self
+
+
+TelemetryItem = Annotated[TelemetryPoint | TelemetryGap, Field(discriminator="kind")]
+
+
+class TelemetryFrame(WireModel):
+    """Node to control plane: items in increasing sequence order."""
+
+    type: Literal["telemetry"] = "telemetry"
+    items: list[TelemetryItem] = Field(min_length=1, max_length=MAX_TELEMETRY_ITEMS)
+
+    @model_validator(mode="after")
+    def _in_order(self) -> TelemetryFrame:
+        last = 0
+        for item in self.items:
+            if item.seq <= last:
+                raise ValueError(f"items must be in increasing seq order: {item.seq} follows {last}")
+            last = item.last_seq
+        return self
+
+
+class TelemetryAck(WireModel):
+    """Control plane to node: every item up to ``seq`` is committed; the node may forget them."""
+
+    type: Literal["telemetry.ack"] = "telemetry.ack"
+    seq: int = Field(ge=0)
+
+
+class StreamError(WireModel):
+    """Control plane to node: the last frame was refused, and why; the stream closes after it."""
+
+    type: Literal["error"] = "error"
+    error: str = Field(max_length=1000)
+
+
+# What the control plane sends down the stream.
+StreamMessage = Annotated[Nudge | TelemetryAck | StreamError, Field(discriminator="type")]

@@ -3,9 +3,15 @@
 Placement rules, in order, for every model deployed (directly or through its
 site) to a node:
 
-1. the newest deployed version of the model wins (by upload time);
-2. the node must meet the version's requirements: the model's classification
-   may not exceed the site's clearance, the node's reported memory must reach
+1. the newest deployed version of the model wins (by upload time); but a
+   rollout that assigned the node a version of the model (see
+   ``orchestrator.rollouts``) wins over deployments made before that
+   assignment: the later decision about a node wins. A rollout that rolls
+   back drops its assignments, so the node falls back to what it had;
+2. the node must meet the version's requirements, as the one placement
+   evaluator (``edge_runtime.policy.placement``) decides under the placement
+   policy in force: the model's classification may not exceed the site's
+   clearance nor break a placement rule, the node's reported memory must reach
    ``min_memory_mb``, its role must be listed (when roles are listed) and it
    must report every required execution provider. A node that does not
    qualify gets nothing for that model, and the reason is reported;
@@ -22,9 +28,10 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from edge_runtime import protocol
+from edge_runtime.policy import placement as placement_policy
 from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, VersionStatus
 from policies.permissions import restrict, site_ids_for
-from sites.models import Clearance, Node
+from sites.models import Node
 
 SMALL_NODE_MEMORY_MB = 4096
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -38,30 +45,34 @@ class Placement:
     version: ModelVersion
     variant: str | None
     reason: str = ""
+    # Where the version comes from: "deployment", or "rollout <uuid>".
+    source: str = "deployment"
 
     @property
     def placed(self) -> bool:
         return self.variant is not None
 
 
-def exclusion_reason(version: ModelVersion, node: Node) -> str:
+def version_facts(version: ModelVersion) -> placement_policy.ModelFacts:
+    return placement_policy.model_facts(
+        version.model.classification, min_memory_mb=version.min_memory_mb, node_roles=version.node_roles or (),
+        required_providers=version.required_providers or ())
+
+
+def placement_decision(version: ModelVersion, node: Node,
+                       policy: placement_policy.PlacementPolicy | None = None) -> placement_policy.Decision:
+    """The placement evaluator's decision for ``version`` on ``node`` (policy: the one in force)."""
+    from policies.selectors import placement_policy_current, site_facts
+
+    if policy is None:
+        policy = placement_policy_current()[1]
+    return placement_policy.place(policy, site_facts(node.site), placement_policy.node_facts(node.role, node.hardware),
+                                  version_facts(version))
+
+
+def exclusion_reason(version: ModelVersion, node: Node, policy: placement_policy.PlacementPolicy | None = None) -> str:
     """Why ``node`` may not run ``version`` ("" when it may)."""
-    hardware = node.hardware or {}
-    classification = version.model.classification
-    if classification > node.site.clearance:
-        return (f"the model is classified {Clearance(classification).label}, above the site's clearance "
-                f"{Clearance(node.site.clearance).label}")
-    memory = int(hardware.get("memory_mb") or 0)
-    if version.min_memory_mb and memory < version.min_memory_mb:
-        reported = f"reports {memory} MB" if memory else "has not reported its memory"
-        return f"needs {version.min_memory_mb} MB of memory; the node {reported}"
-    if version.node_roles and node.role not in version.node_roles:
-        return f"runs only on {', '.join(version.node_roles)} nodes; this node is a {node.role}"
-    providers = hardware.get("execution_providers") or []
-    missing = [p for p in version.required_providers if p not in providers]
-    if missing:
-        return f"needs execution provider {', '.join(missing)}, which the node does not report"
-    return ""
+    return placement_decision(version, node, policy).reason
 
 
 def choose_variant(version: ModelVersion, node: Node, variants: list[ModelVariant]) -> ModelVariant | None:
@@ -78,22 +89,42 @@ def _active_deployments() -> QuerySet[Deployment]:
 
 
 def _plan(node: Node) -> dict[int, Placement]:
-    """Per model id, what ``node`` gets (newest deployed version per model wins)."""
+    """Per model id, what ``node`` gets (newest deployed version per model wins, unless a later rollout
+    assignment does)."""
+    from orchestrator.rollouts.selectors import rollout_assignments
+
     deployments = _active_deployments().filter(Q(node=node) | Q(site_id=node.site_id))
     newest: dict[int, ModelVersion] = {}
+    decided: dict[int, Any] = {}
     for deployment in deployments:
         version = deployment.version
         current = newest.get(version.model_id)
         if current is None or (version.created_at, version.pk) > (current.created_at, current.pk):
             newest[version.model_id] = version
+    for deployment in deployments:
+        if newest[deployment.version.model_id].pk == deployment.version.pk:
+            at = decided.get(deployment.version.model_id)
+            decided[deployment.version.model_id] = max(at, deployment.created_at) if at else deployment.created_at
+    sources: dict[int, str] = {}
+    for model_id, (version, assigned_at, rollout_uuid) in rollout_assignments(node).items():
+        if model_id not in newest or assigned_at >= decided[model_id]:
+            newest[model_id] = version
+            sources[model_id] = f"rollout {rollout_uuid}"
     plan: dict[int, Placement] = {}
+    policy = None
     for model_id, version in newest.items():
-        reason = exclusion_reason(version, node)
+        if policy is None:
+            from policies.selectors import placement_policy_current
+
+            policy = placement_policy_current()[1]
+        source = sources.get(model_id, "deployment")
+        reason = exclusion_reason(version, node, policy)
         if reason:
-            plan[model_id] = Placement(node=node, version=version, variant=None, reason=reason)
+            plan[model_id] = Placement(node=node, version=version, variant=None, reason=reason, source=source)
             continue
         variant = choose_variant(version, node, list(version.variants.all()))
-        plan[model_id] = Placement(node=node, version=version, variant=variant.kind if variant else "original")
+        plan[model_id] = Placement(node=node, version=version, variant=variant.kind if variant else "original",
+                                   source=source)
     return plan
 
 
@@ -141,8 +172,11 @@ def deployment_placement(deployment: Deployment) -> list[Placement]:
         elif deployment.version.status != VersionStatus.VALID:
             placements.append(Placement(node, deployment.version, None, "the version is not valid"))
         elif planned is not None and planned.version.pk != deployment.version.pk:
-            placements.append(Placement(node, deployment.version, None,
-                                        f"version {planned.version.version} of this model is newer and wins"))
+            if planned.source != "deployment":
+                reason = f"{planned.source} assigns version {planned.version.version} of this model"
+            else:
+                reason = f"version {planned.version.version} of this model is newer and wins"
+            placements.append(Placement(node, deployment.version, None, reason))
         elif planned is not None:
             placements.append(planned)
     return placements

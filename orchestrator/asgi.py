@@ -18,7 +18,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up first)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.urls import path, re_path  # noqa: E402
 
 from orchestrator.routing import agent_websocket_urlpatterns, browser_websocket_urlpatterns  # noqa: E402
 
@@ -28,7 +28,10 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter(
             [
                 path("agent/", URLRouter(agent_websocket_urlpatterns)),
-                path("", AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(browser_websocket_urlpatterns)))),
+                # A prefix match: path("") would match the empty path only, since
+                # the origin check around the router hides it from URLRouter.
+                re_path(r"^", AllowedHostsOriginValidator(
+                    AuthMiddlewareStack(URLRouter(browser_websocket_urlpatterns)))),
             ]
         ),
     }

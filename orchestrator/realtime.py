@@ -32,6 +32,22 @@ def broadcast(group: str, event_type: str, payload: dict[str, Any]) -> None:
     transaction.on_commit(send)
 
 
+async def broadcast_committed(group: str, event_type: str, payload: dict[str, Any]) -> None:
+    """:func:`broadcast` for async code whose change has already committed (the telemetry committer).
+
+    Sends at once from the event loop, the same message as :func:`broadcast`;
+    never call it before the commit it reports.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": event_type.replace(".", "_"), "event": event_type, "payload": payload}
+    try:
+        await layer.group_send(group, message)
+    except Exception:  # noqa: BLE001 - a lost notification must never fail the change
+        logger.warning("could not broadcast %s to %s", event_type, group, exc_info=True)
+
+
 def node_group(node_uuid: Any) -> str:
     return f"node-{node_uuid}"
 

@@ -7,10 +7,13 @@ from typing import Any
 
 from django.urls import path
 
-from sites.consumers import NodeStreamConsumer
+from sites.consumers import FleetConsumer, NodeStreamConsumer, SiteConsumer
 
 agent_websocket_urlpatterns: list[Any] = [
     path("v1/nodes/<uuid:node_id>/stream", NodeStreamConsumer.as_asgi()),
 ]
 
-browser_websocket_urlpatterns: list[Any] = []
+browser_websocket_urlpatterns: list[Any] = [
+    path("ws/fleet/", FleetConsumer.as_asgi()),
+    path("ws/sites/<uuid:site_id>/", SiteConsumer.as_asgi()),
+]

@@ -35,11 +35,37 @@ Every variable:
 ``EDGEWISE_MODEL_RECONCILE_INTERVAL``
                                 seconds between runs of that reconciler,
                                 default 60
+``EDGEWISE_ROLLOUT_TICK``       seconds between the ticks that move a rollout
+                                along (node reports, bake, gate), default 5
+``EDGEWISE_ROLLOUT_STALL_AFTER``
+                                seconds a rollout's next tick may be overdue
+                                before the reconciler presumes its worker lost
+                                and ticks it again, default 30
+``EDGEWISE_ROLLOUT_RECONCILE_INTERVAL``
+                                seconds between runs of that reconciler,
+                                default 15
 ``EDGEWISE_SYNC_INTERVAL``      seconds between a node's syncs, default 10
 ``EDGEWISE_NODE_STALE_AFTER``   seconds without a sync before a node is
                                 *stale*, default 3 sync intervals
 ``EDGEWISE_NODE_OFFLINE_AFTER`` seconds without a sync before it is
                                 *offline*, default 12 sync intervals
+``EDGEWISE_TELEMETRY_FINE_RETENTION``
+                                seconds the 10 s telemetry history is kept,
+                                default 21600 (6 hours)
+``EDGEWISE_TELEMETRY_COARSE_RETENTION``
+                                seconds the 5 min telemetry history (and the
+                                record of lost telemetry) is kept, default
+                                2592000 (30 days)
+``EDGEWISE_TELEMETRY_PRUNE_INTERVAL``
+                                seconds between prunes of that history,
+                                default 300
+``EDGEWISE_MAP_TILE_URL``       optional tile server for the fleet map, e.g.
+                                ``https://tile.example.org/{z}/{x}/{y}.png``;
+                                default none: the map draws the bundled
+                                Natural Earth basemap and fetches nothing
+``EDGEWISE_MAP_TILE_ATTRIBUTION``
+                                the attribution those tiles require (HTML
+                                shown on the map), default empty
 ==============================  ===============================================
 """
 
@@ -90,6 +116,7 @@ INSTALLED_APPS = [
     "policies",
     "sites",
     "models_registry",
+    "policies.queries",
 ]
 
 MIDDLEWARE = [
@@ -212,13 +239,39 @@ CELERY_BEAT_SCHEDULE = {
         "task": "models_registry.model_version_reconcile",
         "schedule": env_float("EDGEWISE_MODEL_RECONCILE_INTERVAL", 60.0),
     },
+    "telemetry-prune": {
+        "task": "sites.telemetry_prune",
+        "schedule": env_float("EDGEWISE_TELEMETRY_PRUNE_INTERVAL", 300.0),
+    },
+    "rollout-reconcile": {
+        "task": "orchestrator.rollout_reconcile",
+        "schedule": env_float("EDGEWISE_ROLLOUT_RECONCILE_INTERVAL", 15.0),
+    },
+    "query-expire": {
+        "task": "queries.query_expire",
+        "schedule": env_float("EDGEWISE_QUERY_EXPIRE_INTERVAL", 5.0),
+    },
 }
+ROLLOUT_TICK_S = env_float("EDGEWISE_ROLLOUT_TICK", 5.0)
+ROLLOUT_STALL_AFTER_S = env_float("EDGEWISE_ROLLOUT_STALL_AFTER", 30.0)
+if ROLLOUT_STALL_AFTER_S <= ROLLOUT_TICK_S:
+    raise ConfigError("EDGEWISE_ROLLOUT_STALL_AFTER must be longer than EDGEWISE_ROLLOUT_TICK")
 
 SYNC_INTERVAL_S = env_float("EDGEWISE_SYNC_INTERVAL", 10.0)
 NODE_STALE_AFTER_S = env_float("EDGEWISE_NODE_STALE_AFTER", 3 * SYNC_INTERVAL_S)
 NODE_OFFLINE_AFTER_S = env_float("EDGEWISE_NODE_OFFLINE_AFTER", 12 * SYNC_INTERVAL_S)
 if NODE_OFFLINE_AFTER_S <= NODE_STALE_AFTER_S:
     raise ConfigError("EDGEWISE_NODE_OFFLINE_AFTER must be longer than EDGEWISE_NODE_STALE_AFTER")
+
+TELEMETRY_FINE_RETENTION_S = env_float("EDGEWISE_TELEMETRY_FINE_RETENTION", 6 * 3600.0)
+TELEMETRY_COARSE_RETENTION_S = env_float("EDGEWISE_TELEMETRY_COARSE_RETENTION", 30 * 86400.0)
+if not 0 < TELEMETRY_FINE_RETENTION_S <= TELEMETRY_COARSE_RETENTION_S:
+    raise ConfigError("EDGEWISE_TELEMETRY_FINE_RETENTION must be positive and at most "
+                      "EDGEWISE_TELEMETRY_COARSE_RETENTION")
+MAP_TILE_URL = env_str("EDGEWISE_MAP_TILE_URL")
+if MAP_TILE_URL and not MAP_TILE_URL.startswith(("https://", "http://", "/")):
+    raise ConfigError(f"EDGEWISE_MAP_TILE_URL must be an http(s) URL or a path, not {MAP_TILE_URL!r}")
+MAP_TILE_ATTRIBUTION = env_str("EDGEWISE_MAP_TILE_ATTRIBUTION")
 
 LOGGING = {
     "version": 1,

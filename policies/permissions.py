@@ -3,6 +3,8 @@
 **Roles** are what a person may do: ``Viewer`` (see), ``Operator`` (see and
 operate: tokens, installers, deployments), ``Approver`` (see and approve other
 people's changes), ``Admin`` (everything). Each role is a Django group.
+The ``query`` action (run federated queries against a site) has no
+permission of its own: it comes with ``operate`` (:data:`IMPLIED_BY`).
 
 **Scope** is where: membership of a role's group grants it estate-wide;
 :func:`role_grant` grants it on one region or one site only, as django-guardian
@@ -24,8 +26,11 @@ from guardian.shortcuts import assign_perm, get_objects_for_user, remove_perm
 if TYPE_CHECKING:
     from audit.services import Actor
 
-Action = Literal["view", "operate", "approve", "administer"]
+Action = Literal["view", "operate", "approve", "administer", "query"]
 ACTIONS: tuple[Action, ...] = ("view", "operate", "approve", "administer")
+# Actions granted with another one rather than by a permission of their own: running a federated query
+# against a site comes with operating it (Operator, Admin), per region or site like any grant.
+IMPLIED_BY: dict[Action, Action] = {"query": "operate"}
 
 ROLES: dict[str, tuple[Action, ...]] = {
     "Viewer": ("view",),
@@ -70,6 +75,7 @@ def _region_model() -> type[models.Model]:
 
 def site_ids_for(user: Any, action: Action) -> models.QuerySet[Any] | None:
     """Primary keys of the sites ``user`` may ``action``; None means every site."""
+    action = IMPLIED_BY.get(action, action)
     if not user.is_authenticated or not user.is_active:
         return _site_model().objects.none().values("pk")
     if user.is_superuser or user.has_perm(f"sites.{_codename(action, 'site')}"):

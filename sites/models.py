@@ -161,3 +161,7 @@ class DesiredState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node} @ {self.generation}"
+
+
+# Registered with this app; defined in sites.telemetry.
+from sites.telemetry.models import TelemetryGap, TelemetrySample, TelemetryStream  # noqa: E402, F401

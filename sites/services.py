@@ -240,8 +240,14 @@ def node_revoke(*, actor: Actor, node: Node) -> Node:
 
 
 def desired_state_content(node: Node) -> dict[str, Any]:
-    """Everything in a node's desired state except its generation and time."""
+    """Everything in a node's desired state except its generation and time.
+
+    ``policy`` is the site's signed policy bundle (its facts and the placement
+    policy in force), which the node enforces on its own.
+    """
     from models_registry.selectors import desired_models_for_node
+    from policies.queries.selectors import data_bundle_for_site
+    from policies.selectors import policy_bundle_for_site
 
     site = node.site
     return {
@@ -250,7 +256,8 @@ def desired_state_content(node: Node) -> dict[str, Any]:
         "labels": {str(k): str(v) for k, v in (site.labels or {}).items()},
         "sync_interval_s": settings.SYNC_INTERVAL_S,
         "models": [m.model_dump(mode="json") for m in desired_models_for_node(node)],
-        "policy": {},
+        # "data": the data policy in force at the site and the facts it is evaluated with.
+        "policy": {**policy_bundle_for_site(site), "data": data_bundle_for_site(site)},
     }
 
 
@@ -327,6 +334,10 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
             node.applied_generation = applied
         if previous_status != NodeStatus.ONLINE:
             changes["status"] = (previous_status, NodeStatus.ONLINE)
+        from policies.queries.services import dataset_catalog_report, query_deliveries
+
+        # Before the new actual state is stored: the catalog is written only when the report changed.
+        catalog_changed = dataset_catalog_report(node=node, report=request.actual.detail.get("datasets"), actor=actor)
         node.actual_state = request.actual.model_dump(mode="json")
         node.health = request.health.model_dump(mode="json")
         node.last_seen_at = now
@@ -334,7 +345,7 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         node.status = NodeStatus.ONLINE
         node.save(update_fields=["actual_state", "health", "last_seen_at", "last_seen_ip", "status",
                                  *(f for f in changes if f != "status")])
-        audited = bool(changes or request.refusals)
+        audited = bool(changes or request.refusals or catalog_changed)
         if changes:
             audit_record(
                 actor=actor, action="node.report", obj=node, site_uuid=node.site.uuid,
@@ -354,6 +365,9 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
             # no-op when the content comes out the same).
             desired = desired_state_publish(node=node, actor=Actor.system("sync"))
             audited = True
+        # Marks new ones sent (an event row each): a query delivered is not lost to a commit that was not durable.
+        queries = query_deliveries(node=node)
+        audited |= bool(queries)
         if not audited and connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
@@ -363,6 +377,7 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         generation=desired.generation,
         desired=signed_desired_state(desired) if applied != desired.generation else None,
         sync_interval_s=settings.SYNC_INTERVAL_S,
+        queries=queries,
     )
 
 

@@ -8,3 +8,10 @@ from sites import services
 @shared_task(name="sites.node_liveness_sweep", ignore_result=True)
 def node_liveness_sweep_task() -> int:
     return services.node_liveness_sweep()
+
+
+@shared_task(name="sites.telemetry_prune", ignore_result=True)
+def telemetry_prune_task() -> int:
+    from sites.telemetry.services import telemetry_prune
+
+    return telemetry_prune()

@@ -8,6 +8,8 @@ app_name = "sites"
 
 urlpatterns = [
     path("", views.fleet, name="fleet"),
+    path("map/", views.fleet_map, name="fleet-map"),
+    path("map/sites.json", views.fleet_map_data, name="fleet-map-data"),
     path("sites/<slug:slug>/", views.site_detail, name="site-detail"),
     path("sites/<slug:slug>/tokens", views.token_create, name="token-create"),
     path("sites/<slug:slug>/tokens/<uuid:token_id>/revoke", views.token_revoke, name="token-revoke"),

@@ -33,28 +33,22 @@ an offset. Non-finite floats travel as the JSON constants ``NaN`` and
 
 from __future__ import annotations
 
-import datetime as dt
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
 from edge_runtime.data.catalog import ColumnType
+
+# The request travels in the agent protocol's sync answer, so it is defined there; re-exported here.
+from edge_runtime.protocol import QUERY_ID_PATTERN as QUERY_ID_PATTERN
+from edge_runtime.protocol import QueryRequest as QueryRequest
 from edge_runtime.protocol import WireModel
 
-QUERY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 QueryStatus = Literal["answered", "refused", "error"]
 
 
 class DataWire(WireModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
-
-
-class QueryRequest(DataWire):
-    query_id: str = Field(pattern=QUERY_ID_PATTERN)
-    # The query document (edge_runtime.data.spec.QuerySpec), validated by the node.
-    spec: dict[str, Any]
-    # After this the node does not start (or finish) the query; its answer would be too late.
-    deadline: dt.datetime | None = None
 
 
 class SketchState(DataWire):

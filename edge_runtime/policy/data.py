@@ -32,6 +32,11 @@ named in every refusal so that an operator sees which one spoke:
 
 :class:`SiteFacts` are what the node knows about its site from the control
 plane (connectivity, sovereignty); they can only tighten the policy.
+
+The control plane keeps one :class:`DataPolicyDocument` for the estate: rules
+that select sites as placement rules do, each giving the selected sites'
+:class:`DataPolicy`; :meth:`DataPolicyDocument.for_site` resolves the one in
+force at a site, which is signed into its nodes' desired state.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edge_runtime.policy.placement import RULE_NAME_PATTERN, PolicyDocument, SiteSelector
+from edge_runtime.policy.placement import SiteFacts as PlacementSiteFacts
 
 RuleName = Literal[
     "datasets", "columns", "group_columns", "row_columns", "aggregates", "models", "rows", "rows.site",
@@ -191,3 +199,46 @@ def check_output_size(policy: DataPolicy, *, cells: int, size_bytes: int) -> Dec
         return Decision.refuse("max_output_bytes", f"the result is {size_bytes} bytes; this site lets at most "
                                f"{policy.max_output_bytes} leave")
     return Decision.allow()
+
+
+# -- the estate's data policy document ---------------------------------------------------------------------------
+
+
+class DataPolicyRule(PolicyDocument):
+    """The data policy of the sites ``where`` selects (the first rule that selects a site decides for it)."""
+
+    name: str = Field(pattern=RULE_NAME_PATTERN)
+    description: str = Field(default="", max_length=500)
+    where: SiteSelector = Field(default_factory=SiteSelector)
+    policy: DataPolicy
+
+
+class DataPolicyDocument(PolicyDocument):
+    """The ``data`` policy of the estate, as the control plane keeps it: one :class:`DataPolicy` per site.
+
+    Rules select sites as placement rules do (regions, sites, jurisdictions,
+    labels, clearance); the first rule, in document order, that selects a site
+    gives its policy, and ``default`` applies where none does. The default
+    default lets nothing be queried.
+    """
+
+    kind: Literal["data"] = "data"
+    default: DataPolicy = Field(default_factory=DataPolicy)
+    rules: list[DataPolicyRule] = Field(default_factory=list, max_length=200)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[DataPolicyRule]) -> list[DataPolicyRule]:
+        seen: set[str] = set()
+        for index, rule in enumerate(rules):
+            if rule.name in seen:
+                raise ValueError(f"rules[{index}] \"{rule.name}\": the name is used by an earlier rule")
+            seen.add(rule.name)
+        return rules
+
+    def for_site(self, site: PlacementSiteFacts) -> tuple[str, DataPolicy]:
+        """The name of the rule that decides for ``site`` ("default" when none selects it) and its policy."""
+        for rule in self.rules:
+            if rule.where.matches(site):
+                return rule.name, rule.policy
+        return "default", self.default

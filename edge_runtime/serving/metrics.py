@@ -70,6 +70,17 @@ class Metrics:
             series = self._series[key] = ModelMetrics()
         return series
 
+    def snapshot(self, model: str, version: str) -> tuple[int, int, tuple[float, ...], tuple[int, ...], float] | None:
+        """Read-only copy of one version's (requests, errors, latency bounds, latency counts, latency sum).
+
+        None if that version never served here. Creates no series.
+        """
+        series = self._series.get((model, version))
+        if series is None:
+            return None
+        latency = series.latency
+        return series.requests, series.errors, latency.buckets, tuple(latency.counts), latency.total
+
     def render(self) -> str:
         lines: list[str] = []
         items = sorted(self._series.items())
@@ -110,3 +121,32 @@ class Metrics:
                 lines.append(f"{name}_sum{labels(model, version)} {_number(hist.total)}")
                 lines.append(f"{name}_count{labels(model, version)} {hist.count}")
         return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SeriesReading:
+    """A copy of one model version's figures at one moment (counters since the process started)."""
+
+    model: str
+    version: str
+    requests: int
+    errors: int
+    queue_depth: int
+    batches: int
+    latency_bounds: tuple[float, ...]
+    # Per bucket, not cumulative; the last one is +Inf.
+    latency_counts: tuple[int, ...]
+    batch_size_sum: float
+
+
+def read_series(metrics: Metrics) -> list[SeriesReading]:
+    """Every series' figures now, for the node's telemetry. Reads only: creates and changes nothing."""
+    readings: list[SeriesReading] = []
+    # A copy of the items: the event loop that updates them may be in another thread's hands.
+    for (model, version), m in sorted(list(metrics._series.items())):
+        readings.append(SeriesReading(
+            model=model, version=version, requests=m.requests, errors=m.errors, queue_depth=m.queue_depth,
+            batches=m.batches, latency_bounds=m.latency.buckets, latency_counts=tuple(m.latency.counts),
+            batch_size_sum=m.batch_size.total,
+        ))
+    return readings

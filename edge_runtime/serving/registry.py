@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from edge_runtime.protocol import ModelStatus
-from edge_runtime.serving.batcher import Batcher
+from edge_runtime.serving.batcher import DEFAULT_INLINE_BELOW_MS, Batcher
 from edge_runtime.serving.loader import (
     DEFAULT_PROVIDER_PRIORITY,
     LoadedModel,
@@ -136,10 +136,13 @@ class ModelRegistry:
         required_providers: Sequence[str] = (),
         max_batch_size: int = 8,
         max_queue_delay_ms: float = 0.0,
+        inline_below_ms: float = DEFAULT_INLINE_BELOW_MS,
         retire_others: bool = True,
     ) -> ModelStatus:
         """Load ``path`` as ``name``/``version`` and make it the default; never raises for a bad model.
 
+        Batches that take less than ``inline_below_ms`` run on the event loop
+        (see :mod:`.batcher`; 0 always uses the thread pool).
         With ``retire_others`` the other versions of ``name`` are unloaded once
         the new one serves (after their queued requests finish). Loading a
         version that is loaded from the same sha256 again only makes it the default.
@@ -168,7 +171,7 @@ class ModelRegistry:
                 self._loading -= 1
             metrics = self.metrics.of(name, version)
             batcher = Batcher(model, executor=self.executor, metrics=metrics, max_batch_size=max_batch_size,
-                              max_queue_delay_ms=max_queue_delay_ms)
+                              max_queue_delay_ms=max_queue_delay_ms, inline_below_ms=inline_below_ms)
             batcher.start()
             new = ServedVersion(name=name, version=version, sha256=sha256, variant=variant, model=model,
                                 batcher=batcher, metrics=metrics, max_batch_size=max_batch_size,

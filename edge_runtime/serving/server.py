@@ -73,12 +73,19 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8000, *,
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ServerHandle:
-    """Start serving ``registry`` on the running loop; returns once the port accepts connections."""
-    app = OIPApp(registry, max_body_bytes=max_body_bytes)
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, app: OIPApp | None = None) -> ServerHandle:
+    """Start serving ``registry`` on the running loop; returns once the port accepts connections.
+
+    ``app`` serves instead of a plain :class:`OIPApp` of ``registry`` (a
+    subclass with extra routes, say); ``max_body_bytes`` is then the app's own.
+    """
+    if app is None:
+        app = OIPApp(registry, max_body_bytes=max_body_bytes)
     sock = bind(host, port)
+    # No proxy-headers middleware: clients reach the node directly, and it
+    # would cost every request a header scan for X-Forwarded-For.
     config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", http="httptools",
-                            timeout_keep_alive=30, server_header=False)
+                            timeout_keep_alive=30, server_header=False, proxy_headers=False)
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="model-server")
     deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S

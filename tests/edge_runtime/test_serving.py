@@ -24,6 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[om.ServerUnderT
     assert srv.load("gather", "1", om.gather(models / "gather.onnx"), max_queue_delay_ms=300).state == "serving"
     assert srv.load("strings", "1", om.strings(models / "strings.onnx")).state == "serving"
     assert srv.load("fixed", "1", om.fixed_batch(models / "fixed.onnx")).state == "serving"
+    assert srv.load("add", "1", om.add_constant(models / "add.onnx", 0.5)).state == "serving"
     yield srv
     srv.close()
 
@@ -76,6 +77,26 @@ def test_it_accepts_flat_json_data(client: httpx.Client) -> None:
     request = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": X.ravel().tolist()}]}
     body = client.post("/v2/models/mlp/infer", json=request).json()
     np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, 3), om.mlp_expected(X), rtol=1e-5)
+
+
+def test_it_keeps_nan_and_infinity_that_python_clients_send_and_read(client: httpx.Client) -> None:
+    # Python's json writes these non-standard literals, and reads them back.
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [float("nan"), float("inf"), float("-inf"), 1.0]}]})
+    response = client.post("/v2/models/add/infer", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert b"NaN" in response.content and b"-Infinity" in response.content
+    data = json.loads(response.content)["outputs"][0]["data"]
+    assert np.isnan(data[0]) and data[1:] == [float("inf"), float("-inf"), 1.5]
+
+
+def test_it_writes_float32_outputs_in_their_shortest_exact_form(client: httpx.Client) -> None:
+    x = np.array([[0.1, 0.2, 1 / 3, 7.0]], dtype=np.float32)
+    response = client.post("/v2/models/add/infer", json=mlp_request(x))
+    data = response.json()["outputs"][0]["data"]
+    # Each number reads back as exactly the float32 the model returned.
+    np.testing.assert_array_equal(np.array(data, dtype=np.float32), (x + np.float32(0.5)).ravel())
+    assert b"0.6," in response.content
 
 
 def binary_request(tensors: list[tuple[str, np.ndarray, str]], **extra: object) -> tuple[bytes, dict[str, str]]:

@@ -17,8 +17,8 @@ from tests.edge_runtime import onnx_models as om
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[om.ServerUnderTest]:
     models = tmp_path_factory.mktemp("models")
     srv = om.ServerUnderTest()
-    # A CNN slow enough (a few ms a call) that requests pile up while it runs.
-    srv.load("cnn", "1", om.cnn(models / "cnn.onnx", size=64, filters=32), max_batch_size=16)
+    # A CNN run in the thread pool: requests pile up while a batch runs there.
+    srv.load("cnn", "1", om.cnn(models / "cnn.onnx", size=64, filters=32), max_batch_size=16, inline_below_ms=0)
     srv.load("mlp", "1", om.mlp(models / "mlp.onnx"), max_batch_size=8)
     srv.load("waits", "1", om.mlp(models / "waits.onnx"), max_batch_size=8, max_queue_delay_ms=300)
     yield srv
@@ -57,6 +57,27 @@ def test_it_batches_concurrent_requests_and_gives_each_its_own_rows(server: om.S
     assert requests == 96
     assert batches < 96, "no two requests were ever run together"
     assert singles < batches, "every batch held one request"
+
+
+def test_it_batches_concurrent_requests_to_a_model_it_runs_on_the_loop(server: om.ServerUnderTest) -> None:
+    assert server.registry.get("mlp").batcher.runs_inline
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(size=(1, 4)).astype(np.float32) for _ in range(160)]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    before = server.metric(metrics, "edgewise_inference_batch_size_count", model="mlp", version="1")
+    clients = [httpx.Client(base_url=server.url, timeout=60) for _ in range(16)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            outputs = list(pool.map(lambda i: infer(clients[i % 16], "mlp", inputs[i]), range(160)))
+    finally:
+        for c in clients:
+            c.close()
+    for x, y in zip(inputs, outputs, strict=True):
+        # Stacked rows go through another matmul kernel: rounding differs in the last bits.
+        np.testing.assert_allclose(y, om.mlp_expected(x), rtol=1e-5, atol=1e-5)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    batches = server.metric(metrics, "edgewise_inference_batch_size_count", model="mlp", version="1") - before
+    assert batches < 160, "no two requests that arrived together were run together"
 
 
 def test_it_runs_a_lone_request_at_once(server: om.ServerUnderTest) -> None:

@@ -1,0 +1,146 @@
+"""Reads of rollouts: what rollouts assign to a node, the lists a user may see, progress."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from typing import Any
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from models_registry.models import ModelVersion, VersionStatus
+from orchestrator.models import (
+    ASSIGNED_NODE_STATES,
+    NodeState,
+    Rollout,
+    RolloutNode,
+    RolloutState,
+)
+from policies.permissions import site_ids_for, user_can
+from sites.liveness import node_status
+from sites.models import Node, NodeStatus
+
+UNREACHABLE = (NodeStatus.PENDING, NodeStatus.STALE, NodeStatus.OFFLINE, NodeStatus.REVOKED)
+
+
+def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, Any]]:
+    """Per model id, the version the latest rollout assigned to ``node``: (version, assigned at, rollout uuid).
+
+    A node carries a rollout's version while it is being updated, serves it,
+    or reported it failed (until the rollback takes it off); a rollout that
+    rolled back or was rejected assigns nothing.
+    """
+    # Two steps on purpose: this runs for every node whose desired state is published, and most
+    # nodes have no assignment, which the (node, state) index answers without touching any other table.
+    rows = list(RolloutNode.objects.filter(node_id=node.pk, state__in=ASSIGNED_NODE_STATES,
+                                           assigned_at__isnull=False)
+                .order_by("assigned_at", "pk").values_list("rollout_id", "assigned_at"))
+    if not rows:
+        return {}
+    rollouts = {r.pk: r for r in Rollout.objects.filter(pk__in=[r for r, _ in rows],
+                                                         version__status=VersionStatus.VALID)
+                .exclude(state__in=[RolloutState.FAILED, RolloutState.ABORTED, RolloutState.REJECTED])
+                .select_related("version__model").prefetch_related("version__variants")}
+    assigned: dict[int, tuple[ModelVersion, dt.datetime, Any]] = {}
+    for rollout_id, assigned_at in rows:
+        rollout = rollouts.get(rollout_id)
+        if rollout is not None:
+            assigned[rollout.version.model_id] = (rollout.version, assigned_at, rollout.uuid)
+    return assigned
+
+
+def unreachable(node: Node, now: dt.datetime | None = None) -> bool:
+    return unreachable_at(node.last_seen_at, node.revoked_at, now or timezone.now())
+
+
+def unreachable_at(last_seen_at: dt.datetime | None, revoked_at: dt.datetime | None, now: dt.datetime) -> bool:
+    return node_status(last_seen_at=last_seen_at, revoked=revoked_at is not None, now=now) in UNREACHABLE
+
+
+def offline_share(rollout: Rollout, now: dt.datetime) -> tuple[int, int]:
+    """(unreachable, total) among the rollout's nodes that were not skipped: one narrow query."""
+    seen = rollout.nodes.exclude(state=NodeState.SKIPPED).values_list("node__last_seen_at", "node__revoked_at")
+    flags = [unreachable_at(last, revoked, now) for last, revoked in seen]
+    return sum(flags), len(flags)
+
+
+def rollout_list(*, user: Any, state: str | None = None) -> QuerySet[Rollout]:
+    """Rollouts ``user`` may see: those touching at least one site they may view."""
+    rollouts = Rollout.objects.select_related("version__model", "requested_by").order_by("-created_at")
+    if state:
+        rollouts = rollouts.filter(state=state)
+    ids = site_ids_for(user, "view")
+    if ids is None:
+        return rollouts
+    return rollouts.filter(sites__in=ids).distinct()
+
+
+def rollout_get(*, user: Any, rollout_uuid: Any) -> Rollout | None:
+    return rollout_list(user=user).filter(uuid=rollout_uuid).first()
+
+
+def rollout_sites(rollout: Rollout) -> list[Any]:
+    return list(rollout.sites.select_related("region").order_by("name"))
+
+
+def user_may(user: Any, action: str, rollout: Rollout) -> bool:
+    """``action`` ("operate", "approve", "administer") on every site the rollout touches."""
+    sites = rollout_sites(rollout)
+    return bool(sites) and all(user_can(user, action, site) for site in sites)  # type: ignore[arg-type]
+
+
+def approval_role_held(user: Any, role: str, rollout: Rollout) -> bool:
+    """Does ``user`` hold ``role`` for every site of ``rollout``? Admin: administer; Approver: approve."""
+    if not user.is_authenticated or not user.is_active:
+        return False
+    if role == "Admin":
+        return user.is_superuser or user.groups.filter(name="Admin").exists() or user_may(user, "administer", rollout)
+    return user_may(user, "approve", rollout)
+
+
+def approval_inbox(*, user: Any) -> list[Rollout]:
+    """Rollouts waiting for approvals that ``user`` may give (never their own)."""
+    waiting = rollout_list(user=user, state=RolloutState.PENDING_APPROVAL).exclude(requested_by=user)
+    return [r for r in waiting if approval_role_held(user, r.approval_role or "Approver", r)]
+
+
+def rollout_progress(rollout: Rollout) -> dict[str, Any]:
+    """Counts of node states and the share of planned nodes that finished their part."""
+    counts = Counter(rollout.nodes.values_list("state", flat=True))
+    total = sum(counts.values())
+    done = counts[NodeState.UPDATED] + counts[NodeState.SKIPPED]
+    if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.FAILED, RolloutState.ABORTED):
+        done = counts[NodeState.ROLLED_BACK]
+        touched = done + counts[NodeState.ROLLING_BACK]
+        percent = round(100 * done / touched) if touched else 100
+    else:
+        percent = round(100 * done / total) if total else 0
+    return {"total": total, "counts": {state: counts.get(state, 0) for state in NodeState.values},
+            "percent": percent, "excluded": len(rollout.plan.get("excluded") or [])}
+
+
+def rollout_waves(rollout: Rollout) -> list[dict[str, Any]]:
+    """Per wave: its nodes with their state and what they report, for the rollout page."""
+    rows = list(rollout.nodes.select_related("node__site").order_by("wave", "position"))
+    now = timezone.now()
+    waves: list[dict[str, Any]] = []
+    for index, _ in enumerate(rollout.waves):
+        members = [r for r in rows if r.wave == index]
+        waves.append({
+            "index": index,
+            "label": "canary" if index == 0 else f"wave {index}",
+            "current": index == rollout.current_wave and rollout.state in (RolloutState.PROGRESSING,
+                                                                            RolloutState.PAUSED),
+            "nodes": [{"row": r, "status": node_status(last_seen_at=r.node.last_seen_at,
+                                                       revoked=r.node.revoked_at is not None, now=now),
+                       "reported": _reported(r.node, rollout.version.model.slug)} for r in members],
+        })
+    return waves
+
+
+def _reported(node: Node, model: str) -> dict[str, Any] | None:
+    for status in (node.actual_state or {}).get("models") or []:
+        if isinstance(status, dict) and status.get("name") == model:
+            return status
+    return None

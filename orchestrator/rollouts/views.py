@@ -1,0 +1,220 @@
+"""The rollouts console and the approvals inbox: thin views over selectors and services.
+
+Permissions: a rollout is visible to whoever may view at least one site it
+touches (404 otherwise); starting, pausing, resuming, promoting, changing and
+aborting need ``operate`` on every site it touches (403); creating one needs
+``operate`` on every site of its target (an estate-wide target needs the
+estate-wide role); deciding needs the role its approval rules name on every
+site, and is refused to the requester. The rollout page polls its live panel
+(``rollout-live``) while the rollout is open, so it updates without a reload.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseClientRedirect
+
+from audit.services import Actor
+from orchestrator.models import TERMINAL_STATES, Rollout, RolloutState
+from orchestrator.rollouts import selectors, services
+from orchestrator.rollouts.forms import RolloutForm
+from policies.permissions import restrict, site_ids_for, user_can
+from policies.selectors import approvals_for, rollout_policy_current
+from sites.models import Region, Site
+
+ACTIONS = {
+    "start": services.rollout_start,
+    "pause": services.rollout_pause,
+    "resume": services.rollout_resume,
+    "promote": services.rollout_promote,
+    "abort": services.rollout_abort,
+}
+
+
+def _partial(request: HttpRequest) -> bool:
+    htmx = getattr(request, "htmx", None)
+    return bool(htmx) and not htmx.boosted and not htmx.history_restore_request
+
+
+def _render(request: HttpRequest, template: str, partial: str, context: dict[str, Any],
+            status: int = 200) -> HttpResponse:
+    response = render(request, f"{template}#{partial}" if _partial(request) else template, context, status=status)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+def _rollout_for(request: HttpRequest, rollout_id: uuid.UUID) -> Rollout:
+    rollout = selectors.rollout_get(user=request.user, rollout_uuid=rollout_id)
+    if rollout is None:
+        raise Http404("no such rollout")
+    return rollout
+
+
+def _detail_url(rollout: Rollout) -> str:
+    return reverse("orchestrator:rollout-detail", args=[rollout.uuid])
+
+
+def _done(request: HttpRequest, rollout: Rollout) -> HttpResponseBase:
+    if _partial(request):
+        return HttpResponseClientRedirect(_detail_url(rollout))
+    return redirect(_detail_url(rollout))
+
+
+@login_required
+@require_GET
+def rollout_list(request: HttpRequest) -> HttpResponse:
+    rollouts = list(selectors.rollout_list(user=request.user)[:200])
+    rows = [{"rollout": r, "progress": selectors.rollout_progress(r)} for r in rollouts]
+    context = {"rows": rows, "can_create": site_ids_for(request.user, "operate") is None
+               or bool(site_ids_for(request.user, "operate").exists()),  # type: ignore[union-attr]
+               "live": any(r.state not in TERMINAL_STATES for r in rollouts)}
+    return _render(request, "orchestrator/rollout_list.html", "rollout-table", context)
+
+
+def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
+    sites = restrict(Site.objects.select_related("region").order_by("name"), request.user, "operate")
+    regions = restrict(Region.objects.order_by("slug"), request.user, "operate")
+    return RolloutForm(data, defaults=rollout_policy_current()[1].defaults,
+                       regions=list(regions.values_list("slug", flat=True)),
+                       sites=[(s.slug, f"{s.name} ({s.region.slug})") for s in sites])
+
+
+def _check_target(request: HttpRequest, target: dict[str, Any]) -> None:
+    if not target["regions"] and not target["sites"]:
+        if site_ids_for(request.user, "operate") is not None:
+            raise PermissionDenied("an estate-wide rollout needs the estate-wide Operator role")
+        return
+    sites = Site.objects.filter(slug__in=target["sites"]) | Site.objects.filter(region__slug__in=target["regions"])
+    for site in sites.distinct():
+        if not user_can(request.user, "operate", site):
+            raise PermissionDenied(f"you may not operate site {site.slug}")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def rollout_create(request: HttpRequest) -> HttpResponseBase:
+    ids = site_ids_for(request.user, "operate")
+    if ids is not None and not ids.exists():
+        raise PermissionDenied("creating a rollout needs the Operator role somewhere")
+    form = _form(request, request.POST or None)
+    status = 200
+    if request.method == "POST":
+        status = 422
+        if form.is_valid():
+            target = form.target()
+            _check_target(request, target)
+            try:
+                rollout = services.rollout_create(actor=Actor.from_request(request), user=request.user,
+                                                  version=form.cleaned_data["version"], target=target,
+                                                  strategy=form.strategy())
+            except services.RolloutError as exc:
+                field = exc.field if exc.field in form.fields else None
+                form.add_error(field, exc.message)
+            else:
+                return redirect(_detail_url(rollout))
+    return render(request, "orchestrator/rollout_form.html", {"form": form}, status=status)
+
+
+def _detail_context(request: HttpRequest, rollout: Rollout, **extra: Any) -> dict[str, Any]:
+    user = request.user
+    can_operate = selectors.user_may(user, "operate", rollout)
+    decidable = (rollout.state == RolloutState.PENDING_APPROVAL and rollout.requested_by_id != user.pk
+                 and selectors.approval_role_held(user, rollout.approval_role or "Approver", rollout))
+    decisions = list(approvals_for("rollout", rollout.uuid))
+    context = {
+        "rollout": rollout,
+        "progress": selectors.rollout_progress(rollout),
+        "waves": selectors.rollout_waves(rollout),
+        "events": list(rollout.events.select_related("node").order_by("-at", "-pk")[:200]),
+        "decisions": [{"approval": a, "current": a.plan_hash == rollout.plan_hash} for a in decisions],
+        "sites": selectors.rollout_sites(rollout),
+        "can_operate": can_operate,
+        "can_decide": decidable,
+        "live": rollout.state not in TERMINAL_STATES,
+        "actions": _actions(rollout) if can_operate else [],
+        "error": "",
+    }
+    context.update(extra)
+    return context
+
+
+def _actions(rollout: Rollout) -> list[str]:
+    state = rollout.state
+    actions = []
+    if state == RolloutState.READY:
+        actions.append("start")
+    if state == RolloutState.PROGRESSING:
+        actions.append("pause")
+    if state == RolloutState.PAUSED:
+        actions.append("resume")
+    if state in (RolloutState.PROGRESSING, RolloutState.PAUSED) and rollout.wave_phase != "starting":
+        actions.append("promote")
+    if state not in TERMINAL_STATES:
+        actions.append("abort")
+    return actions
+
+
+@login_required
+@require_GET
+def rollout_detail(request: HttpRequest, rollout_id: uuid.UUID) -> HttpResponse:
+    rollout = _rollout_for(request, rollout_id)
+    return _render(request, "orchestrator/rollout_detail.html", "rollout-live", _detail_context(request, rollout))
+
+
+@login_required
+@require_POST
+def rollout_action(request: HttpRequest, rollout_id: uuid.UUID, action: str) -> HttpResponseBase:
+    rollout = _rollout_for(request, rollout_id)
+    service = ACTIONS.get(action)
+    if service is None:
+        raise Http404("no such action")
+    if not selectors.user_may(request.user, "operate", rollout):
+        raise PermissionDenied("you may see this rollout but not operate every site it touches")
+    try:
+        service(actor=Actor.from_request(request), rollout=rollout)
+    except services.RolloutError as exc:
+        return _render(request, "orchestrator/rollout_detail.html", "rollout-live",
+                       _detail_context(request, rollout, error=exc.message), status=422)
+    return _done(request, rollout)
+
+
+@login_required
+@require_POST
+def rollout_decide(request: HttpRequest, rollout_id: uuid.UUID, decision: str) -> HttpResponseBase:
+    rollout = _rollout_for(request, rollout_id)
+    if decision not in ("approve", "reject"):
+        raise Http404("no such decision")
+    decide = services.rollout_approve if decision == "approve" else services.rollout_reject
+    try:
+        decide(actor=Actor.from_request(request), user=request.user, rollout=rollout,
+               plan_hash=request.POST.get("plan_hash", ""), comment=request.POST.get("comment", "")[:500])
+    except services.RolloutError as exc:
+        if exc.status == 403:
+            raise PermissionDenied(exc.message) from exc
+        return _render(request, "orchestrator/rollout_detail.html", "rollout-live",
+                       _detail_context(request, rollout, error=exc.message), status=422)
+    return _done(request, rollout)
+
+
+@login_required
+@require_GET
+def approval_list(request: HttpRequest) -> HttpResponse:
+    from policies.models import Approval
+
+    visible = selectors.rollout_list(user=request.user).values("uuid")
+    history = Approval.objects.filter(subject_type="rollout", subject_uuid__in=visible).select_related("user")[:100]
+    rollouts = {r.uuid: r for r in Rollout.objects.filter(uuid__in=[a.subject_uuid for a in history])
+                .select_related("version__model")}
+    return render(request, "orchestrator/approval_list.html", {
+        "inbox": selectors.approval_inbox(user=request.user),
+        "history": [{"approval": a, "rollout": rollouts.get(a.subject_uuid)} for a in history],
+    })

@@ -1,0 +1,147 @@
+"""Reads of the catalog, of queries, and of the data policy in force at a site."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import QuerySet
+
+from edge_runtime.policy.data import DataPolicy, DataPolicyDocument
+from policies.permissions import restrict, site_ids_for
+from policies.queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
+from policies.selectors import policy_version_current, site_facts
+from sites.models import Clearance, Site
+
+DATA_KIND = "data"
+# A site labelled so (or cleared Secret) is sovereign: no row-level output ever leaves it, whatever the policy.
+SOVEREIGN_LABEL = "sovereign"
+
+
+# -- the data policy ----------------------------------------------------------------------------------------------
+
+
+def data_policy_current() -> tuple[int, DataPolicyDocument]:
+    """(version number, document) of the data policy in force; (0, the default that allows nothing) before the
+    first version is written."""
+    current = policy_version_current(DATA_KIND)
+    if current is None:
+        return 0, DataPolicyDocument()
+    return current.number, DataPolicyDocument.model_validate(current.document)
+
+
+def site_is_sovereign(site: Site) -> bool:
+    label = str((site.labels or {}).get(SOVEREIGN_LABEL, "")).strip().lower()
+    return label in {"true", "yes", "1"} or site.clearance >= Clearance.SECRET
+
+
+def data_policy_for_site(site: Site) -> tuple[int, str, DataPolicy]:
+    """(version, the rule that decides, the policy) of the data policy in force at ``site``."""
+    number, document = data_policy_current()
+    rule, policy = document.for_site(site_facts(site))
+    return number, rule, policy
+
+
+def data_bundle_for_site(site: Site) -> dict[str, Any]:
+    """The ``data`` part of a node's signed policy bundle (read by ``edge_runtime.queries``)."""
+    number, rule, policy = data_policy_for_site(site)
+    return {
+        "version": number,
+        "rule": rule,
+        "policy": policy.model_dump(mode="json"),
+        "facts": {"connectivity": site.connectivity, "sovereign": site_is_sovereign(site),
+                  "jurisdiction": site.jurisdiction or ""},
+    }
+
+
+# -- the catalog --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CatalogEntry:
+    """One dataset across the sites a person may query: where it is and the columns it has there."""
+
+    name: str
+    sites: list[str] = field(default_factory=list)
+    rows: int = 0
+    # Column name -> logical type; a column whose type differs between sites is "mixed" (usable nowhere).
+    columns: dict[str, str] = field(default_factory=dict)
+    time_column: str | None = None
+    description: str = ""
+
+    @property
+    def column_list(self) -> list[tuple[str, str]]:
+        return sorted(self.columns.items())
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        return sorted(c for c, t in self.columns.items() if t in ("int", "float", "bool"))
+
+    @property
+    def timestamp_columns(self) -> list[str]:
+        return sorted(c for c, t in self.columns.items() if t == "timestamp")
+
+
+def queryable_sites(user: Any) -> QuerySet[Site]:
+    return restrict(Site.objects.select_related("region"), user, "query")
+
+
+def may_query_somewhere(user: Any) -> bool:
+    if not user.is_authenticated:
+        return False
+    ids = site_ids_for(user, "query")
+    return ids is None or ids.exists()
+
+
+def catalog_for_user(user: Any) -> dict[str, CatalogEntry]:
+    """The datasets reported by active nodes at the sites ``user`` may query, by name."""
+    site_ids = queryable_sites(user).values("pk")
+    rows = (DatasetSchema.objects.filter(node__site__in=site_ids, node__revoked_at__isnull=True, error="")
+            .select_related("node__site").order_by("name", "node__site__slug"))
+    catalog: dict[str, CatalogEntry] = {}
+    for row in rows:
+        entry = catalog.setdefault(row.name, CatalogEntry(name=row.name))
+        slug = row.node.site.slug
+        if slug not in entry.sites:
+            entry.sites.append(slug)
+            entry.rows += row.row_count
+        for column in row.columns:
+            seen = entry.columns.get(column["name"])
+            entry.columns[column["name"]] = column["type"] if seen in (None, column["type"]) else "mixed"
+        entry.time_column = entry.time_column or row.schema.get("time_column")
+        entry.description = entry.description or row.schema.get("description") or ""
+    return catalog
+
+
+def catalog_for_node(node: Any) -> QuerySet[DatasetSchema]:
+    return DatasetSchema.objects.filter(node=node).order_by("name")
+
+
+# -- queries ------------------------------------------------------------------------------------------------------
+
+
+def _sees_every_query(user: Any) -> bool:
+    return bool(user.is_authenticated and (user.is_superuser or user.has_perm("sites.administer_site")))
+
+
+def query_list(*, user: Any) -> QuerySet[FederatedQuery]:
+    """The queries ``user`` made (every query for an estate-wide administrator)."""
+    queries = FederatedQuery.objects.select_related("created_by").order_by("-created_at")
+    if _sees_every_query(user):
+        return queries
+    if not user.is_authenticated:
+        return queries.none()
+    return queries.filter(created_by=user)
+
+
+def query_get(*, user: Any, query_uuid: uuid.UUID | str) -> FederatedQuery | None:
+    return query_list(user=user).filter(uuid=query_uuid).first()
+
+
+def query_sites(query: FederatedQuery) -> list[QuerySite]:
+    return list(QuerySite.objects.filter(query=query).select_related("site__region", "node").order_by("site__name"))
+
+
+def query_events(query: FederatedQuery) -> QuerySet[QueryEvent]:
+    return QueryEvent.objects.filter(query=query).select_related("site").order_by("at", "pk")

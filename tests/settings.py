@@ -24,3 +24,5 @@ os.environ.setdefault("EDGEWISE_NODE_OFFLINE_AFTER", "8")
 os.environ.setdefault("EDGEWISE_DB_POOL_SIZE", "0")
 
 from orchestrator.settings import *  # noqa: E402,F403
+
+MIDDLEWARE = [*MIDDLEWARE, "tests.middleware.clear_content_type_cache"]  # noqa: F405

@@ -98,3 +98,18 @@ def pandas_reference(frames: list[pd.DataFrame]) -> pd.DataFrame:
         "std_temperature": grouped["temperature"].std(), "sum_parts": grouped["parts"].sum(),
         "min_temperature": grouped["temperature"].min(), "max_temperature": grouped["temperature"].max(),
     }).reset_index()
+
+
+def answer_locally(query: FederatedQuery, nodes: dict[str, tuple[Any, Path, list[dict[str, Any]]]]) -> None:
+    """Answer ``query`` at each site as its node would (the real engine over the real files), then record it."""
+    from edge_runtime.data.engine import run_query
+    from edge_runtime.policy.data import SiteFacts
+    from policies.queries.selectors import data_policy_for_site
+    from policies.queries.services import query_result_record
+
+    for row in query.sites.select_related("site", "node"):
+        node, folder, entries = nodes[row.site.slug]
+        _, _, policy = data_policy_for_site(row.site)
+        result = run_query(query.spec, catalog=Catalog.from_config({"datasets": entries}, base_dir=folder),
+                           policy=policy, site_facts=SiteFacts(site=row.site.slug), query_id=str(query.uuid))
+        query_result_record(node=node, query_id=str(query.uuid), result=result, actor=Actor.node(node))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from django.contrib.contenttypes.models import ContentType
 from django.http import HttpRequest, HttpResponse
 
-
 Handler = Callable[[HttpRequest], HttpResponse]
 
 

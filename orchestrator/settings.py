@@ -202,7 +202,16 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("EDGEWISE_CHANNEL_PREFIX", "edgewise")},
+            "CONFIG": {
+                # Each process waits for its messages with a blocking pop of up
+                # to 5 s (channels_redis's brpop_timeout). redis-py's default
+                # socket timeout is also 5 s, so an idle wait could time out
+                # on the socket instead of returning empty, and the consumer
+                # that happened to be waiting died with "Timeout reading". The
+                # socket timeout must stay above the pop's.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "prefix": env_str("EDGEWISE_CHANNEL_PREFIX", "edgewise"),
+            },
         }
     }
     CELERY_BROKER_URL = REDIS_URL

@@ -60,7 +60,27 @@ def _authenticate(credential: str) -> Node | None:
     return services.node_authenticate(credential)
 
 
-class NodeStreamConsumer(AsyncJsonWebsocketConsumer):
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """A websocket consumer whose messages do not each wait for the process's database thread.
+
+    Channels closes stale database connections before handling every message
+    (``aclose_old_connections``) by running that on the one thread all
+    ``database_sync_to_async`` calls of the process share. A node stream
+    receives a frame a second and a browser a message per broadcast, so each
+    of those queued behind whatever database work the process was doing.
+    These consumers touch the database only through ``database_sync_to_async``
+    (and the committer's thread), which closes stale connections itself
+    before and after each call, so the hop per message guards nothing here.
+    """
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
+
+class NodeStreamConsumer(LiveConsumer):
     group: str | None = None
     node: Node | None = None
 
@@ -127,7 +147,7 @@ def _visible_sites(user_id: int) -> set[str] | None:
     return {str(u) for u in restrict(Site.objects.all(), user).values_list("uuid", flat=True)}
 
 
-class BrowserConsumer(AsyncJsonWebsocketConsumer):
+class BrowserConsumer(LiveConsumer):
     """Session-authenticated live surface; keeps the user's visible sites fresh within PERMISSION_TTL_S."""
 
     groups_joined: tuple[str, ...] = ()

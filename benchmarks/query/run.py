@@ -21,6 +21,12 @@ Measured in one run, on the same files, and reported as ratios:
    from the spec leaving to the merged result; its baseline is DuckDB over
    the union of all the sites' files in the same run. The merged result is
    checked against DuckDB's (groups with at least k rows at every site).
+3. **end to end** (:mod:`benchmarks.query.e2e`): one query across ``--e2e-sites``
+   simulated sites (default 50) through the real control plane (its own
+   database and uvicorn), from ``query_create`` to ``complete``; the
+   simulated nodes speak the real protocol (enroll, sync, stream nudges,
+   ``run_query``, posted answers). Its baseline is the plain sync round trip
+   of the same nodes in the same run. ``--e2e-sites 0`` skips it.
 
 Usage::
 
@@ -257,11 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-rows", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="sites answering at once")
+    parser.add_argument("--e2e-sites", type=int, default=50, help="simulated sites of the end-to-end run (0: skip)")
+    parser.add_argument("--e2e-site-rows", type=int, default=2000)
+    parser.add_argument("--e2e-repeat", type=int, default=5)
+    parser.add_argument("--e2e-workers", type=int, default=2, help="uvicorn workers of the control plane")
     parser.add_argument("--output", default="")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="edgewise-bench-query-"))
     report: dict[str, Any] = {"benchmark": "query", "machine": machine(), "spec": SPEC, "node": [],
-                              "federation": None}
+                              "federation": None, "end_to_end": None}
     try:
         for rows in args.rows:
             figures = node_benchmark(folder, rows, args.repeat)
@@ -275,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
                   f"{fed['end_to_end_s']:.3f}s (sites {fed['sites_answer_s']:.3f}s, merge {fed['merge_s']:.3f}s); "
                   f"duckdb central {fed['duckdb_central_s']:.3f}s; ratio {fed['end_to_end_over_duckdb_central']:.2f}",
                   flush=True)
+        if args.e2e_sites > 0:
+            from benchmarks.query.e2e import end_to_end_benchmark
+
+            e2e = end_to_end_benchmark(sites=args.e2e_sites, site_rows=args.e2e_site_rows, repeat=args.e2e_repeat,
+                                       workers=args.e2e_workers)
+            report["end_to_end"] = e2e
+            print(f"end to end {e2e['sites']} sites through the control plane: {e2e['end_to_end_s']:.3f}s "
+                  f"(last site received {e2e['last_site_received_s']:.3f}s, answered "
+                  f"{e2e['last_site_answered_s']:.3f}s); sync round trip {e2e['baseline_sync_round_trip_s']:.4f}s; "
+                  f"ratio {e2e['end_to_end_over_sync_round_trip']:.1f}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -282,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         **{f"engine_over_duckdb_{f['rows']}": f["engine_over_duckdb"] for f in report["node"]},
         **({"federation_end_to_end_over_duckdb_central": report["federation"]["end_to_end_over_duckdb_central"]}
            if report["federation"] else {}),
+        **({"end_to_end_over_sync_round_trip": report["end_to_end"]["end_to_end_over_sync_round_trip"]}
+           if report["end_to_end"] else {}),
     }
     path = write_report("query", report, args.output)
     print(f"report: {path}")

@@ -19,8 +19,10 @@ Phases, against a control plane of its own (``benchmarks.harness``):
    resources and one model) ``--rate`` times a second, and ``--operators``
    browser sockets (``/ws/fleet/``, session cookie, Origin) that receive the
    fleet's ``confirmed`` messages. Latency is from a node's send to each
-   operator socket's receipt of that node's sequence number; ``ack`` latency
-   is to the node's acknowledgement (after commit).
+   operator socket's receipt of a confirmation of that node at or past its
+   sequence number (a confirmation is the node's high-water mark, and the
+   control plane merges those of a short interval); ``ack`` latency is to the
+   node's acknowledgement (after commit).
 
 Each measured phase has a warm-up and a window; only messages sent inside
 the window count. ``server cpu`` is cores used by all uvicorn processes
@@ -249,6 +251,9 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
             ack_latencies.append(time.monotonic() - t)
 
     async def listen(o: int, ws: Any) -> None:
+        # A confirmation carries the node's high-water mark: seq k confirms every message up to k. The
+        # control plane merges the confirmations of one interval, so a node's k-1 and k may arrive as k.
+        confirmed: dict[str, int] = {}
         async for raw in ws:
             now = time.monotonic()
             message = json.loads(raw)
@@ -256,10 +261,14 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
                 continue
             for site in message["sites"].values():
                 for node_id, info in site["nodes"].items():
-                    key = (node_id, info["seq"])
-                    if key in measured:
-                        op_latencies.append(now - sent_at[key])
-                        received[o] += 1
+                    before = confirmed.get(node_id, 0)
+                    if info["seq"] <= before:
+                        continue
+                    confirmed[node_id] = info["seq"]
+                    for seq in range(before + 1, info["seq"] + 1):
+                        if (node_id, seq) in measured:
+                            op_latencies.append(now - sent_at[(node_id, seq)])
+                            received[o] += 1
 
     listeners = [asyncio.create_task(listen(o, ws)) for o, ws in enumerate(operators)]
     cpu0, srv0, t0 = _cpu(), cp.cpu_seconds(), time.monotonic()

@@ -12,7 +12,10 @@ less than a thread handoff (``inline_below_ms``; a small MLP takes a few
 microseconds, waking a worker thread and then the loop again takes tens)
 runs on the event loop itself, at the end of the loop's current turn so
 that every request that arrived in that turn joins the batch. Anything
-slower runs in the inference thread pool while the loop keeps serving HTTP.
+slower runs in the inference thread pool while the loop keeps serving HTTP:
+the loop also carries the agent and every other model, which must not wait
+behind a batch. (Running a small CNN's batches of a few milliseconds on the
+loop was measured at about 7% less CPU per request; not worth that wait.)
 The cost is learnt from the model's own runs (a moving average, seeded with
 the loader's warm run), so a model that turns out slower moves to the pool.
 

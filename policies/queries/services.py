@@ -120,25 +120,26 @@ def dataset_catalog_report(*, node: Node, report: Any, actor: Actor) -> bool:
             if isinstance(name, str) and name not in schemas:
                 errors[name[:64]] = str(message)[:500]
     now = timezone.now()
-    existing = {row.name: row for row in DatasetSchema.objects.filter(node=node)}
-    before = {name: _shape(row.schema, row.error) for name, row in existing.items()}
-    after: dict[str, Any] = {}
-    for name in sorted({*schemas, *errors}):
-        schema = schemas.get(name)
-        fields: dict[str, Any] = {
-            "kind": schema.kind if schema else "",
-            "schema": schema.model_dump(mode="json") if schema else {},
-            "row_count": schema.row_count if schema else 0,
-            "error": "" if schema else errors[name],
-            "reported_at": now,
-        }
-        DatasetSchema.objects.update_or_create(node=node, name=name, defaults=fields)
-        after[name] = _shape(fields["schema"], fields["error"])
-    DatasetSchema.objects.filter(node=node).exclude(name__in=list(after)).delete()
-    if before == after:
-        return False
-    audit_record(actor=actor, action="node.datasets", obj=node, site_uuid=node.site.uuid,
-                 before={"datasets": before}, after={"datasets": after})
+    with transaction.atomic():
+        existing = {row.name: row for row in DatasetSchema.objects.filter(node=node)}
+        before = {name: _shape(row.schema, row.error) for name, row in existing.items()}
+        after: dict[str, Any] = {}
+        for name in sorted({*schemas, *errors}):
+            schema = schemas.get(name)
+            fields: dict[str, Any] = {
+                "kind": schema.kind if schema else "",
+                "schema": schema.model_dump(mode="json") if schema else {},
+                "row_count": schema.row_count if schema else 0,
+                "error": "" if schema else errors[name],
+                "reported_at": now,
+            }
+            DatasetSchema.objects.update_or_create(node=node, name=name, defaults=fields)
+            after[name] = _shape(fields["schema"], fields["error"])
+        DatasetSchema.objects.filter(node=node).exclude(name__in=list(after)).delete()
+        if before == after:
+            return False
+        audit_record(actor=actor, action="node.datasets", obj=node, site_uuid=node.site.uuid,
+                     before={"datasets": before}, after={"datasets": after})
     return True
 
 
@@ -263,18 +264,21 @@ def query_deliveries(*, node: Node) -> list[QueryRequest]:
     """
     now = timezone.now()
     rows = list(QuerySite.objects.filter(node=node, state__in=OPEN_SITE_STATES, deadline__gt=now)
-                .select_related("query", "site").order_by("pk"))
+                .select_related("query", "site").order_by("pk")[:100])
     requests: list[QueryRequest] = []
-    for row in rows[:100]:
-        if row.state != SiteState.SENT:
-            query = FederatedQuery.objects.select_for_update().get(pk=row.query_id)
-            if QuerySite.objects.filter(pk=row.pk, state=row.state).update(state=SiteState.SENT, sent_at=now):
-                QueryEvent.objects.create(query=query, site=row.site, from_state=row.state, to_state=SiteState.SENT)
-            if query.state == QueryState.PENDING:
-                query.state = QueryState.RUNNING
-                query.save(update_fields=["state"])
-                QueryEvent.objects.create(query=query, from_state=QueryState.PENDING, to_state=QueryState.RUNNING)
-        requests.append(QueryRequest(query_id=str(row.query.uuid), spec=row.query.spec, deadline=row.deadline))
+    with transaction.atomic():
+        for row in rows:
+            if row.state != SiteState.SENT:
+                query = FederatedQuery.objects.select_for_update().get(pk=row.query_id)
+                if QuerySite.objects.filter(pk=row.pk, state=row.state).update(state=SiteState.SENT, sent_at=now):
+                    QueryEvent.objects.create(query=query, site=row.site, from_state=row.state,
+                                              to_state=SiteState.SENT)
+                if query.state == QueryState.PENDING:
+                    query.state = QueryState.RUNNING
+                    query.save(update_fields=["state"])
+                    QueryEvent.objects.create(query=query, from_state=QueryState.PENDING,
+                                              to_state=QueryState.RUNNING)
+            requests.append(QueryRequest(query_id=str(row.query.uuid), spec=row.query.spec, deadline=row.deadline))
     return requests
 
 

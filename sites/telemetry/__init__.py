@@ -33,7 +33,9 @@ What is kept (:mod:`sites.telemetry.models`):
 After each commit the points are broadcast (``orchestrator.realtime``) to
 ``site-<uuid>`` (full points, for the site page's charts) and a summary to
 ``fleet`` (per site and node: the newest sequence number and when it was
-confirmed), where :class:`~sites.consumers.FleetConsumer` and
+confirmed), merged per group with those of the other commits of the same
+short interval (``committer.Outbox``: every point, each node's newest mark),
+where :class:`~sites.consumers.FleetConsumer` and
 :class:`~sites.consumers.SiteConsumer` pass on to each browser only the
 sites its user may see.
 """

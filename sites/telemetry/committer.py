@@ -14,24 +14,81 @@ committer is committed at once, and under load rounds grow by themselves.
 A round that fails (the database went away) fails each of its frames; their
 streams close and the nodes send them again after reconnecting, which is
 harmless since commits are idempotent.
+
+Two things keep the websockets of the process from waiting on each other:
+
+* The rounds run on a thread of the committer's own, not on the one thread
+  that ``database_sync_to_async`` shares between every consumer of the
+  process (authentication, permission checks). A round takes a few hundred
+  milliseconds at a thousand nodes; on the shared thread every permission
+  check, and so every message to a browser, queued behind it.
+* The events go through an :class:`Outbox`: per group, the events of the
+  rounds committed since the last send are merged into one message
+  (:func:`~sites.telemetry.events.coalesce`: every point, the newest mark of
+  every node) and sent at most once per :data:`BROADCAST_INTERVAL_S`. A send
+  through the Redis channel layer costs several round trips and each
+  receiving process takes its messages off Redis one at a time, so a
+  message per round per group (tens a second under load) queued up there
+  for seconds. An outbox idle for longer than the interval sends at once,
+  so a quiet fleet is not delayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from channels.db import database_sync_to_async
 
 from orchestrator.realtime import broadcast_committed
+from sites.telemetry.events import coalesce
 from sites.telemetry.services import Submission, telemetry_commit
 
 logger = logging.getLogger(__name__)
 
 # Frames per round at most; more wait for the next round.
 MAX_ROUND = 500
+# Seconds between two messages to one group from one process, at least: the
+# most a browser's view lags behind a commit on this account.
+BROADCAST_INTERVAL_S = 0.1
+
+
+class Outbox:
+    """Events to the channel layer, merged per group and sent at most once per ``interval`` seconds.
+
+    What it guarantees: every event put is sent, merged with the others of
+    its group and kind, at the latest ``interval`` after the previous send
+    began (or once it has finished, if it took longer); a group's messages
+    leave one send at a time, in the order of the commits they report. Only
+    events that :func:`~sites.telemetry.events.coalesce` knows may be put.
+    """
+
+    def __init__(self, interval: float = BROADCAST_INTERVAL_S) -> None:
+        self.interval = interval
+        self._held: dict[tuple[str, str], dict[str, Any]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._sent_at = float("-inf")
+
+    def put(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Hold ``events`` (already committed) for the next send."""
+        for group, kind, payload in events:
+            self._held[(group, kind)] = coalesce(kind, self._held.get((group, kind)), payload)
+        if self._held and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._run(), name="telemetry-outbox")
+
+    async def _run(self) -> None:
+        while self._held:
+            wait = self._sent_at + self.interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            held, self._held = self._held, {}
+            self._sent_at = time.monotonic()
+            await asyncio.gather(*(broadcast_committed(group, kind, payload)
+                                   for (group, kind), payload in held.items()))
 
 
 class Committer:
@@ -39,7 +96,10 @@ class Committer:
         self._waiting: list[tuple[Submission, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self.outbox = Outbox()
+        # One thread: rounds stay one at a time, as their locks in node order assume.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-commit")
+        self._commit = database_sync_to_async(telemetry_commit, thread_sensitive=False, executor=self._thread)
 
     async def commit(self, submission: Submission) -> int:
         """Commit ``submission`` with the others of its round; the node's high-water mark after the commit."""
@@ -60,7 +120,7 @@ class Committer:
                 if not live:
                     continue
                 try:
-                    committed = await database_sync_to_async(telemetry_commit)(submissions=[s for s, _ in live])
+                    committed = await self._commit(submissions=[s for s, _ in live])
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter; the committer lives on
                     logger.warning("telemetry commit of %d frame(s) failed: %s", len(live), exc)
                     for _, future in live:
@@ -70,12 +130,7 @@ class Committer:
                 for submission, future in live:
                     if not future.done():
                         future.set_result(committed.marks[submission.node_id])
-                send = asyncio.create_task(self._broadcast(committed.events))
-                self._sending.add(send)
-                send.add_done_callback(self._sending.discard)
-
-    async def _broadcast(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
-        await asyncio.gather(*(broadcast_committed(group, kind, payload) for group, kind, payload in events))
+                self.outbox.put(committed.events)
 
 
 _committers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Committer] = weakref.WeakKeyDictionary()

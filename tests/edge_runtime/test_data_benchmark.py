@@ -11,7 +11,7 @@ from benchmarks.query.run import main
 def test_it_measures_the_engine_against_duckdb_and_a_federation(tmp_path: Path) -> None:
     report_path = tmp_path / "query.json"
     assert main(["--rows", "30000", "--repeat", "1", "--sites", "3", "--site-rows", "3000", "--workers", "2",
-                 "--output", str(report_path)]) == 0
+                 "--e2e-sites", "0", "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     [node] = report["node"]
     assert node["rows"] == 30000 and node["engine_s"] > 0 and node["duckdb_s"] > 0

@@ -29,8 +29,9 @@ def mlp(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    # About 45 M multiply-adds a call: hundreds of microseconds, far above the inline threshold.
-    return load_model(om.cnn(tmp_path_factory.mktemp("c") / "cnn.onnx", size=128, filters=64))
+    # About 180 M multiply-adds a call: a millisecond or more on a small node, and
+    # still far above the inline threshold on a machine many times faster.
+    return load_model(om.cnn(tmp_path_factory.mktemp("c") / "cnn.onnx", size=256, filters=64))
 
 
 def rows(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -62,7 +63,7 @@ def test_it_runs_a_cheap_model_on_the_loop_and_a_costly_one_in_the_pool(mlp: Loa
         [x] = rows(1)
         [y] = await cheap.submit({"x": x})
         np.testing.assert_allclose(y, om.mlp_expected(x), rtol=1e-5)
-        image = np.zeros((1, 3, 128, 128), dtype=np.float32)
+        image = np.zeros((1, 3, 256, 256), dtype=np.float32)
         with pytest.raises(ModelUnavailable, match="stopping"):
             await costly.submit({"x": image})
 
@@ -72,7 +73,7 @@ def test_it_runs_a_cheap_model_on_the_loop_and_a_costly_one_in_the_pool(mlp: Loa
 def test_it_starts_a_lone_request_in_the_pool_before_submit_returns(cnn: LoadedModel) -> None:
     async def go(pool: ThreadPoolExecutor) -> None:
         batcher = make(cnn, pool, max_queue_delay_ms=0, inline_below_ms=0)
-        image = np.random.default_rng(3).normal(size=(1, 3, 128, 128)).astype(np.float32)
+        image = np.random.default_rng(3).normal(size=(1, 3, 256, 256)).astype(np.float32)
         future = batcher.submit({"x": image})
         # Already handed to a worker thread: no queue hop, no waiting for company.
         assert batcher.metrics.batches == 1
@@ -99,7 +100,7 @@ def test_it_batches_what_arrives_while_a_batch_runs(cnn: LoadedModel) -> None:
     async def go(pool: ThreadPoolExecutor) -> None:
         batcher = make(cnn, pool, max_batch_size=8, inline_below_ms=0)
         rng = np.random.default_rng(5)
-        images = [rng.normal(size=(1, 3, 128, 128)).astype(np.float32) for _ in range(6)]
+        images = [rng.normal(size=(1, 3, 256, 256)).astype(np.float32) for _ in range(6)]
         futures = [batcher.submit({"x": image}) for image in images]
         outputs = await asyncio.gather(*futures)
         # The first started alone at once; the five that queued behind it ran as one batch.
@@ -158,7 +159,7 @@ def test_it_holds_a_lone_request_for_the_queue_delay_and_no_longer(mlp: LoadedMo
 def test_it_finishes_queued_requests_on_close_and_then_refuses(cnn: LoadedModel) -> None:
     async def go(pool: ThreadPoolExecutor) -> None:
         batcher = make(cnn, pool, inline_below_ms=0)
-        image = np.zeros((1, 3, 128, 128), dtype=np.float32)
+        image = np.zeros((1, 3, 256, 256), dtype=np.float32)
         futures = [batcher.submit({"x": image}) for _ in range(3)]
         await batcher.close()
         assert all(f.done() and f.exception() is None for f in futures)

@@ -6,7 +6,9 @@ the reconciler every second, presuming a worker lost after 3 s without a tick.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -89,7 +91,8 @@ class RolloutWorker:
         proc = subprocess.Popen(
             [str(BIN / "celery"), "-A", "orchestrator", "worker", "--pool", "solo", "-Q", self.queue, "-B",
              "-s", str(self.schedule), "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
-            cwd=REPO, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+            # Its own process group: -B runs beat in a child process, which must die with it.
+            cwd=REPO, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         wait_until(lambda: "ready" in self.text()[mark:] or proc.poll() is not None, timeout=60,
                    what="the celery worker to start")
@@ -97,9 +100,10 @@ class RolloutWorker:
             raise AssertionError(f"celery worker exited: {self.text()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL: no cleanup, as when a machine dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL to the worker and its beat: no cleanup, as when a machine dies."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def stop(self) -> None:
@@ -109,8 +113,11 @@ class RolloutWorker:
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                    pass
+            # Whatever is left of its group (beat), also after a kill.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def text(self) -> str:
         return self.log.read_text() if self.log.exists() else ""

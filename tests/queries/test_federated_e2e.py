@@ -16,7 +16,6 @@ from sites.models import Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
 from tests.queries.helpers import (
     OPEN_POLICY,
-    SPEC,
     create,
     data_policy,
     pandas_reference,

@@ -5,7 +5,9 @@ sites exist and the demo models are trained, valid and deployed
 (``orchestrator.demo``), then starts as child processes the
 control plane (uvicorn), a Celery worker and beat, and for each demo site one
 or two ``edge-runtime`` processes, each enrolled with a fresh one-use token and
-kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it,
+kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it
+(with the site's demo datasets and ``datasets.json`` written there for the
+node that keeps its data, see ``orchestrator.demo.node_datasets_ensure``),
 and prints each node's inference URL and a ``curl`` command that calls a
 demo model on one of them. Then it supervises until Ctrl-C or SIGTERM and
 stops every child it started.
@@ -188,6 +190,8 @@ class Command(BaseCommand):
         sites = demo.sites_ensure()
         self.say(f"Demo sites: {', '.join(f'{s.slug} ({s.region.name})' for s in sites)}")
         self.ensure_models(sites)
+        # What the demo nodes may answer to federated queries (kept if an operator wrote their own).
+        demo.data_policy_ensure()
 
         env = self.child_env(url)
         children: list[Child] = []
@@ -341,6 +345,9 @@ class Command(BaseCommand):
                 if not self.enrolled(site, spec.name, state_dir, url):
                     if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
                         continue
+                written = demo.node_datasets_ensure(state_dir, site.slug, spec.name)
+                if written:
+                    self.say(f"  wrote demo datasets for {site.slug}/{spec.name}: {', '.join(written)}")
                 nodes.append(self.start_child(children, Child(
                     f"node {site.slug}/{spec.name}",
                     [*exe, "run", "--state-dir", str(state_dir), "--serve-port", str(serve_port)],

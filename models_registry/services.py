@@ -40,7 +40,7 @@ from models_registry.models import (
 )
 from orchestrator import keys
 from sites.models import Clearance, Node, NodeRole, Site
-from sites.services import desired_state_publish
+from sites.services import desired_state_publish_many
 
 # A worker that holds a version this long without finishing is presumed lost.
 MAX_VALIDATION_ATTEMPTS = 3
@@ -339,8 +339,7 @@ def deployment_create(*, actor: Actor, version: ModelVersion, sites: Sequence[Si
             audit_record(actor=actor, action="deployment.create", obj=deployment, object_repr=str(deployment),
                          site_uuid=deployment.target_site.uuid, after=_deployment_fields(deployment))
             deployments.append(deployment)
-        for node in _affected_nodes(deployments):
-            desired_state_publish(node=node, actor=actor)
+        desired_state_publish_many(nodes=list(_affected_nodes(deployments)), actor=actor)
     return deployments
 
 
@@ -354,8 +353,7 @@ def deployment_remove(*, actor: Actor, deployment: Deployment) -> Deployment:
         deployment.save(update_fields=["removed_at"])
         audit_record(actor=actor, action="deployment.remove", obj=deployment, object_repr=str(deployment),
                      site_uuid=deployment.target_site.uuid, before=_deployment_fields(deployment))
-        for node in _affected_nodes([deployment]):
-            desired_state_publish(node=node, actor=actor)
+        desired_state_publish_many(nodes=list(_affected_nodes([deployment])), actor=actor)
     return deployment
 
 

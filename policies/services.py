@@ -94,10 +94,10 @@ def policy_update(*, actor: Actor, kind: str, document: Any, comment: str = "") 
 
 def _republish_bundles(actor: Actor) -> None:
     from sites.models import Node
-    from sites.services import desired_state_publish
+    from sites.services import desired_state_publish_many
 
-    for node in Node.objects.filter(revoked_at__isnull=True).select_related("site__region"):
-        desired_state_publish(node=node, actor=actor)
+    desired_state_publish_many(nodes=list(Node.objects.filter(revoked_at__isnull=True)
+                                          .select_related("site__region")), actor=actor)
 
 
 def approval_record(*, actor: Actor, user: Any, subject_type: str, subject_uuid: Any, plan_hash: str,

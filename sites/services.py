@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -16,7 +17,7 @@ from django.utils import timezone
 from audit.services import Actor, audit_record
 from edge_runtime import protocol, signing
 from orchestrator import keys
-from orchestrator.realtime import FLEET_GROUP, broadcast, node_group
+from orchestrator.realtime import FLEET_GROUP, broadcast, broadcast_many, node_group
 from sites.liveness import node_status
 from sites.models import DesiredState, EnrollmentToken, Node, NodeStatus, Region, Site
 
@@ -94,8 +95,8 @@ def site_update(*, actor: Actor, site: Site, **fields: Any) -> Site:
         after = _site_fields(site)
         if after != before:
             audit_record(actor=actor, action="site.update", obj=site, site_uuid=site.uuid, before=before, after=after)
-            for node in site.nodes.filter(revoked_at__isnull=True):
-                desired_state_publish(node=node, actor=actor)
+            desired_state_publish_many(nodes=list(site.nodes.filter(revoked_at__isnull=True).select_related("site")),
+                                       actor=actor)
     return site
 
 
@@ -239,26 +240,35 @@ def node_revoke(*, actor: Actor, node: Node) -> Node:
     return node
 
 
-def desired_state_content(node: Node) -> dict[str, Any]:
+def desired_state_content(node: Node, *, site_bundles: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything in a node's desired state except its generation and time.
 
-    ``policy`` is the site's signed policy bundle (its facts and the placement
-    policy in force), which the node enforces on its own.
+    ``policy`` is the site's signed policy bundle (its facts, the placement
+    policy in force and the data policy), which the node enforces on its own.
+    ``site_bundles`` caches that bundle per site while publishing many nodes.
     """
     from models_registry.selectors import desired_models_for_node
-    from policies.queries.selectors import data_bundle_for_site
-    from policies.selectors import policy_bundle_for_site
 
     site = node.site
+    cache = {} if site_bundles is None else site_bundles
+    if site.pk not in cache:
+        cache[site.pk] = _site_policy_bundle(site)
     return {
         "node_id": str(node.uuid),
         "site": site.slug,
         "labels": {str(k): str(v) for k, v in (site.labels or {}).items()},
         "sync_interval_s": settings.SYNC_INTERVAL_S,
         "models": [m.model_dump(mode="json") for m in desired_models_for_node(node)],
-        # "data": the data policy in force at the site and the facts it is evaluated with.
-        "policy": {**policy_bundle_for_site(site), "data": data_bundle_for_site(site)},
+        "policy": cache[site.pk],
     }
+
+
+def _site_policy_bundle(site: Site) -> dict[str, Any]:
+    from policies.queries.selectors import data_bundle_for_site
+    from policies.selectors import policy_bundle_for_site
+
+    # "data": the data policy in force at the site and the facts it is evaluated with.
+    return {**policy_bundle_for_site(site), "data": data_bundle_for_site(site)}
 
 
 def desired_state_publish(*, node: Node, actor: Actor) -> DesiredState:
@@ -267,31 +277,51 @@ def desired_state_publish(*, node: Node, actor: Actor) -> DesiredState:
     Publishing identical content is a no-op (the generation stays), so this is
     safe to call after any change that might affect a node.
     """
+    return desired_state_publish_many(nodes=[node], actor=actor)[node.pk]
+
+
+def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor) -> dict[int, DesiredState]:
+    """:func:`desired_state_publish` for many nodes in one transaction, by node pk.
+
+    What the nodes share is worked out once: each site's policy bundle, the
+    lock on their desired-state rows, the nudges (sent together after commit).
+    Each node whose state moved still gets its own signature and audit event.
+    """
+    published: dict[int, DesiredState] = {}
+    nudges: list[tuple[str, str, dict[str, Any]]] = []
+    key = keys.signing_key()
     with transaction.atomic():
-        content = desired_state_content(node)
-        content_hash = hashlib.sha256(signing.canonical_json(content).encode()).hexdigest()
-        current = DesiredState.objects.select_for_update().filter(node=node).first()
-        if current is not None and current.content_hash == content_hash:
-            return current
-        generation = (current.generation if current else 0) + 1
+        ids = [n.pk for n in nodes]
+        current_by_node = {d.node_id: d for d in DesiredState.objects.select_for_update().filter(node_id__in=ids)}
+        bundles: dict[int, dict[str, Any]] = {}
         now = timezone.now()
-        state = protocol.DesiredState(generation=generation, issued_at=now, **content)
-        signed = signing.sign_desired_state(state, keys.signing_key())
-        if current is None:
-            current = DesiredState(node=node)
-        current.generation = generation
-        current.content_hash = content_hash
-        current.payload = signed.payload
-        current.signature = signed.signature
-        current.key_fingerprint = signed.key_fingerprint
-        current.published_at = now
-        current.save()
-        audit_record(
-            actor=actor, action="desired_state.publish", obj=node, site_uuid=node.site.uuid,
-            after={"generation": generation, "content_hash": content_hash},
-        )
-    broadcast(node_group(node.uuid), "node.nudge", {"generation": generation})
-    return current
+        for node in nodes:
+            content = desired_state_content(node, site_bundles=bundles)
+            content_hash = hashlib.sha256(signing.canonical_json(content).encode()).hexdigest()
+            current = current_by_node.get(node.pk)
+            if current is not None and current.content_hash == content_hash:
+                published[node.pk] = current
+                continue
+            generation = (current.generation if current else 0) + 1
+            state = protocol.DesiredState(generation=generation, issued_at=now, **content)
+            signed = signing.sign_desired_state(state, key)
+            if current is None:
+                current = DesiredState(node=node)
+            current.generation = generation
+            current.content_hash = content_hash
+            current.payload = signed.payload
+            current.signature = signed.signature
+            current.key_fingerprint = signed.key_fingerprint
+            current.published_at = now
+            current.save()
+            audit_record(
+                actor=actor, action="desired_state.publish", obj=node, site_uuid=node.site.uuid,
+                after={"generation": generation, "content_hash": content_hash},
+            )
+            nudges.append((node_group(node.uuid), "node.nudge", {"generation": generation}))
+            published[node.pk] = current
+        broadcast_many(nudges)
+    return published
 
 
 def signed_desired_state(state: DesiredState) -> protocol.SignedDesiredState:

@@ -49,7 +49,7 @@ from orchestrator.rollouts.health import health_record, model_health
 from orchestrator.rollouts.selectors import offline_share, unreachable
 from policies.selectors import placement_policy_pinned
 from sites.models import DesiredState, Node
-from sites.services import desired_state_publish
+from sites.services import desired_state_publish_many
 
 SYSTEM = Actor.system("rollouts")
 
@@ -167,8 +167,14 @@ def _desired_versions(nodes: Iterable[Node], model: str) -> dict[int, str]:
 
 
 def _publish(row: RolloutNode, actor: Actor) -> None:
-    state = desired_state_publish(node=row.node, actor=actor)
-    row.generation = state.generation
+    _publish_rows([row], actor)
+
+
+def _publish_rows(rows: list[RolloutNode], actor: Actor) -> None:
+    """Publish the nodes' desired states together (one transaction, one batch of nudges)."""
+    states = desired_state_publish_many(nodes=[row.node for row in rows], actor=actor)
+    for row in rows:
+        row.generation = states[row.node.pk].generation
 
 
 # -- steps -------------------------------------------------------------------
@@ -189,8 +195,7 @@ def switch_wave(rollout: Rollout, rows: list[RolloutNode], *, now: dt.datetime, 
     RolloutNode.objects.bulk_update(pending, ["state", "previous_version", "assigned_at", "updated_at"],
                                     batch_size=1000)
     with placement_policy_pinned():
-        for row in pending:
-            _publish(row, actor)
+        _publish_rows(pending, actor)
     RolloutNode.objects.bulk_update(pending, ["generation"], batch_size=1000)
     RolloutEvent.objects.bulk_create([
         RolloutEvent(rollout=rollout, node=row.node, kind="node", from_state=NodeState.PENDING,
@@ -226,8 +231,7 @@ def rollback_start(rollout: Rollout, *, end: str, reason: str, actor: Actor,
         row.updated_at = timezone.now()
     RolloutNode.objects.bulk_update(touched, ["state", "updated_at"], batch_size=1000)
     with placement_policy_pinned():
-        for row in touched:
-            _publish(row, actor)
+        _publish_rows(touched, actor)
     RolloutNode.objects.bulk_update(touched, ["generation"], batch_size=1000)
     RolloutEvent.objects.bulk_create([
         RolloutEvent(rollout=rollout, node=row.node, kind="node", to_state=NodeState.ROLLING_BACK, wave=row.wave,

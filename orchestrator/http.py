@@ -49,7 +49,7 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
         return max(0, size - int(last_s)), size - 1
     first = int(first_s)
     last = int(last_s) if last_s else size - 1
-    if last < first:
+    if last_s and last < first:
         raise RangeNotSatisfiable(f"Range {header!r} ends before it starts")
     if first >= size:
         raise RangeNotSatisfiable(f"Range {header!r} starts at or past the end of the {size}-byte file")

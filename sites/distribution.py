@@ -33,24 +33,22 @@ import base64
 import hashlib
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_safe
 
 from edge_runtime import signing
 from orchestrator import keys
+from orchestrator.http import ranged_file_response
 from sites import wheel
 
 CONTENT_TYPE = "application/octet-stream"
 # A wheel file name: distribution-version(-build)?-python-abi-platform.whl.
 _WHEEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.whl$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CHUNK = 256 * 1024
 KEY_PROOF_PREFIX = signing.KEY_PROOF_PREFIX
 _CHALLENGE = re.compile(r"^[0-9a-f]{32,128}$")
 
@@ -66,12 +64,6 @@ class DistFile:
     requires_python: str = ""
 
 
-class RangeNotSatisfiable(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 _hash_lock = threading.Lock()
 # (path, size, mtime_ns) -> sha256: wheelhouse files are hashed once, not per request.
 _hash_cache: dict[tuple[str, int, int], str] = {}
@@ -85,7 +77,7 @@ def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
         return cached
     digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+        for chunk in iter(lambda: fh.read(256 * 1024), b""):
             digest.update(chunk)
     value = digest.hexdigest()
     with _hash_lock:
@@ -119,55 +111,6 @@ def dist_files() -> list[DistFile]:
     return files
 
 
-def parse_range(header: str, size: int) -> tuple[int, int]:
-    """``(first, last)`` byte positions, inclusive, of a single-range ``Range`` header."""
-    value = header.replace(" ", "")
-    if "," in value:
-        raise RangeNotSatisfiable("only one byte range per request is supported")
-    match = _RANGE.match(value)
-    if match is None:
-        raise RangeNotSatisfiable(f"malformed Range header {header!r} (expected bytes=FIRST-LAST)")
-    first_s, last_s = match.groups()
-    if size == 0:
-        raise RangeNotSatisfiable("the file is empty; no byte range can be served")
-    if not first_s:
-        if not last_s or int(last_s) == 0:
-            raise RangeNotSatisfiable(f"Range {header!r} asks for no bytes")
-        return max(0, size - int(last_s)), size - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else size - 1
-    if last_s and last < first:
-        raise RangeNotSatisfiable(f"Range {header!r} ends before it starts")
-    if first >= size:
-        raise RangeNotSatisfiable(f"Range {header!r} starts at or past the end of the {size}-byte file")
-    return first, min(last, size - 1)
-
-
-def _read_range(path: Path, first: int, length: int) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        fh.seek(first)
-        left = length
-        while left > 0:
-            chunk = fh.read(min(_CHUNK, left))
-            if not chunk:
-                # The file shrank under us; stop rather than send a short body silently padded.
-                return
-            left -= len(chunk)
-            yield chunk
-
-
-def _body(item: DistFile, first: int, last: int, head: bool) -> HttpResponse | StreamingHttpResponse:
-    length = last - first + 1
-    if head:
-        return HttpResponse(b"")
-    if item.data is not None:
-        return HttpResponse(item.data[first : last + 1])
-    assert item.path is not None
-    if first == 0 and length == item.size:
-        return FileResponse(item.path.open("rb"))
-    return StreamingHttpResponse(_read_range(item.path, first, length))
-
-
 @require_safe
 def dist_index(request: HttpRequest) -> HttpResponse:
     rows = format_html_join(
@@ -197,37 +140,29 @@ def dist_index(request: HttpRequest) -> HttpResponse:
 
 
 @require_safe
-def dist_file(request: HttpRequest, filename: str) -> HttpResponse | StreamingHttpResponse:
+def dist_file(request: HttpRequest, filename: str) -> HttpResponseBase:
     item = next((f for f in dist_files() if f.filename == filename), None)
     if item is None:
         return HttpResponse(f"{filename!r} is not distributed here; see the index at ./\n", status=404,
                             content_type="text/plain; charset=utf-8")
-    etag = f'"{item.sha256}"'
-    head = request.method == "HEAD"
-    header = request.headers.get("Range", "")
-    if_range = request.headers.get("If-Range", "")
-    status = 200
-    first, last = 0, item.size - 1
-    # A resumed download whose If-Range names another version gets the whole new file.
-    if header and (not if_range or if_range == etag):
-        try:
-            first, last = parse_range(header, item.size)
-        except RangeNotSatisfiable as exc:
-            response = HttpResponse(exc.message + "\n", status=416, content_type="text/plain; charset=utf-8")
-            response["Content-Range"] = f"bytes */{item.size}"
-            response["Accept-Ranges"] = "bytes"
-            return response
-        status = 206
-    response = _body(item, first, last, head)
-    response.status_code = status
-    response["Content-Type"] = CONTENT_TYPE
-    response["Content-Length"] = str(last - first + 1)
-    response["Accept-Ranges"] = "bytes"
-    response["ETag"] = etag
-    response["Content-Disposition"] = f'attachment; filename="{item.filename}"'
-    if status == 206:
-        response["Content-Range"] = f"bytes {first}-{last}/{item.size}"
-    return response
+    # The ETag is the content hash: a resumed download whose If-Range names
+    # another version gets the whole new file.
+    return ranged_file_response(request, _on_disk(item), content_type=CONTENT_TYPE, filename=item.filename,
+                                etag=f'"{item.sha256}"')
+
+
+def _on_disk(item: DistFile) -> Path:
+    """The file to serve; the in-memory runtime wheel is written once per content hash."""
+    if item.path is not None:
+        return item.path
+    assert item.data is not None
+    path = Path(settings.DATA_DIR) / "dist-cache" / item.sha256 / item.filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(item.data)
+        tmp.replace(path)
+    return path
 
 
 @require_safe

@@ -1,7 +1,7 @@
 """Versioned policies and approval decisions.
 
 A :class:`Policy` is one kind of policy for the whole estate (``placement``,
-``rollout``); its rules select the regions and sites they concern. Every
+``rollout``, ``data``); its rules select the regions and sites they concern. Every
 edit writes a new immutable :class:`PolicyVersion` (the document as
 validated, its sha256 and who wrote it); the newest version is in force.
 Nothing is ever edited in place, so any past decision can be traced to the

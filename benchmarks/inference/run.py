@@ -95,9 +95,23 @@ class Server:
             raise RuntimeError(f"the {mode} server did not start")
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds so far of the whole process, and of its main thread (the event loop).
+
+        From schedstat, in nanoseconds: /proc's stat counts clock ticks of
+        10 ms, too coarse for slices of a fraction of a second.
+        """
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        total = loop = 0.0
+        for task in tasks.iterdir():
+            try:
+                ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+            except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                continue
+            total += ran
+            if task.name == str(self.proc.pid):
+                loop = ran
+        return total, loop
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -169,8 +183,8 @@ class Arm:
     """One thing measured: slices of it are run in turn with the other arms of its group."""
 
     name: str
-    # Runs one slice of that many seconds: (completed, latencies_s, client_cpu_s, server_cpu_s).
-    run_slice: Callable[[float], tuple[int, list[float], float, float]]
+    # Runs one slice of that many seconds: (completed, latencies_s, client_cpu_s, server_cpu_s, loop_cpu_s).
+    run_slice: Callable[[float], tuple[int, list[float], float, float, float]]
     unit: str = "req/s"
     rates: list[float] = field(default_factory=list)  # of each slice
     completed: int = 0
@@ -178,14 +192,16 @@ class Arm:
     latencies: list[float] = field(default_factory=list)
     client_cpu: float = 0.0
     server_cpu: float = 0.0
+    loop_cpu: float = 0.0
 
     def measure(self, seconds: float) -> float:
-        done, latencies, client_cpu, server_cpu = self.run_slice(seconds)
+        done, latencies, client_cpu, server_cpu, loop_cpu = self.run_slice(seconds)
         self.completed += done
         self.seconds += seconds
         self.latencies += latencies
         self.client_cpu += client_cpu
         self.server_cpu += server_cpu
+        self.loop_cpu += loop_cpu
         rate = done / seconds
         self.rates.append(rate)
         return rate
@@ -199,6 +215,8 @@ class Arm:
         if self.unit == "req/s":
             out["client_cpu"] = round(self.client_cpu / self.seconds, 3)
             out["server_cpu"] = round(self.server_cpu / self.seconds, 3)
+            # The server's event loop thread alone: HTTP, parsing, batching, answers (and inline batches).
+            out["loop_cpu_us_each"] = round(self.loop_cpu / max(self.completed, 1) * 1e6, 1)
         # CPU time (all threads, both processes) per request or row: how much
         # work one costs, which moves far less than throughput when others
         # share the machine.
@@ -210,14 +228,15 @@ def http_arm(name: str, server: Server, payload: tuple[str, bytes, dict[str, str
              warmup: float) -> Arm:
     raw = request_bytes(*payload)
 
-    def run_slice(seconds: float) -> tuple[int, list[float], float, float]:
-        marks: list[float] = []
+    def run_slice(seconds: float) -> tuple[int, list[float], float, float, float]:
+        marks: list[tuple[float, float]] = []
         result = closed_loop(server.port, raw, concurrency=concurrency, warmup=warmup, seconds=seconds,
                              on_window=lambda: marks.append(server.cpu_seconds()))
         if result.errors or not result.requests:
             raise RuntimeError(f"{name}: {result.errors} errors, {result.requests} answers; "
                                f"first error: {result.first_error}")
-        return result.requests, result.latencies_s, result.client_cpu * seconds, marks[1] - marks[0]
+        (total0, loop0), (total1, loop1) = marks
+        return result.requests, result.latencies_s, result.client_cpu * seconds, total1 - total0, loop1 - loop0
 
     return Arm(name, run_slice)
 
@@ -257,7 +276,7 @@ def raw_arm(name: str, path: Path, x1: np.ndarray, options: ort.SessionOptions, 
             rows += batch
         # onnxruntime's threads are this process's: its CPU time is what the rows cost.
         scale = seconds / (time.perf_counter() - started)
-        return round(rows * scale), [], (time.process_time() - cpu) * scale, 0.0
+        return round(rows * scale), [], (time.process_time() - cpu) * scale, 0.0, 0.0
 
     return Arm(name, run_slice, unit="rows/s"), {"best_batch": batch, "scan_rows_per_s": rates,
                                                   "batch1_call_us": round(call_us)}
@@ -321,12 +340,13 @@ def verdicts(per_cycle: dict[str, list[dict[str, float]]], arms: dict[str, Arm])
 
 def print_report(arms: dict[str, Arm], raws: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     print(f"\n{'arm':28} {'rate':>10} {'unit':6} {'slices min-max':>17} {'cpu us':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'client cpu':>10} {'server cpu':>10}")
+          f"{'client cpu':>10} {'server cpu':>10} {'loop us':>8}")
     for name, arm in arms.items():
         s = arm.summary()
         lat = s.get("latency_ms", {})
         if lat:
-            extra = f"{lat['p50']:>8.3f} {lat['p99']:>8.3f} {s['client_cpu']:>10.2f} {s['server_cpu']:>10.2f}"
+            extra = (f"{lat['p50']:>8.3f} {lat['p99']:>8.3f} {s['client_cpu']:>10.2f} {s['server_cpu']:>10.2f} "
+                     f"{s['loop_cpu_us_each']:>8.1f}")
         else:
             extra = f"  batch {raws[name]['best_batch']}; {raws[name]['batch1_call_us']} us a call at batch 1"
         print(f"{name:28} {s['rate']:>10.0f} {s['unit']:6} {s['slice_min']:>8.0f}-{s['slice_max']:<8.0f} "

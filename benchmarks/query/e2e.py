@@ -261,6 +261,13 @@ def child_main(argv: list[str] | None = None) -> int:
             if fleet.error or time.monotonic() > deadline:
                 raise RuntimeError(f"the fleet did not come up: {fleet.error or 'timed out'}")
             time.sleep(0.1)
+        # The baseline: idle syncs of the whole fleet in its steady state (not the burst of enrollment).
+        fleet.idle_rtts.clear()
+        while len(fleet.idle_rtts) < args.sites * 2:
+            if fleet.error or time.monotonic() > deadline + 60:
+                raise RuntimeError(f"the fleet stopped syncing: {fleet.error or 'timed out'}")
+            time.sleep(0.1)
+        idle_rtts = list(fleet.idle_rtts)
         runs = []
         for attempt in range(args.repeat + 1):
             fleet.measuring = True
@@ -299,7 +306,7 @@ def child_main(argv: list[str] | None = None) -> int:
     def med(key: str) -> float:
         return round(statistics.median(r[key] for r in runs), 4)
 
-    sync_rtt = statistics.median(fleet.idle_rtts)
+    sync_rtt = statistics.median(idle_rtts)
     figures = {
         "sites": args.sites,
         "rows_per_site": args.site_rows,
@@ -313,7 +320,7 @@ def child_main(argv: list[str] | None = None) -> int:
         "merged_groups": runs[-1]["merged_groups"],
         "suppressed_cells": runs[-1]["suppressed_cells"],
         "baseline_sync_round_trip_s": round(sync_rtt, 4),
-        "baseline_syncs_measured": len(fleet.idle_rtts),
+        "baseline_syncs_measured": len(idle_rtts),
         "end_to_end_over_sync_round_trip": round(statistics.median(r["end_to_end_s"] for r in runs) / sync_rtt, 2),
         "simulated_query_threads": threads,
     }

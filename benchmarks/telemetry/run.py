@@ -220,6 +220,10 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
     measured: set[tuple[str, int]] = set()
     ack_latencies: list[float] = []
     op_latencies: list[float] = []
+    # (seconds into the window when sent, latency) of each operator receipt and ack: whether a tail is spread
+    # over the window or comes from a stall.
+    op_timeline: list[tuple[float, float]] = []
+    ack_timeline: list[tuple[float, float]] = []
     received = [0] * len(operators)
     totals = {"sent": 0, "acked": 0}
     errors: list[str] = []
@@ -249,6 +253,7 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
         totals["acked"] += 1
         if window.inside(t):
             ack_latencies.append(time.monotonic() - t)
+            ack_timeline.append((t - window.start, ack_latencies[-1]))
 
     async def listen(o: int, ws: Any) -> None:
         # A confirmation carries the node's high-water mark: seq k confirms every message up to k. The
@@ -268,6 +273,7 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
                     for seq in range(before + 1, info["seq"] + 1):
                         if (node_id, seq) in measured:
                             op_latencies.append(now - sent_at[(node_id, seq)])
+                            op_timeline.append((sent_at[(node_id, seq)] - window.start, op_latencies[-1]))
                             received[o] += 1
 
     listeners = [asyncio.create_task(listen(o, ws)) for o, ws in enumerate(operators)]
@@ -285,6 +291,7 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
     return {
         "name": "telemetry", "messages": n, "throughput_mps": round(n / args.duration, 1),
         "latency_ms": latency_summary_ms(op_latencies), "ack_latency_ms": latency_summary_ms(ack_latencies),
+        "latency_by_second": by_second(op_timeline), "ack_latency_by_second": by_second(ack_timeline),
         "operators": args.operators, "operator_receipts": received,
         # Each operator should see every measured message once.
         "operator_missing": [n - r for r in received],
@@ -292,6 +299,15 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
         "errors_total": len(errors), "first_error": errors[0] if errors else "",
         "client_cpu": round(cpu, 3), "server_cpu": round(server_cpu, 3),
     }
+
+
+def by_second(timeline: list[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Latency summaries per second of the window, by when the message was sent."""
+    seconds: dict[int, list[float]] = {}
+    for at, latency in timeline:
+        seconds.setdefault(int(at), []).append(latency)
+    return [{"second": second, "messages": len(latencies), **latency_summary_ms(latencies)}
+            for second, latencies in sorted(seconds.items())]
 
 
 async def enroll(cp: ControlPlane, tokens: list[str], count: int) -> list[dict[str, Any]]:

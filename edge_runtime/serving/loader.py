@@ -17,15 +17,15 @@ A few more timed runs on the same inputs tell the batcher what one call
 costs once warm (the first run also allocates); they are skipped for a
 model whose first run was slow, which the batcher treats as slow anyway.
 
-Session options (:func:`session_options`): onnxruntime's intra-op pool has
-one thread per CPU this process may use (its affinity, which containers and
-``taskset`` narrow, rather than the machine's count), and its threads do not
-spin while they wait for work. By default they spin after every parallel
-section, which on a small node takes the CPU from the event loop that
-parses requests and writes answers. Measured on 2 cores with a small CNN
-served at concurrency 32: spinning cost about 50% more CPU per request, and
-one thread fewer than the CPUs (leaving the loop a core) left a core idle
-between batches and lost throughput.
+Session options (:func:`session_options`): onnxruntime's intra-op pool
+keeps its own size (one thread per physical core), narrowed to the CPUs this
+process may use when a container's CPU set or ``taskset`` leaves it fewer;
+and its threads do not spin while they wait for work. By default they spin
+after every parallel section, which on a small node takes the CPU from the
+event loop that parses requests and writes answers. Measured on 2 cores with
+a small CNN served at concurrency 32: spinning cost about 50% more CPU per
+request, and one thread fewer than the cores (leaving the loop a core of its
+own) left that core idle between batches and lost throughput.
 """
 
 from __future__ import annotations
@@ -187,10 +187,14 @@ def usable_cpus() -> int:
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """The options every served session gets; ``intra_op_threads`` 0 means one per usable CPU."""
+    """The options every served session gets; ``intra_op_threads`` 0 lets onnxruntime size its pool."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else usable_cpus()
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    elif usable_cpus() < (os.cpu_count() or 1):
+        # onnxruntime counts the machine's cores, not those this process may run on.
+        options.intra_op_num_threads = usable_cpus()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

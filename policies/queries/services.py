@@ -23,7 +23,9 @@ The catalog is kept by :func:`dataset_catalog_report`, also called by
 ``node_sync``: it writes only when a node's report changed.
 
 Lock order, everywhere: the query row, then its sites' rows; so delivery,
-answers and expiry of one query never deadlock.
+answers and expiry of one query never deadlock. Delivery takes the query row
+only for its first transition (a conditional update), so the syncs of many
+nodes nudged at once do not queue on it.
 """
 
 from __future__ import annotations
@@ -269,15 +271,16 @@ def query_deliveries(*, node: Node) -> list[QueryRequest]:
     with transaction.atomic():
         for row in rows:
             if row.state != SiteState.SENT:
-                query = FederatedQuery.objects.select_for_update().get(pk=row.query_id)
-                if QuerySite.objects.filter(pk=row.pk, state=row.state).update(state=SiteState.SENT, sent_at=now):
-                    QueryEvent.objects.create(query=query, site=row.site, from_state=row.state,
-                                              to_state=SiteState.SENT)
-                if query.state == QueryState.PENDING:
-                    query.state = QueryState.RUNNING
-                    query.save(update_fields=["state"])
-                    QueryEvent.objects.create(query=query, from_state=QueryState.PENDING,
+                # Conditional updates, not a lock of the query row: fifty nodes nudged at once must not queue
+                # behind each other on one row. Only the first delivery touches the query (before its site row,
+                # the lock order of answers and expiry).
+                if row.query.state == QueryState.PENDING and FederatedQuery.objects.filter(
+                        pk=row.query_id, state=QueryState.PENDING).update(state=QueryState.RUNNING):
+                    QueryEvent.objects.create(query=row.query, from_state=QueryState.PENDING,
                                               to_state=QueryState.RUNNING)
+                if QuerySite.objects.filter(pk=row.pk, state=row.state).update(state=SiteState.SENT, sent_at=now):
+                    QueryEvent.objects.create(query=row.query, site=row.site, from_state=row.state,
+                                              to_state=SiteState.SENT)
             requests.append(QueryRequest(query_id=str(row.query.uuid), spec=row.query.spec, deadline=row.deadline))
     return requests
 

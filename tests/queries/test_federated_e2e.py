@@ -166,3 +166,17 @@ def test_it_reports_an_offline_site_as_timed_out_at_the_deadline_when_the_query_
     wait_until(lambda: "sync ok" in node.log_text(), timeout=15, what="the node to sync again")
     row.refresh_from_db()
     assert row.state == "timed_out"
+
+
+def test_it_refuses_to_start_a_node_whose_datasets_file_is_wrong_naming_the_entry(
+    live_control_plane: ControlPlane, edge_node: Any, site_berlin: Site
+) -> None:
+    node = edge_node(site_berlin, "gw-berlin", start=False)
+    bad = write_datasets_file(node.state_dir / "conf", [{"name": "readings", "kind": "excel", "path": "r.xlsx"}])
+    result = node.cli("run", "--state-dir", str(node.state_dir), "--serve-port", "-1", "--datasets", str(bad),
+                      check=False, timeout=30)
+    assert result.returncode == 1
+    assert "dataset 'readings' field 'kind'" in result.stderr
+    missing = node.cli("run", "--state-dir", str(node.state_dir), "--serve-port", "-1", "--datasets",
+                       str(node.state_dir / "nope.json"), check=False, timeout=30)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

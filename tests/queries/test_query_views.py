@@ -154,3 +154,14 @@ def test_it_downloads_the_merged_table_as_csv(client: Client, estate: Estate, ad
                 assert float(text) == value and float(cell) == pytest.approx(value, rel=1e-5)
             else:
                 assert text == cell == str(value)
+
+
+def test_it_draws_a_line_per_series_over_time_buckets(client: Client, estate: Estate, admin_user: Any) -> None:
+    client.login(username="admin", password=PASSWORD)
+    query = create(admin_user, [estate.berlin, estate.ohio], {
+        "dataset": "readings", "group_by": ["line"], "time_bucket": {"column": "ts", "interval": "day"},
+        "aggregates": [{"op": "mean", "column": "temperature"}]})
+    answer_locally(query, _nodes(estate))
+    page = client.get(reverse("queries:query-detail", args=[query.uuid])).content.decode()
+    # Lines L1, L2 (both sites) and L4: one polyline each, over the week's days.
+    assert page.count("<polyline") == 3 and "mean_temperature" in page

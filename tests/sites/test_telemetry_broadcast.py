@@ -13,8 +13,8 @@ import httpx
 import psycopg
 import pytest
 import websockets
+from asgiref.testing import ApplicationCommunicator
 from channels.layers import get_channel_layer
-from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
@@ -77,22 +77,44 @@ def test_it_refuses_to_merge_an_event_it_has_no_rule_for() -> None:
 # -- the outbox and the consumers ----------------------------------------------------
 
 
-async def _browser(consumer: Any, path: str, user: Any, **kwargs: str) -> WebsocketCommunicator:
-    communicator = WebsocketCommunicator(consumer.as_asgi(), path)
-    communicator.scope["user"] = user
-    communicator.scope["url_route"] = {"args": (), "kwargs": kwargs}
-    connected, _ = await communicator.connect(timeout=10)
-    assert connected
-    assert (await communicator.receive_json_from(timeout=10))["type"] == "hello"
-    return communicator
+class _Browser:
+    """A browser's socket straight into a consumer (the consumer and channel layer are real; the user is
+    already authenticated)."""
+
+    def __init__(self, consumer: Any, path: str, user: Any, **kwargs: str) -> None:
+        scope = {"type": "websocket", "path": path, "headers": [], "subprotocols": [], "user": user,
+                 "url_route": {"args": (), "kwargs": kwargs}}
+        self.app = ApplicationCommunicator(consumer.as_asgi(), scope)
+
+    async def open(self) -> _Browser:
+        await self.app.send_input({"type": "websocket.connect"})
+        assert (await self.app.receive_output(timeout=10))["type"] == "websocket.accept"
+        assert (await self.receive(timeout=10))["type"] == "hello"
+        return self
+
+    async def receive(self, timeout: float) -> dict[str, Any]:
+        # Not receive_output(): its timeout also stops the consumer.
+        try:
+            output = await asyncio.wait_for(self.app.output_queue.get(), timeout=timeout)
+        except TimeoutError:
+            if self.app.future.done():
+                self.app.future.result()  # the consumer failed: say how
+            raise
+        assert output["type"] == "websocket.send", output
+        message: dict[str, Any] = json.loads(output["text"])
+        return message
+
+    async def close(self) -> None:
+        await self.app.send_input({"type": "websocket.disconnect", "code": 1000})
+        await self.app.wait(timeout=10)
 
 
-async def _all(communicator: WebsocketCommunicator, quiet: float) -> list[tuple[float, dict[str, Any]]]:
+async def _all(browser: _Browser, quiet: float) -> list[tuple[float, dict[str, Any]]]:
     """Every message until none has come for ``quiet`` seconds, with when it came."""
     seen = []
     while True:
         try:
-            message = await communicator.receive_json_from(timeout=quiet)
+            message = await browser.receive(timeout=quiet)
         except TimeoutError:
             return seen
         seen.append((time.monotonic(), message))
@@ -106,18 +128,23 @@ def test_it_sends_an_idle_outbox_at_once_and_merges_what_follows_into_one_messag
     interval = 1.0
 
     async def scenario() -> tuple[float, list[tuple[float, dict[str, Any]]], list[tuple[float, dict[str, Any]]]]:
-        fleet = await _browser(FleetConsumer, "/ws/fleet/", operator)
-        page = await _browser(SiteConsumer, f"/ws/sites/{site_berlin.uuid}/", operator, site_id=str(site_berlin.uuid))
+        fleet = await _Browser(FleetConsumer, "/ws/fleet/", operator).open()
+        page = await _Browser(SiteConsumer, f"/ws/sites/{site_berlin.uuid}/", operator,
+                              site_id=str(site_berlin.uuid)).open()
         outbox = Outbox(interval=interval)
         put_at = time.monotonic()
         outbox.put(_round(site_berlin, "b1", 1))
+        first = (time.monotonic(), await fleet.receive(timeout=10))
         # Three more commits within the interval: one message per group, after the interval.
         outbox.put([*_round(site_ohio, "o1", 1), *_round(site_berlin, "b2", 1)])
+        await asyncio.sleep(0)
         outbox.put(_round(site_berlin, "b1", 2, at=LATER))
+        await asyncio.sleep(0.1)
         outbox.put(_round(site_ohio, "o1", 2, at=LATER))
         fleet_seen, page_seen = await asyncio.gather(_all(fleet, 3.0), _all(page, 3.0))
-        await fleet.disconnect()
-        await page.disconnect()
+        fleet_seen.insert(0, first)
+        await fleet.close()
+        await page.close()
         await get_channel_layer().close_pools()
         return put_at, fleet_seen, page_seen
 

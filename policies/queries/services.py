@@ -267,6 +267,8 @@ def query_deliveries(*, node: Node) -> list[QueryRequest]:
     now = timezone.now()
     rows = list(QuerySite.objects.filter(node=node, state__in=OPEN_SITE_STATES, deadline__gt=now)
                 .select_related("query", "site").order_by("pk")[:100])
+    if not rows:
+        return []  # the common case: no savepoint, nothing else to do
     requests: list[QueryRequest] = []
     with transaction.atomic():
         for row in rows:

@@ -5,10 +5,10 @@ second if each stream commits its own frames. Instead every
 :class:`~sites.consumers.NodeStreamConsumer` of an event loop hands its frame
 to that loop's :class:`Committer` and waits; the committer commits whatever
 has gathered in one :func:`~sites.telemetry.services.telemetry_commit` call,
-then wakes each waiter with its node's high-water mark, sends the round's
-events to the channel layer from the event loop (after the commit, beside
-the next round rather than before it), and starts the next round with
-whatever arrived meanwhile. No timer: a frame arriving at an idle
+then wakes each waiter with its node's high-water mark, hands the round's
+events to the outbox (sent from the event loop after the commit, beside the
+next round rather than before it), and starts the next round with whatever
+arrived meanwhile. No timer: a frame arriving at an idle
 committer is committed at once, and under load rounds grow by themselves.
 
 A round that fails (the database went away) fails each of its frames; their
@@ -19,9 +19,10 @@ Two things keep the websockets of the process from waiting on each other:
 
 * The rounds run on a thread of the committer's own, not on the one thread
   that ``database_sync_to_async`` shares between every consumer of the
-  process (authentication, permission checks). A round takes a few hundred
-  milliseconds at a thousand nodes; on the shared thread every permission
-  check, and so every message to a browser, queued behind it.
+  process (authentication, sessions, permission checks). A round takes tens
+  to hundreds of milliseconds at a thousand nodes; on the shared thread
+  every permission check, and with it every message to a browser, queued
+  behind it, as did every frame (see ``sites.consumers.LiveConsumer``).
 * The events go through an :class:`Outbox`: per group, the events of the
   rounds committed since the last send are merged into one message
   (:func:`~sites.telemetry.events.coalesce`: every point, the newest mark of

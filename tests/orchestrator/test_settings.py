@@ -123,7 +123,10 @@ def test_it_uses_postgres_and_redis_when_both_urls_are_set(tmp_path: Path) -> No
     assert seen["embedded"] is False
     assert (seen["engine"], seen["name"], seen["host"]) == ("django.db.backends.postgresql", "fleet", "db.example.org")
     assert seen["layer"] == "channels_redis.core.RedisChannelLayer"
-    assert seen["layer_hosts"] == ["redis://cache.example.org:6379/2"]
+    (host,) = seen["layer_hosts"]
+    assert host["address"] == "redis://cache.example.org:6379/2"
+    # Above channels_redis's 5 s blocking pop, so an idle wait never times out on the socket.
+    assert host["socket_timeout"] > 5
     assert seen["broker"] == "redis://cache.example.org:6379/2"
     assert "EMBEDDED" not in stderr
 

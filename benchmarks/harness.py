@@ -302,7 +302,14 @@ def machine() -> dict[str, Any]:
 
 
 def write_report(name: str, report: dict[str, Any], output: str = "") -> Path:
-    """Write ``report`` as JSON to ``output`` or ``benchmarks/results/<name>-<timestamp>.json``."""
+    """Write ``report`` as JSON to ``output`` or ``benchmarks/results/<name>-<timestamp>.json``.
+
+    Stamps the finish time and the load average at the end (unless the
+    benchmark recorded them itself): other work on the machine shows there,
+    so runs compare only at similar load.
+    """
+    report.setdefault("finished_at", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    report.setdefault("machine", {}).setdefault("loadavg_at_end", [round(x, 2) for x in os.getloadavg()])
     if output:
         path = Path(output)
     else:

@@ -297,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio {e2e['end_to_end_over_sync_round_trip']:.1f}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["ratios"] = {
         **{f"engine_over_duckdb_{f['rows']}": f["engine_over_duckdb"] for f in report["node"]},
         **({"federation_end_to_end_over_duckdb_central": report["federation"]["end_to_end_over_duckdb_central"]}

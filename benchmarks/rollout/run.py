@@ -132,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; database dropped")
         return 130
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = write_report("rollout", report, args.output)
     print(table(report))
     print(f"\nreport: {path}")

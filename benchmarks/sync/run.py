@@ -250,9 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; processes stopped and database dropped")
         return 130
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    # Other work on the machine shows here; compare runs only at similar load.
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = write_report("sync", report, args.output)
     print(table(report))
     print(f"\nreport: {path}")

@@ -418,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
                         "telemetry_over_echo_p99": ratio(live["latency_ms"]["p99"], echo["latency_ms"]["p99"])}
     report["target_met"] = (live["latency_ms"]["p99"] < 500 and not any(live["operator_missing"])
                             and not live["errors_total"])
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = write_report("telemetry", report, args.output)
     print(table(report))
     print(f"\nreport: {path}")

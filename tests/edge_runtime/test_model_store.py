@@ -10,14 +10,12 @@ import datetime as dt
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from edge_runtime import signing
 from edge_runtime.model_store import ModelReconciler, ModelStore
@@ -85,26 +83,6 @@ class ArtifactServer:
 
     def artifact_requests(self, sha: str) -> list[dict[str, str]]:
         return [r for r in self.requests if r["path"].endswith(sha)]
-
-
-@pytest.fixture()
-def artifacts() -> Iterator[ArtifactServer]:
-    srv = ArtifactServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def key() -> Any:
-    return signing.generate_private_key()
-
-
-@pytest.fixture()
-def server() -> Iterator[om.ServerUnderTest]:
-    srv = om.ServerUnderTest()
-    yield srv
-    srv.close()
 
 
 def make_store(server: om.ServerUnderTest, artifacts: ArtifactServer, key: Any, state_dir: Path,

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from edge_runtime import signing
 from edge_runtime.model_store import ModelReconciler, policy_bundle
 from edge_runtime.policy.placement import PolicyBundle
 from edge_runtime.protocol import DesiredState
 from tests.edge_runtime import onnx_models as om
 from tests.edge_runtime.test_model_store import ArtifactServer, added, make_store, model_bytes, publish
-
-
-@pytest.fixture()
-def artifacts() -> Iterator[ArtifactServer]:
-    srv = ArtifactServer()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture()
-def key() -> Any:
-    return signing.generate_private_key()
-
-
-@pytest.fixture()
-def server() -> Iterator[om.ServerUnderTest]:
-    srv = om.ServerUnderTest()
-    yield srv
-    srv.close()
-
 
 EU_ONLY_SECRET = {"rules": [{"name": "secret-stays-in-eu", "effect": "only", "classifications": [3],
                              "where": {"jurisdictions": ["DE"]}}]}

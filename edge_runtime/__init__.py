@@ -21,7 +21,8 @@ REQUIRES: tuple[str, ...] = (
     "websockets>=12",
     "onnxruntime>=1.18",
     "numpy>=1.26",
-    "uvicorn[standard]>=0.30",
+    "httptools>=0.6",  # the model server's HTTP parser (llhttp)
+    "uvloop>=0.19; sys_platform != 'win32'",  # the faster event loop, where it exists
     "pandas>=2.2",  # the data engine: federated queries computed in place on local datasets
     "pyarrow>=15",  # Parquet datasets, read with column selection and filter pushdown
     "orjson>=3.10",  # the model server's JSON: tensors parsed and written several times faster than json

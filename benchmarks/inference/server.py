@@ -5,8 +5,8 @@
 * ``batched``: the node's model server exactly as ``edge-runtime serve``
   builds it (:class:`ModelRegistry` defaults, :func:`run_server`), plus a
   ``POST /noop`` route that reads the body and answers ``{}``: the floor that
-  HTTP on this stack costs (uvicorn, httptools, uvloop, the app's own
-  response path).
+  HTTP on this stack costs (the node's HTTP layer on httptools and uvloop,
+  the app's routing and answer path).
 * ``naive``: the same HTTP stack, the same parsing and answers, but no
   batcher: each request does its own ``session.run`` in the thread pool, as a
   straightforward server would.
@@ -18,38 +18,36 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 import uvloop
 
 from edge_runtime.serving import ModelRegistry, run_server
-from edge_runtime.serving.app import JSON_TYPE, HTTPError, OIPApp, Receive, Scope
+from edge_runtime.serving.app import JSON_TYPE, Answer, HTTPError, OIPApp
 from edge_runtime.serving.batcher import DEFAULT_INLINE_BELOW_MS, ModelUnavailable
-
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 class WithNoop(OIPApp):
-    async def handle(self, scope: Scope, receive: Receive) -> Answer:
-        if scope["path"] == "/noop":
-            await self._read_body(receive, dict(scope["headers"]))
+    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
+              ) -> Answer | asyncio.Future[Answer]:
+        if path == "/noop":  # the body has been read, like any other request's
             return 200, JSON_TYPE, b"{}"
-        return await super().handle(scope, receive)
+        return super().route(method, path, headers, body)
 
 
 class Naive(WithNoop):
     """One ``session.run`` per request in the registry's thread pool; nothing else differs."""
 
-    async def infer(self, scope: Scope, receive: Receive, name: str, version: str | None) -> Answer:
+    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes
+              ) -> asyncio.Future[Answer]:
         served = self._resolve(name, version)
-        headers = dict(scope["headers"])
-        body = await self._read_body(receive, headers)
+        started = time.perf_counter()
         request, feeds, wanted = self._parse(served, body, headers)
         if served.batcher.closing:
             raise HTTPError(503, str(ModelUnavailable()))
-        loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self.registry.executor, served.model.run, feeds)
-        return self._respond(served, request, outputs, wanted)
+        outputs = asyncio.get_running_loop().run_in_executor(self.registry.executor, served.model.run, feeds)
+        return self._answer_when(outputs, served, request, wanted, started)
 
 
 async def serve(mode: str, model_dir: Path, port: int, max_batch_size: int, inline_below_ms: float) -> None:

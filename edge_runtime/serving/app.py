@@ -1,4 +1,4 @@
-"""The Open Inference Protocol (KServe v2) REST API as a plain ASGI application.
+"""The Open Inference Protocol (KServe v2) REST API: the node's own HTTP layer calls :meth:`OIPApp.dispatch`.
 
 Endpoints::
 
@@ -11,7 +11,10 @@ Endpoints::
     GET  /metrics                        Prometheus text format
 
 No web framework: the routes are few and fixed, and on the inference path
-every microsecond of routing and middleware is paid per request. Errors are
+every microsecond of routing and middleware is paid per request. An
+inference is answered through a callback on the batcher's future, not a
+coroutine; the app is also a plain ASGI application, for embedding it in
+another server. Errors are
 ``{"error": "..."}``: 400 for a request the model cannot take (naming the
 input and the problem), 404 for an unknown model or version, 405 for a wrong
 method, 413 for a body over the limit, 500 when the model itself fails. An
@@ -41,6 +44,7 @@ the binary extension, which is parsed without a copy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -63,6 +67,8 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# (status, headers, body) of one answer.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVER_NAME = "edgewise-edge-runtime"
@@ -96,25 +102,50 @@ class OIPApp:
         self.live = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI, for embedding the API in another server; the node's own server calls :meth:`dispatch`."""
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
+        headers = dict(scope["headers"])
+        answer: Answer | asyncio.Future[Answer]
         try:
-            status, headers, body = await self.handle(scope, receive)
+            body = await self._read_body(receive, headers)
         except HTTPError as exc:
-            status, headers, body = exc.status, JSON_TYPE, _error_body(exc.message)
-        except Exception:  # noqa: BLE001 - one request's bug must not take the server down
-            logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
-            status, headers, body = 500, JSON_TYPE, _error_body("internal server error")
+            answer = (exc.status, *self.error_answer(exc.message))
+        else:
+            answer = self.dispatch(scope["method"], scope["path"], headers, body)
+            if isinstance(answer, asyncio.Future):
+                answer = await answer
+        status, response_headers, response_body = answer
         await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+                    "headers": [*response_headers, (b"content-length", str(len(response_body)).encode())]})
+        await send({"type": "http.response.body", "body": response_body})
 
-    async def handle(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        method: str = scope["method"]
-        parts = scope["path"].strip("/").split("/")
+    def dispatch(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
+                 ) -> Answer | asyncio.Future[Answer]:
+        """One request, whole: its answer, or a future of it (inference). Never raises.
+
+        ``headers`` are keyed by lower-case name; ``body`` is as received
+        (the HTTP layer has already held it to ``max_body_bytes``).
+        """
+        try:
+            return self.route(method, path, headers, body)
+        except HTTPError as exc:
+            return exc.status, *self.error_answer(exc.message)
+        except Exception:  # noqa: BLE001 - one request's bug must not take the server down
+            logger.exception("unexpected error serving %s %s", method, path)
+            return 500, *self.error_answer("internal server error")
+
+    @staticmethod
+    def error_answer(message: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """Headers and body of an error answer: ``{"error": message}``."""
+        return JSON_TYPE, _error_body(message)
+
+    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
+              ) -> Answer | asyncio.Future[Answer]:
+        parts = path.strip("/").split("/")
         if parts[0] == "v2":
             n = len(parts)
             if n >= 3 and parts[1] == "models":
@@ -132,7 +163,7 @@ class OIPApp:
                     return 200, JSON_TYPE, b""
                 if rest == ["infer"]:
                     _allow(method, "POST")
-                    return await self.infer(scope, receive, name, version)
+                    return self.infer(name, version, headers, body)
             elif n == 1:
                 _allow(method, "GET")
                 return 200, JSON_TYPE, _json({"name": self.server_name, "version": __version__,
@@ -145,7 +176,7 @@ class OIPApp:
             _allow(method, "GET")
             return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], \
                 self.registry.metrics.render().encode()
-        raise HTTPError(404, f"no such endpoint: {scope['path']}")
+        raise HTTPError(404, f"no such endpoint: {path}")
 
     # metadata ----------------------------------------------------------------
 
@@ -165,36 +196,66 @@ class OIPApp:
             "inputs": [spec.metadata() for spec in model.inputs],
             "outputs": [spec.metadata() for spec in model.outputs],
             "parameters": {"version": served.version, "execution_provider": model.provider,
-                           "max_batch_size": served.max_batch_size},
+                           "max_batch_size": served.max_batch_size, "instances": served.batcher.instances},
         })
 
     # inference ---------------------------------------------------------------
 
-    async def infer(self, scope: Scope, receive: Receive, name: str,
-                    version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes
+              ) -> asyncio.Future[Answer]:
         served = self._resolve(name, version)
         metrics = served.metrics
         metrics.requests += 1
         started = time.perf_counter()
         try:
-            headers = dict(scope["headers"])
-            body = await self._read_body(receive, headers)
-            request, feeds, wanted = self._parse(served, body, headers)
+            request, feeds, wanted = self._parse(served, _decode_body(body, headers, self.max_body_bytes), headers)
             try:
-                outputs = await served.batcher.submit(feeds)
+                outputs = served.batcher.submit(feeds)
+            except ModelUnavailable as exc:
+                raise HTTPError(503, str(exc)) from None
+        except HTTPError:
+            metrics.errors += 1
+            metrics.latency.observe(time.perf_counter() - started)
+            raise
+        return self._answer_when(outputs, served, request, wanted, started)
+
+    def _answer_when(self, outputs: asyncio.Future[list[Array]], served: ServedVersion, request: dict[str, Any],
+                     wanted: list[tuple[str, bool]], started: float) -> asyncio.Future[Answer]:
+        """The answer to a request once the model's ``outputs`` for it are in."""
+        answer: asyncio.Future[Answer] = outputs.get_loop().create_future()
+
+        def done(outcome: asyncio.Future[list[Array]]) -> None:
+            if not answer.done():
+                answer.set_result(self._complete(outcome, served, request, wanted, started))
+
+        outputs.add_done_callback(done)
+        return answer
+
+    def _complete(self, outcome: asyncio.Future[list[Array]], served: ServedVersion, request: dict[str, Any],
+                  wanted: list[tuple[str, bool]], started: float) -> Answer:
+        metrics = served.metrics
+        name = served.name
+        try:
+            try:
+                outputs = outcome.result()
+            except asyncio.CancelledError:
+                raise HTTPError(503, "the request was cancelled: the server is stopping") from None
             except ModelUnavailable as exc:
                 raise HTTPError(503, str(exc)) from None
             except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
                 raise BadRequest(f"model '{name}' refused the request: {_one_line(exc)}") from None
             except Exception as exc:  # noqa: BLE001 - the model failed on this request only
                 raise HTTPError(500, f"model '{name}' failed on this request: {_one_line(exc)}") from None
-            result = self._respond(served, request, outputs, wanted)
-        except HTTPError:
+            return self._respond(served, request, outputs, wanted)
+        except HTTPError as exc:
             metrics.errors += 1
-            raise
+            return exc.status, *self.error_answer(exc.message)
+        except Exception:  # noqa: BLE001 - a bug answering one request must not lose the others
+            logger.exception("unexpected error answering an inference on %s", name)
+            metrics.errors += 1
+            return 500, *self.error_answer("internal server error")
         finally:
             metrics.latency.observe(time.perf_counter() - started)
-        return result
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.max_body_bytes
@@ -214,13 +275,7 @@ class OIPApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = headers.get(b"content-encoding", b"identity").strip().lower()
-        if encoding in (b"gzip", b"deflate"):
-            body = _decompress(body, encoding, limit)
-        elif encoding not in (b"identity", b""):
-            raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
-        return body
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _parse(self, served: ServedVersion, body: bytes,
                headers: dict[bytes, bytes]) -> tuple[dict[str, Any], dict[str, Array], list[tuple[str, bool]]]:
@@ -390,6 +445,19 @@ def _loads(head: bytes | memoryview) -> Any:
 
 def _error_body(message: str) -> bytes:
     return _json({"error": message})
+
+
+def _decode_body(body: bytes, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The body as the client meant it: gzip and deflate undone (within ``limit``), identity as is."""
+    encoding = headers.get(b"content-encoding")
+    if encoding is None:
+        return body
+    encoding = encoding.strip().lower()
+    if encoding in (b"gzip", b"deflate"):
+        return _decompress(body, encoding, limit)
+    if encoding not in (b"identity", b""):
+        raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
+    return body
 
 
 def _decompress(body: bytes, encoding: bytes, limit: int) -> bytes:

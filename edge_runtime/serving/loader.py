@@ -124,6 +124,8 @@ class LoadedModel:
     smoke_seconds: float
     # The quickest warm call on the smoke-test inputs (batch 1); the batcher starts from it.
     warm_run_seconds: float = 0.0
+    # Runs of this session the batcher makes side by side.
+    instances: int = 1
     inputs_by_name: dict[str, TensorSpec] = field(default_factory=dict)
     output_names: list[str] = field(default_factory=list)
     output_index: dict[str, int] = field(default_factory=dict)
@@ -186,6 +188,28 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def auto_instances(providers: Sequence[str]) -> int:
+    """How many batches of one model to run side by side when the node does not say.
+
+    Two on CPU when the node has at least two usable CPUs (see :mod:`.batcher`
+    for why), one on an accelerator, whose kernels are not sharing cores with
+    the event loop.
+    """
+    if providers and providers[0] != CPU:
+        return 1
+    return 2 if usable_cpus() >= 2 else 1
+
+
+def instance_threads(instances: int) -> int:
+    """Intra-op threads for each of ``instances`` runs side by side: the usable CPUs shared out.
+
+    0 (for one instance) leaves the choice to :func:`session_options`.
+    """
+    if instances <= 1:
+        return 0
+    return max(1, usable_cpus() // instances)
+
+
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     """The options every served session gets; ``intra_op_threads`` 0 lets onnxruntime size its pool."""
     options = ort.SessionOptions()
@@ -206,14 +230,22 @@ def load_model(
     required: Sequence[str] = (),
     priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
     intra_op_threads: int = 0,
+    instances: int = 1,
 ) -> LoadedModel:
     """Load ``path`` with the best provider, read its signature and smoke-test it.
+
+    ``instances`` (0: :func:`auto_instances`) is how many runs of the
+    session the batcher will make side by side; unless ``intra_op_threads``
+    says otherwise, each gets its share of the CPUs. The count used is
+    :attr:`LoadedModel.instances`.
 
     Raises :class:`ProviderError` or :class:`LoadError`; nothing is served
     from a model that did not come back from here.
     """
     providers = select_providers(preferred=preferred, required=required, priority=priority)
-    options = session_options(intra_op_threads)
+    if instances < 1:
+        instances = auto_instances(providers)
+    options = session_options(intra_op_threads or instance_threads(instances))
     started = time.perf_counter()
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -230,7 +262,7 @@ def load_model(
     outputs = [_spec(arg) for arg in session.get_outputs()]
     model = LoadedModel(
         session=session, path=path, provider=actual[0] if actual else CPU, providers=actual,
-        inputs=inputs, outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0,
+        inputs=inputs, outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0, instances=instances,
     )
     feeds = smoke_inputs(inputs)
     started = time.perf_counter()

@@ -69,9 +69,16 @@ class ServedModel:
 
 class ModelRegistry:
     def __init__(self, *, provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
-                 intra_op_threads: int = 0, inference_threads: int = 4, metrics: Metrics | None = None) -> None:
+                 intra_op_threads: int = 0, instances: int = 0, inference_threads: int = 4,
+                 metrics: Metrics | None = None) -> None:
+        """``instances``: batches of one model run side by side (0: chosen per model, see
+        :func:`~edge_runtime.serving.loader.auto_instances`); ``intra_op_threads``
+        (0: the CPUs shared out among the instances) is per run."""
+        if instances < 0:
+            raise ValueError("instances must not be negative")
         self.provider_priority = tuple(provider_priority)
         self.intra_op_threads = intra_op_threads
+        self.instances = instances
         self.metrics = metrics or Metrics()
         # Inference runs here; loading uses the loop's default executor so
         # that a slow load never takes a thread that requests are waiting for.
@@ -159,6 +166,7 @@ class ModelRegistry:
                 model = await asyncio.to_thread(
                     load_model, path, preferred=providers, required=required_providers,
                     priority=self.provider_priority, intra_op_threads=self.intra_op_threads,
+                    instances=self.instances,
                 )
             except LoadError as exc:
                 state: Literal["refused", "failed"] = "refused" if isinstance(exc, ProviderError) else "failed"
@@ -171,7 +179,8 @@ class ModelRegistry:
                 self._loading -= 1
             metrics = self.metrics.of(name, version)
             batcher = Batcher(model, executor=self.executor, metrics=metrics, max_batch_size=max_batch_size,
-                              max_queue_delay_ms=max_queue_delay_ms, inline_below_ms=inline_below_ms)
+                              max_queue_delay_ms=max_queue_delay_ms, inline_below_ms=inline_below_ms,
+                              instances=model.instances)
             batcher.start()
             new = ServedVersion(name=name, version=version, sha256=sha256, variant=variant, model=model,
                                 batcher=batcher, metrics=metrics, max_batch_size=max_batch_size,

@@ -36,6 +36,7 @@ def serve_main(
     max_queue_delay_ms: float = 0.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
+    instances: int = 0,
     out: TextIO | None = None,
 ) -> int:
     """Serve every ``.onnx`` file in ``model_dir`` until SIGINT/SIGTERM; the process exit code.
@@ -52,17 +53,18 @@ def serve_main(
         print(f"error: no .onnx files in {model_dir}", file=stream, flush=True)
         return 2
     main = _serve(files, host, port, stream, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                  max_body_bytes=max_body_bytes, provider_priority=provider_priority)
+                  max_body_bytes=max_body_bytes, provider_priority=provider_priority, instances=instances)
     try:
-        import uvloop  # optional (uvicorn[standard] brings it): the faster loop
+        import uvloop  # not on every platform: the faster loop where it is
     except ImportError:
         return asyncio.run(main)
     return int(uvloop.run(main))
 
 
 async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max_batch_size: int,
-                 max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str]) -> int:
-    registry = ModelRegistry(provider_priority=provider_priority)
+                 max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str],
+                 instances: int) -> int:
+    registry = ModelRegistry(provider_priority=provider_priority, instances=instances)
     served = 0
     for path in files:
         name = path.stem

@@ -8,6 +8,7 @@ the loop turned.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_runtime.serving.batcher import Batcher, ModelUnavailable
+from edge_runtime.serving.batcher import DRAIN_SLICE_S, Batcher, ModelUnavailable
 from edge_runtime.serving.loader import LoadedModel, load_model
 from edge_runtime.serving.metrics import ModelMetrics
 from tests.edge_runtime import onnx_models as om
@@ -184,3 +185,78 @@ def test_it_fails_only_the_request_the_model_cannot_process(tmp_path: Path) -> N
             assert results[i][0].tolist() == [[x[i, i]]]
 
     run(go)
+
+
+def test_it_runs_up_to_instances_batches_side_by_side(cnn: LoadedModel) -> None:
+    async def go(pool: ThreadPoolExecutor) -> None:
+        image = np.random.default_rng(7).normal(size=(1, 3, 256, 256)).astype(np.float32)
+        one, two = make(cnn, pool, inline_below_ms=0, instances=1), make(cnn, pool, inline_below_ms=0, instances=2)
+        futures = [one.submit({"x": image}), one.submit({"x": image})]
+        # One instance: the second request waits for the first batch.
+        assert one.metrics.batches == 1 and one.metrics.queue_depth == 1
+        futures += [two.submit({"x": image}), two.submit({"x": image})]
+        # Two instances: both requests are on their way at once.
+        assert two.metrics.batches == 2 and two.metrics.queue_depth == 0
+        expected = cnn.run({"x": image})[0]
+        for [y] in await asyncio.gather(*futures):
+            np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+
+    run(go)
+
+
+def test_a_worker_starts_the_next_batch_while_the_loop_is_busy(cnn: LoadedModel) -> None:
+    async def go(pool: ThreadPoolExecutor) -> None:
+        batcher = make(cnn, pool, inline_below_ms=0, max_batch_size=1)
+        image = np.zeros((1, 3, 256, 256), dtype=np.float32)
+        futures = [batcher.submit({"x": image}) for _ in range(3)]
+        assert batcher.metrics.batches == 1
+        # The loop does not turn while it sleeps: whatever ran meanwhile was
+        # started by the worker that finished the batch before it.
+        deadline = time.monotonic() + 30
+        while batcher.metrics.batches < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.metrics.batches == 3 and batcher.metrics.queue_depth == 0
+        assert not any(f.done() for f in futures)  # answers are handed over on the loop only
+        await asyncio.gather(*futures)
+
+    run(go)
+
+
+def test_a_busy_model_lets_another_have_the_pool(cnn: LoadedModel) -> None:
+    async def go(pool: ThreadPoolExecutor) -> None:
+        busy, other = make(cnn, pool, inline_below_ms=0, max_batch_size=1), make(cnn, pool, inline_below_ms=0)
+        image = np.zeros((1, 3, 256, 256), dtype=np.float32)
+        finished: list[str] = []
+        # Enough one-row batches to outlast several drain slices on any machine.
+        assert DRAIN_SLICE_S <= 0.05
+        count = max(8, int(0.2 / max(cnn.warm_run_seconds, 1e-4)))
+        queued = [busy.submit({"x": image}) for _ in range(count)]
+        queued[-1].add_done_callback(lambda _: finished.append("busy"))
+        await asyncio.sleep(0)
+        await other.submit({"x": image})
+        finished.append("other")
+        await asyncio.gather(*queued)
+        # The other model did not wait for the whole queue of the busy one.
+        assert finished == ["other", "busy"]
+
+    one_thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
+    try:
+        asyncio.run(go(one_thread))
+    finally:
+        one_thread.shutdown(wait=True)
+
+
+def test_close_answers_what_every_instance_holds(cnn: LoadedModel) -> None:
+    async def go(pool: ThreadPoolExecutor) -> None:
+        batcher = make(cnn, pool, inline_below_ms=0, instances=2)
+        image = np.zeros((1, 3, 256, 256), dtype=np.float32)
+        futures = [batcher.submit({"x": image}) for _ in range(5)]
+        await batcher.close()
+        assert all(f.done() and f.exception() is None for f in futures)
+
+    run(go)
+
+
+def test_instances_must_be_at_least_one(mlp: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="instances must be at least 1"):
+        Batcher(mlp, executor=ThreadPoolExecutor(1), metrics=ModelMetrics(), instances=0)

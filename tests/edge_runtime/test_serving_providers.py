@@ -104,3 +104,31 @@ def test_it_sizes_the_thread_pool_to_the_cpus_the_process_may_use() -> None:
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()
     # With every CPU usable, onnxruntime sizes its own pool (0); with fewer, one thread per usable CPU.
     assert out == (["1", "3"] if (os.cpu_count() or 1) > 1 else ["0", "3"])
+
+
+def test_it_runs_two_instances_on_cpu_and_one_on_an_accelerator() -> None:
+    code = ("import os, sys; os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:int(sys.argv[1])])); "
+            "from edge_runtime.serving.loader import auto_instances, instance_threads; "
+            "print(auto_instances(['CPUExecutionProvider']), auto_instances(['CUDAExecutionProvider', "
+            "'CPUExecutionProvider']), instance_threads(1), instance_threads(2))")
+    root = Path(__file__).resolve().parents[2]
+
+    def with_cpus(n: int) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True,
+                              cwd=root).stdout.split()
+
+    # One CPU: one instance with onnxruntime's own pool size.
+    assert with_cpus(1) == ["1", "1", "0", "1"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        # Two CPUs: two single-threaded instances on CPU, one on the accelerator.
+        assert with_cpus(2) == ["2", "1", "0", "1"]
+
+
+def test_each_instance_gets_its_share_of_the_cpus(tmp_path: Path) -> None:
+    path = om.mlp(tmp_path / "m.onnx")
+    cpus = len(os.sched_getaffinity(0))
+    model = load_model(path, instances=2)
+    assert model.instances == 2
+    assert model.session.get_session_options().intra_op_num_threads == max(1, cpus // 2)
+    auto = load_model(path, instances=0)
+    assert auto.instances == (2 if cpus >= 2 else 1)

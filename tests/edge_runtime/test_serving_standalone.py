@@ -84,3 +84,25 @@ def test_it_skips_a_broken_model_and_serves_the_rest(tmp_path: Path) -> None:
     text = out_path.read_text()
     assert "skipped broken.onnx: onnxruntime cannot load broken.onnx" in text
     assert "no model could be loaded" in text
+
+
+def test_the_serve_command_takes_the_instance_count_and_names_a_bad_one(tmp_path: Path) -> None:
+    om.mlp(tmp_path / "classifier.onnx")
+    cli = [sys.executable, "-m", "edge_runtime", "serve", "--model-dir", str(tmp_path)]
+    for bad in ("-1", "two", "65"):
+        refused = subprocess.run([*cli, "--instances", bad], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert "--instances" in refused.stderr and repr(bad) in refused.stderr
+    port = free_port()
+    proc = subprocess.Popen([*cli, "--port", str(port), "--instances", "3"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("serving"):
+                break
+        metadata = httpx.get(f"http://127.0.0.1:{port}/v2/models/classifier", timeout=30).json()
+        assert metadata["parameters"]["instances"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -1,0 +1,338 @@
+"""The model server's HTTP/1.1: an asyncio protocol on httptools' parser, with no per-request task.
+
+A general ASGI server spends more per request than a small CNN's share of
+the CPU can spare: on a 2-core node, uvicorn's request cycle (a task, the
+ASGI messages, the header checks, two writes per answer) cost about as much
+as parsing, batching and answering together, and every microsecond the
+event loop spends is one the model's threads do not get. Here a request is
+parsed by httptools (llhttp, the parser uvicorn uses too), handed to
+:meth:`OIPApp.dispatch` as method, path, headers and body, and answered in
+one write, either at once or when the batcher's future resolves, through a
+callback rather than a coroutine.
+
+What it does, for the clients that talk to a node:
+
+* HTTP/1.1 keep-alive (and 1.0 with or without it); pipelined requests are
+  answered in order, and reading pauses while too many wait.
+* Request bodies by ``Content-Length`` or chunked; ``Expect: 100-continue``
+  gets its interim answer; a body over ``max_body_bytes`` gets 413 as soon
+  as that is known (from the declared length, or once the bytes exceed it),
+  and the rest of it is read and dropped so that the connection stays usable.
+* A request line and headers over ``MAX_HEAD_BYTES`` get 431; a request the
+  parser rejects gets 400; both close the connection.
+* Idle keep-alive connections close after ``keep_alive_s``; a client that
+  stops reading pauses its connection's reading (write flow control).
+* :meth:`HTTPServer.close` stops accepting, lets every request in progress
+  finish and be answered, then closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import httptools
+
+if TYPE_CHECKING:
+    from edge_runtime.serving.app import Answer, OIPApp
+
+logger = logging.getLogger("edge_runtime.serving")
+
+MAX_HEAD_BYTES = 64 * 1024
+# Pipelined requests waiting for their answers before reading pauses.
+MAX_PIPELINED = 32
+DEFAULT_KEEP_ALIVE_S = 30.0
+
+_REASONS = {
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+def render(status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, keep_alive: bool,
+           head_only: bool = False) -> bytes:
+    """One whole HTTP/1.1 response: status line, headers, content-length, body."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Status"))]
+    for name, value in headers:
+        parts += [name, b": ", value, b"\r\n"]
+    parts.append(b"content-length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
+class _Slot:
+    """One request's place in its connection's answer order."""
+
+    __slots__ = ("data", "keep_alive")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.data: bytes | None = None
+        self.keep_alive = keep_alive
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: collections.deque[_Slot] = collections.deque()
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.reading_paused = False
+        self.writing_paused = False
+        self.closed = False
+        # Between a request's first byte and its last: no idle timeout meanwhile.
+        self.in_request = False
+        # A request could not be parsed: its answer is queued, nothing more is read.
+        self.broken = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.head_bytes = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.chunks: list[bytes] = []
+        self.size = 0
+        # The request got its answer before its body ended (413): drop the rest.
+        self.answered = False
+
+    # asyncio -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self._arm_idle_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_idle_timer()
+        self.server.connections.discard(self)
+        self.server.connection_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not served here")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+
+    # httptools callbacks -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._cancel_idle_timer()
+        self.in_request = True
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        if self.closed:
+            return
+        declared = self.headers.get(b"content-length")
+        limit = self.app.max_body_bytes
+        expects = self.headers.get(b"expect", b"").lower() == b"100-continue"
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            # A client that asked first will not send the body: the connection
+            # cannot carry on past it, so it closes after the answer.
+            self._answer_early(413, f"request body of {int(declared)} bytes is over the limit of {limit} bytes",
+                               keep_alive=not expects)
+        elif expects:
+            # An interim answer, in its place after the answers still owed.
+            slot = _Slot(keep_alive=True)
+            slot.data = b"HTTP/1.1 100 Continue\r\n\r\n"
+            self.pending.append(slot)
+            self._flush()
+
+    def on_body(self, body: bytes) -> None:
+        if self.answered or self.closed:
+            return
+        self.size += len(body)
+        if self.size > self.app.max_body_bytes:
+            self.chunks = []
+            self._answer_early(413, f"request body is over the limit of {self.app.max_body_bytes} bytes")
+            return
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_request = False
+        if self.answered or self.closed:
+            if not self.pending:
+                self._arm_idle_timer()
+            return
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        method = self.parser.get_method().decode("ascii", "replace")
+        keep_alive = self.parser.should_keep_alive() and not self.server.closing
+        slot = _Slot(keep_alive)
+        self.pending.append(slot)
+        try:
+            path = httptools.parse_url(self.url).path.decode("utf-8", "replace")
+        except httptools.HttpParserInvalidURLError:
+            self._settle(slot, (400, *self.app.error_answer(f"invalid request target {self.url[:200]!r}")),
+                         method)
+            return
+        answer = self.app.dispatch(method, path, self.headers, body)
+        if isinstance(answer, asyncio.Future):
+            answer.add_done_callback(lambda done: self._settle(slot, self._outcome(done), method))
+            self._update_reading()
+        else:
+            self._settle(slot, answer, method)
+
+    def _outcome(self, done: asyncio.Future[Answer]) -> Answer:
+        if done.cancelled():
+            return (503, *self.app.error_answer("the server is stopping"))
+        exc = done.exception()
+        if exc is not None:  # dispatch answers errors itself; this is a bug, not the client's fault
+            logger.error("unexpected error answering a request", exc_info=exc)
+            return (500, *self.app.error_answer("internal server error"))
+        return done.result()
+
+    # answers -----------------------------------------------------------------
+
+    def _settle(self, slot: _Slot, answer: Answer, method: str) -> None:
+        status, headers, body = answer
+        # A server that is stopping closes each connection after the answers it owes.
+        slot.keep_alive = slot.keep_alive and not self.server.closing
+        slot.data = render(status, headers, body, keep_alive=slot.keep_alive, head_only=method == "HEAD")
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write the answers at the head of the line that are ready, in order."""
+        pending = self.pending
+        while pending and pending[0].data is not None:
+            slot = pending.popleft()
+            if self.closed or self.transport is None:
+                continue
+            self.transport.write(slot.data)  # type: ignore[arg-type]
+            if not slot.keep_alive:
+                self.transport.close()
+                self.closed = True
+        self._update_reading()
+        if not pending:
+            if self.server.closing and self.transport is not None and not self.closed and not self.in_request:
+                self.transport.close()
+                self.closed = True
+            elif not self.in_request:
+                self._arm_idle_timer()
+
+    def _answer_early(self, status: int, message: str, *, keep_alive: bool = True) -> None:
+        """Answer the request being read now, before its body is in; the rest of the body is dropped."""
+        self.answered = True
+        slot = _Slot(keep_alive and self.parser.should_keep_alive() and not self.server.closing)
+        self.pending.append(slot)
+        self._settle(slot, (status, *self.app.error_answer(message)), "POST")
+
+    def _fail(self, status: int, message: str) -> None:
+        """A request that cannot be parsed: answer it after those before it, then close."""
+        if self.broken:
+            return
+        self.broken = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        slot = _Slot(keep_alive=False)
+        self.pending.append(slot)
+        self._settle(slot, (status, *self.app.error_answer(message)), "GET")
+
+    def _count_head(self, n: int) -> None:
+        self.head_bytes += n
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._fail(431, f"request line and headers are over {MAX_HEAD_BYTES} bytes")
+            raise httptools.HttpParserCallbackError("head too large")
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self.closed or self.broken:
+            return
+        pause = self.writing_paused or len(self.pending) >= MAX_PIPELINED
+        if pause and not self.reading_paused:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        elif not pause and self.reading_paused:
+            self.transport.resume_reading()
+            self.reading_paused = False
+
+    def _arm_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        if not self.closed:
+            self.idle_timer = self.loop.call_later(self.server.keep_alive_s, self._idle_timeout)
+
+    def _cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _idle_timeout(self) -> None:
+        self.idle_timer = None
+        if not self.pending and self.transport is not None and not self.closed:
+            self.transport.close()
+            self.closed = True
+
+    def close_if_idle(self) -> None:
+        if not self.pending and not self.in_request and self.transport is not None and not self.closed:
+            self.transport.close()
+            self.closed = True
+
+
+class HTTPServer:
+    """Serves ``app`` on an already bound socket; :meth:`close` shuts it down gracefully."""
+
+    def __init__(self, app: OIPApp, *, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> None:
+        self.app = app
+        self.keep_alive_s = keep_alive_s
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock)
+
+    def connection_closed(self) -> None:
+        if self.closing and not self.connections:
+            self._all_closed.set()
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, answer every request in progress, close every connection."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self.connections:
+            self._all_closed.clear()
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except TimeoutError:
+                logger.warning("closing %d connection(s) with requests still in progress", len(self.connections))
+                for connection in list(self.connections):
+                    if connection.transport is not None:
+                        connection.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()

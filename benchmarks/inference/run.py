@@ -2,9 +2,11 @@
 
 For a small MLP and a small CNN (``models.py``):
 
-(a) raw onnxruntime in this process at its best batch size (rows/s), with
-    the session options the server uses (``raw``) and, for reference, with
-    onnxruntime's defaults (``raw_ort_defaults``);
+(a) raw onnxruntime in this process at its best batch size (rows/s): one
+    call at a time with the session options the server uses for one
+    instance (``raw``) or onnxruntime's defaults (``raw_ort_defaults``), and
+    a single-threaded session driven by one thread per CPU (``raw_threads``);
+    the CNN target is held to the fastest of them in each cycle;
 (b) the node's model server over HTTP at concurrency 1 and 32, with JSON
     bodies and with the binary tensor extension that standard clients send
     (``batched_json``, ``batched_binary``);

@@ -24,30 +24,35 @@ from pathlib import Path
 import uvloop
 
 from edge_runtime.serving import ModelRegistry, run_server
-from edge_runtime.serving.app import JSON_TYPE, Answer, HTTPError, OIPApp
+from edge_runtime.serving.app import JSON_TYPE, Answer, HTTPError, OIPApp, Reply
 from edge_runtime.serving.batcher import DEFAULT_INLINE_BELOW_MS, ModelUnavailable
+from edge_runtime.serving.tensors import Array
 
 
 class WithNoop(OIPApp):
-    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
-              ) -> Answer | asyncio.Future[Answer]:
+    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes, reply: Reply
+              ) -> Answer | None:
         if path == "/noop":  # the body has been read, like any other request's
             return 200, JSON_TYPE, b"{}"
-        return super().route(method, path, headers, body)
+        return super().route(method, path, headers, body, reply)
 
 
 class Naive(WithNoop):
     """One ``session.run`` per request in the registry's thread pool; nothing else differs."""
 
-    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes
-              ) -> asyncio.Future[Answer]:
+    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes, reply: Reply) -> None:
         served = self._resolve(name, version)
         started = time.perf_counter()
         request, feeds, wanted = self._parse(served, body, headers)
         if served.batcher.closing:
             raise HTTPError(503, str(ModelUnavailable()))
-        outputs = asyncio.get_running_loop().run_in_executor(self.registry.executor, served.model.run, feeds)
-        return self._answer_when(outputs, served, request, wanted, started)
+        work = asyncio.get_running_loop().run_in_executor(self.registry.executor, served.model.run, feeds)
+
+        def done(outputs: asyncio.Future[list[Array]]) -> None:
+            outcome = outputs.exception() or outputs.result()
+            reply(self._complete(outcome, served, request, wanted, started))
+
+        work.add_done_callback(done)
 
 
 async def serve(mode: str, model_dir: Path, port: int, max_batch_size: int, inline_below_ms: float) -> None:

@@ -69,6 +69,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # (status, headers, body) of one answer.
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+# Where an answer that is not ready at once goes (called once, on the loop).
+Reply = Callable[[Answer], object]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVER_NAME = "edgewise-edge-runtime"
@@ -109,29 +111,31 @@ class OIPApp:
         if scope["type"] != "http":
             return
         headers = dict(scope["headers"])
-        answer: Answer | asyncio.Future[Answer]
+        answer: Answer | None
         try:
             body = await self._read_body(receive, headers)
         except HTTPError as exc:
             answer = (exc.status, *self.error_answer(exc.message))
         else:
-            answer = self.dispatch(scope["method"], scope["path"], headers, body)
-            if isinstance(answer, asyncio.Future):
-                answer = await answer
+            later: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+            answer = self.dispatch(scope["method"], scope["path"], headers, body, later.set_result)
+            if answer is None:
+                answer = await later
         status, response_headers, response_body = answer
         await send({"type": "http.response.start", "status": status,
                     "headers": [*response_headers, (b"content-length", str(len(response_body)).encode())]})
         await send({"type": "http.response.body", "body": response_body})
 
-    def dispatch(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
-                 ) -> Answer | asyncio.Future[Answer]:
-        """One request, whole: its answer, or a future of it (inference). Never raises.
+    def dispatch(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes, reply: Reply
+                 ) -> Answer | None:
+        """One request, whole: its answer now, or None and the answer to ``reply`` later (inference).
 
-        ``headers`` are keyed by lower-case name; ``body`` is as received
-        (the HTTP layer has already held it to ``max_body_bytes``).
+        Never raises. ``headers`` are keyed by lower-case name; ``body`` is as
+        received (the HTTP layer has already held it to ``max_body_bytes``);
+        ``reply`` is called once, on the loop.
         """
         try:
-            return self.route(method, path, headers, body)
+            return self.route(method, path, headers, body, reply)
         except HTTPError as exc:
             return exc.status, *self.error_answer(exc.message)
         except Exception:  # noqa: BLE001 - one request's bug must not take the server down
@@ -143,8 +147,8 @@ class OIPApp:
         """Headers and body of an error answer: ``{"error": message}``."""
         return JSON_TYPE, _error_body(message)
 
-    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes
-              ) -> Answer | asyncio.Future[Answer]:
+    def route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes, reply: Reply
+              ) -> Answer | None:
         parts = path.strip("/").split("/")
         if parts[0] == "v2":
             n = len(parts)
@@ -163,7 +167,8 @@ class OIPApp:
                     return 200, JSON_TYPE, b""
                 if rest == ["infer"]:
                     _allow(method, "POST")
-                    return self.infer(name, version, headers, body)
+                    self.infer(name, version, headers, body, reply)
+                    return None
             elif n == 1:
                 _allow(method, "GET")
                 return 200, JSON_TYPE, _json({"name": self.server_name, "version": __version__,
@@ -201,8 +206,8 @@ class OIPApp:
 
     # inference ---------------------------------------------------------------
 
-    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes
-              ) -> asyncio.Future[Answer]:
+    def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes, reply: Reply) -> None:
+        """Parse and queue one inference; ``reply`` gets the answer when its batch is done. Raises HTTPError."""
         served = self._resolve(name, version)
         metrics = served.metrics
         metrics.requests += 1
@@ -210,43 +215,33 @@ class OIPApp:
         try:
             request, feeds, wanted = self._parse(served, _decode_body(body, headers, self.max_body_bytes), headers)
             try:
-                outputs = served.batcher.submit(feeds)
+                served.batcher.submit_callback(
+                    feeds, lambda outcome: reply(self._complete(outcome, served, request, wanted, started)))
             except ModelUnavailable as exc:
                 raise HTTPError(503, str(exc)) from None
         except HTTPError:
             metrics.errors += 1
             metrics.latency.observe(time.perf_counter() - started)
             raise
-        return self._answer_when(outputs, served, request, wanted, started)
 
-    def _answer_when(self, outputs: asyncio.Future[list[Array]], served: ServedVersion, request: dict[str, Any],
-                     wanted: list[tuple[str, bool]], started: float) -> asyncio.Future[Answer]:
-        """The answer to a request once the model's ``outputs`` for it are in."""
-        answer: asyncio.Future[Answer] = outputs.get_loop().create_future()
-
-        def done(outcome: asyncio.Future[list[Array]]) -> None:
-            if not answer.done():
-                answer.set_result(self._complete(outcome, served, request, wanted, started))
-
-        outputs.add_done_callback(done)
-        return answer
-
-    def _complete(self, outcome: asyncio.Future[list[Array]], served: ServedVersion, request: dict[str, Any],
+    def _complete(self, outcome: list[Array] | BaseException, served: ServedVersion, request: dict[str, Any],
                   wanted: list[tuple[str, bool]], started: float) -> Answer:
+        """The answer to a request from the model's outputs for it, or from its error. Never raises."""
         metrics = served.metrics
         name = served.name
         try:
-            try:
-                outputs = outcome.result()
-            except asyncio.CancelledError:
-                raise HTTPError(503, "the request was cancelled: the server is stopping") from None
-            except ModelUnavailable as exc:
-                raise HTTPError(503, str(exc)) from None
-            except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
-                raise BadRequest(f"model '{name}' refused the request: {_one_line(exc)}") from None
-            except Exception as exc:  # noqa: BLE001 - the model failed on this request only
-                raise HTTPError(500, f"model '{name}' failed on this request: {_one_line(exc)}") from None
-            return self._respond(served, request, outputs, wanted)
+            if isinstance(outcome, BaseException):
+                try:
+                    raise outcome
+                except asyncio.CancelledError:
+                    raise HTTPError(503, "the request was cancelled: the server is stopping") from None
+                except ModelUnavailable as exc:
+                    raise HTTPError(503, str(exc)) from None
+                except ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
+                    raise BadRequest(f"model '{name}' refused the request: {_one_line(exc)}") from None
+                except Exception as exc:  # noqa: BLE001 - the model failed on this request only
+                    raise HTTPError(500, f"model '{name}' failed on this request: {_one_line(exc)}") from None
+            return self._respond(served, request, outcome, wanted)
         except HTTPError as exc:
             metrics.errors += 1
             return exc.status, *self.error_answer(exc.message)
@@ -403,11 +398,19 @@ class OIPApp:
 
 
 def _check_shape(name: str, shape: Any, expected: tuple[int, ...]) -> list[int]:
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    # A plain loop: this runs for every input of every request.
+    if type(shape) is not list:
         raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    if len(shape) != len(expected) or any(e != -1 and d != e for d, e in zip(shape, expected, strict=True)):
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) != len(expected):
         raise BadRequest(f"input '{name}': shape {shape} does not match the model's {list(expected)} "
                          f"(-1 is any size)")
+    for d, e in zip(shape, expected):  # noqa: B905 - the lengths are equal
+        if e != -1 and d != e:
+            raise BadRequest(f"input '{name}': shape {shape} does not match the model's {list(expected)} "
+                             f"(-1 is any size)")
     return shape
 
 

@@ -196,21 +196,12 @@ class _Connection(asyncio.Protocol):
             self._settle(slot, (400, *self.app.error_answer(f"invalid request target {self.url[:200]!r}")),
                          method)
             return
-        answer = self.app.dispatch(method, path, self.headers, body)
-        if isinstance(answer, asyncio.Future):
-            answer.add_done_callback(lambda done: self._settle(slot, self._outcome(done), method))
+        answer = self.app.dispatch(method, path, self.headers, body,
+                                   lambda later: self._settle(slot, later, method))
+        if answer is None:
             self._update_reading()
         else:
             self._settle(slot, answer, method)
-
-    def _outcome(self, done: asyncio.Future[Answer]) -> Answer:
-        if done.cancelled():
-            return (503, *self.app.error_answer("the server is stopping"))
-        exc = done.exception()
-        if exc is not None:  # dispatch answers errors itself; this is a bug, not the client's fault
-            logger.error("unexpected error answering a request", exc_info=exc)
-            return (500, *self.app.error_answer("internal server error"))
-        return done.result()
 
     # answers -----------------------------------------------------------------
 

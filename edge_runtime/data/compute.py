@@ -203,7 +203,8 @@ def bucket_codes(times: npt.NDArray[np.datetime64], interval: str) -> KeyCodes:
     span = last - first + 1
     if span > max(DENSE_KEY_SPACE, 4 * len(times)):
         return key_codes(bucket_times(times, interval))
-    codes = numbers - first
+    codes = numbers
+    codes -= first
     starts = bucket_starts(np.arange(first, last + 1, dtype=np.int64), interval)
     if missing.any():
         codes[missing] = span
@@ -223,13 +224,20 @@ def group_rows(keys: Sequence[KeyCodes | pd.Series | Array], n_rows: int) -> Gro
     combined = coded[0].codes
     space = sizes[0]
     radix_ok = True
+    # Whether ``combined`` is a new array, free to update in place: each new
+    # array of one value per row costs its allocation and page faults again.
+    owned = False
     for key, size in zip(coded[1:], sizes[1:], strict=True):
         if space * size >= 1 << 62:
             # Renumber what is combined so far, so the next step cannot overflow.
             dense, seen = pd.factorize(combined)
             combined, space = np.asarray(dense, dtype=np.int64), max(len(seen), 1)
-            radix_ok = False
-        combined = combined * size + key.codes
+            radix_ok, owned = False, True
+        if owned:
+            combined *= size
+        else:
+            combined, owned = combined * size, True
+        combined += key.codes
         space *= size
     if space <= max(DENSE_KEY_SPACE, 4 * n_rows):
         per_code = np.bincount(combined, minlength=space)
@@ -283,64 +291,110 @@ def compute_partials(frame: pd.DataFrame, bound: BoundQuery) -> tuple[Groups, li
     groups = group_rows(keys, len(frame))
     ids, g = groups.ids, groups.count
     states: list[dict[str, Any]] = []
-    cache: dict[str, tuple[Array, npt.NDArray[np.int64], npt.NDArray[np.int64]]] = {}
-    float_sum_cache: dict[str, Array] = {}
+    columns: dict[str, _Column] = {}
     for agg in spec.aggregates:
         state: dict[str, Any] = {}
         if agg.column is None:
             state["n"] = groups.rows
             states.append(state)
             continue
-        if agg.column not in cache:
-            values, valid = _column_values(frame[agg.column], bound.types[agg.column])
-            if valid.all():
-                cache[agg.column] = (values, ids, groups.rows)
-            else:
-                cache[agg.column] = (values[valid], ids[valid],
-                                     np.bincount(ids[valid], minlength=g).astype(np.int64))
-        vals, ids_v, n = cache[agg.column]
-        state["n"] = n
-
-        def float_sums(column: str = agg.column, x: Array = vals, at: npt.NDArray[np.int64] = ids_v) -> Array:
-            # One pass per column, shared by its sum, mean, std and var.
-            if column not in float_sum_cache:
-                float_sum_cache[column] = np.bincount(at, weights=x.astype(np.float64, copy=False), minlength=g)
-            return float_sum_cache[column]
-
+        column = columns.get(agg.column)
+        if column is None:
+            column = columns[agg.column] = _Column(frame[agg.column], bound.types[agg.column], groups)
+        state["n"] = column.n
         if agg.op in ("sum", "mean"):
-            if vals.dtype == np.int64 and agg.op == "sum":
+            if column.values.dtype == np.int64 and agg.op == "sum":
                 # Integer sums stay exact (bincount would round them through float64).
                 sums = np.zeros(g, dtype=np.int64)
-                np.add.at(sums, ids_v, vals)
+                np.add.at(sums, ids, column.zeroed())
                 state["sum"] = sums
             else:
-                state["sum"] = float_sums()
+                state["sum"] = column.float_sums()
         elif agg.op in ("std", "var"):
-            x = vals.astype(np.float64, copy=False)
             with np.errstate(invalid="ignore", divide="ignore"):
-                mean = float_sums() / n
+                mean = column.float_sums() / column.n
             # Two passes: deviations from the group's own mean, the numerically careful M2.
-            deviation = mean[ids_v]
-            np.subtract(x, deviation, out=deviation)
+            deviation = mean[ids]
+            np.subtract(column.floats(), deviation, out=deviation)
             np.multiply(deviation, deviation, out=deviation)
+            deviation[column.invalid] = 0.0
             state["mean"] = mean
-            state["m2"] = np.bincount(ids_v, weights=deviation, minlength=g)
+            state["m2"] = np.bincount(ids, weights=deviation, minlength=g)
         elif agg.op in ("min", "max"):
-            state[agg.op] = _group_extreme(vals, ids_v, g, agg.op)
+            state[agg.op] = _group_extreme(column, g, agg.op)
         elif agg.op == "quantile":
-            state["sketch"] = sketch_groups(vals.astype(np.float64, copy=False), ids_v, g, agg.accuracy)
+            valid_ids, valid_values = column.compacted()
+            state["sketch"] = sketch_groups(valid_values.astype(np.float64, copy=False), valid_ids, g, agg.accuracy)
         states.append(state)
     return groups, states
 
 
-def _group_extreme(values: Array, ids: npt.NDArray[np.int64], g: int, op: str) -> Array:
-    """Per-group min or max; groups without a value keep the filler (masked later by n == 0)."""
+class _Column:
+    """One aggregated column's values over all rows, and where they are missing.
+
+    Missing values are rare in sensor data, so rather than copying every
+    valid row out (two arrays of the full length), the few missing rows are
+    listed by index and neutralised where a pass needs it: zero weights in
+    sums, NaN-ignoring minima and maxima, counts less the missing ones.
+    """
+
+    def __init__(self, series: pd.Series, type_: ColumnType, groups: Groups) -> None:
+        self.values, valid = _column_values(series, type_)
+        self.groups = groups
+        self.invalid = np.flatnonzero(~valid)
+        if len(self.invalid):
+            self.n = groups.rows - np.bincount(groups.ids[self.invalid], minlength=groups.count)
+        else:
+            self.n = groups.rows
+        self._floats: Array | None = None
+        self._zeroed: Array | None = None
+        self._float_sums: Array | None = None
+
+    def floats(self) -> Array:
+        """The values as float64 (missing ones NaN or garbage: mask with ``invalid``)."""
+        if self._floats is None:
+            self._floats = self.values.astype(np.float64, copy=False)
+        return self._floats
+
+    def zeroed(self) -> Array:
+        """The values with the missing ones set to 0 (a copy only if any is missing)."""
+        if self._zeroed is None:
+            if len(self.invalid):
+                self._zeroed = self.values.copy()
+                self._zeroed[self.invalid] = 0
+            else:
+                self._zeroed = self.values
+        return self._zeroed
+
+    def float_sums(self) -> Array:
+        """Per-group float sums of the valid values: one pass, shared by sum, mean, std and var."""
+        if self._float_sums is None:
+            weights = self.zeroed().astype(np.float64, copy=False)
+            self._float_sums = np.bincount(self.groups.ids, weights=weights, minlength=self.groups.count)
+        return self._float_sums
+
+    def compacted(self) -> tuple[npt.NDArray[np.int64], Array]:
+        """(group ids, values) of the valid rows only."""
+        if not len(self.invalid):
+            return self.groups.ids, self.values
+        keep = np.ones(len(self.values), dtype=bool)
+        keep[self.invalid] = False
+        return self.groups.ids[keep], self.values[keep]
+
+
+def _group_extreme(column: _Column, g: int, op: str) -> Array:
+    """Per-group min or max of the valid values; groups without one keep the filler (masked later by n == 0)."""
+    values, ids = column.values, column.groups.ids
     if values.dtype == np.int64:
+        if len(column.invalid):
+            ids, values = column.compacted()
         info = np.iinfo(np.int64)
         out: Array = np.full(g, info.max if op == "min" else info.min, dtype=np.int64)
-    else:
-        out = np.full(g, np.inf if op == "min" else -np.inf)
-    (np.minimum if op == "min" else np.maximum).at(out, ids, values)
+        (np.minimum if op == "min" else np.maximum).at(out, ids, values)
+        return out
+    out = np.full(g, np.inf if op == "min" else -np.inf)
+    # fmin and fmax ignore NaN: the missing values (NaN as floats) need no copying out.
+    (np.fmin if op == "min" else np.fmax).at(out, ids, values)
     return out
 
 

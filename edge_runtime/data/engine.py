@@ -29,11 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from edge_runtime.data.audit import AuditError, NodeAudit
 from edge_runtime.data.catalog import Catalog, CatalogError
+from edge_runtime.data.chunks import chunked_row_groups, merge_chunks, read_chunks
 from edge_runtime.data.compute import (
     Array,
+    Groups,
     Scorer,
     apply_score,
     build_partials,
@@ -151,15 +154,18 @@ def _run(spec_json: Any, ctx: _Context, *, catalog: Catalog, policy: DataPolicy,
     ctx.rows_scanned = schema.row_count
     try:
         _check_deadline(deadline)
+        chunks = chunked_row_groups(dataset, bound)
+        if chunks is not None:
+            # A large Parquet file, aggregated: a chunk at a time, the next one read meanwhile.
+            parts = []
+            for chunk in read_chunks(dataset, bound, chunks):
+                parts.append(compute_partials(_filter_and_score(chunk, bound, scorer), bound))
+                _check_deadline(deadline)
+            groups, states = merge_chunks(bound, parts)
+            return _answer_partials(ctx, policy, bound, groups, states, deadline)
         frame = load_frame(dataset, bound)
         ctx.rows_scanned = max(ctx.rows_scanned, len(frame))
-        pre = [f for f in bound.filters if not f.after_score]
-        if pre:
-            frame = frame.loc[filter_mask(frame, pre)]
-        frame = apply_score(frame, bound, scorer)
-        post = [f for f in bound.filters if f.after_score]
-        if post:
-            frame = frame.loc[filter_mask(frame, post)]
+        frame = _filter_and_score(frame, bound, scorer)
         _check_deadline(deadline)
         if spec.mode == "rows":
             rows = build_rows(frame, bound)
@@ -169,19 +175,37 @@ def _run(spec_json: Any, ctx: _Context, *, catalog: Catalog, policy: DataPolicy,
                 return ctx.finish("refused", reason=size.reason, rule=size.rule)
             return ctx.finish("answered", rows=rows)
         groups, states = compute_partials(frame, bound)
-        keep, suppression = suppression_mask(groups.rows.tolist(), policy.min_group_size)
-        partials = build_partials(bound, groups, states, np.asarray(keep, dtype=bool))
-        cells = len(partials.rows) * (len(partials.key_names) + len(partials.aggregates))
-        size = check_output_size(policy, cells=cells, size_bytes=_partials_size(partials, policy.max_output_bytes))
-        if not size.allowed:
-            return ctx.finish("refused", reason=size.reason, rule=size.rule)
-        _check_deadline(deadline)
-        return ctx.finish("answered", partials=partials,
-                          suppressed=Suppressed(cells=suppression.cells, rows=suppression.rows))
+        return _answer_partials(ctx, policy, bound, groups, states, deadline)
     except CatalogError as exc:
         return ctx.finish("error", reason=str(exc), field="dataset")
     except ExecutionError as exc:
         return ctx.finish("error", reason=str(exc), field=exc.field)
+
+
+def _filter_and_score(frame: pd.DataFrame, bound: BoundQuery, scorer: Scorer | None) -> pd.DataFrame:
+    """The rows the query keeps: filters on source columns, then the model's scores, then filters on those."""
+    pre = [f for f in bound.filters if not f.after_score]
+    if pre:
+        frame = frame.loc[filter_mask(frame, pre)]
+    frame = apply_score(frame, bound, scorer)
+    post = [f for f in bound.filters if f.after_score]
+    if post:
+        frame = frame.loc[filter_mask(frame, post)]
+    return frame
+
+
+def _answer_partials(ctx: _Context, policy: DataPolicy, bound: BoundQuery, groups: Groups,
+                     states: list[dict[str, Any]], deadline: dt.datetime | None) -> QueryResult:
+    """k-suppression, the output limits, and the answer."""
+    keep, suppression = suppression_mask(groups.rows.tolist(), policy.min_group_size)
+    partials = build_partials(bound, groups, states, np.asarray(keep, dtype=bool))
+    cells = len(partials.rows) * (len(partials.key_names) + len(partials.aggregates))
+    size = check_output_size(policy, cells=cells, size_bytes=_partials_size(partials, policy.max_output_bytes))
+    if not size.allowed:
+        return ctx.finish("refused", reason=size.reason, rule=size.rule)
+    _check_deadline(deadline)
+    return ctx.finish("answered", partials=partials,
+                      suppressed=Suppressed(cells=suppression.cells, rows=suppression.rows))
 
 
 # No JSON value of a partial's fixed-size state is longer than this (an ISO timestamp with microseconds, quoted, or

@@ -53,7 +53,7 @@ def load_frame(dataset: Dataset, bound: BoundQuery) -> pd.DataFrame:
             frame = _load_sqlite(dataset, columns, source_filters)
     except (pa.ArrowException, sqlite3.Error, OSError) as exc:
         raise ExecutionError(f"dataset {dataset.name!r} cannot be read: {one_line(exc)}") from None
-    return _normalise(frame, {c: bound.types[c] for c in columns})
+    return normalise_frame(frame, {c: bound.types[c] for c in columns})
 
 
 def dictionary_columns(bound: BoundQuery) -> list[str]:
@@ -165,7 +165,7 @@ def _load_sqlite(dataset: Dataset, columns: list[str], filters: Sequence[BoundFi
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def _normalise(frame: pd.DataFrame, types: Mapping[str, ColumnType]) -> pd.DataFrame:
+def normalise_frame(frame: pd.DataFrame, types: Mapping[str, ColumnType]) -> pd.DataFrame:
     """Each column as its logical type: numbers as numbers, timestamps as naive UTC datetime64[us]."""
     out: dict[str, Any] = {}
     # Only changed columns are replaced: rebuilding the frame would copy every column into new blocks.

@@ -20,8 +20,10 @@ What it does, for the clients that talk to a node:
   and the rest of it is read and dropped so that the connection stays usable.
 * A request line and headers over ``MAX_HEAD_BYTES`` get 431; a request the
   parser rejects gets 400; both close the connection.
-* Idle keep-alive connections close after ``keep_alive_s``; a client that
-  stops reading pauses its connection's reading (write flow control).
+* Idle keep-alive connections close after ``keep_alive_s`` (to a quarter
+  of it more: one sweep over the connections, no timer per request); a
+  client that stops reading pauses its connection's reading (write flow
+  control).
 * :meth:`HTTPServer.close` stops accepting, lets every request in progress
   finish and be answered, then closes the connections.
 """
@@ -86,7 +88,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.pending: collections.deque[_Slot] = collections.deque()
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # When the connection last finished a request or an answer (loop time): the idle sweep reads it.
+        self.last_active = self.loop.time()
         self.reading_paused = False
         self.writing_paused = False
         self.closed = False
@@ -94,9 +97,6 @@ class _Connection(asyncio.Protocol):
         self.in_request = False
         # A request could not be parsed: its answer is queued, nothing more is read.
         self.broken = False
-        self._reset()
-
-    def _reset(self) -> None:
         self.url = b""
         self.head_bytes = 0
         self.headers: dict[bytes, bytes] = {}
@@ -110,11 +110,9 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
-        self._arm_idle_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_idle_timer()
         self.server.connections.discard(self)
         self.server.connection_closed()
 
@@ -138,17 +136,27 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks -------------------------------------------------------
 
+    # These run for every request: few calls, no timers.
+
     def on_message_begin(self) -> None:
-        self._cancel_idle_timer()
         self.in_request = True
-        self._reset()
+        self.url = b""
+        self.head_bytes = 0
+        self.headers = {}
+        self.chunks = []
+        self.size = 0
+        self.answered = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count_head(len(url))
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self._head_too_large()
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
@@ -181,9 +189,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.in_request = False
+        self.last_active = self.loop.time()
         if self.answered or self.closed:
-            if not self.pending:
-                self._arm_idle_timer()
             return
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         method = self.parser.get_method().decode("ascii", "replace")
@@ -199,7 +206,8 @@ class _Connection(asyncio.Protocol):
         answer = self.app.dispatch(method, path, self.headers, body,
                                    lambda later: self._settle(slot, later, method))
         if answer is None:
-            self._update_reading()
+            if len(self.pending) >= MAX_PIPELINED:
+                self._update_reading()
         else:
             self._settle(slot, answer, method)
 
@@ -223,13 +231,13 @@ class _Connection(asyncio.Protocol):
             if not slot.keep_alive:
                 self.transport.close()
                 self.closed = True
-        self._update_reading()
+        if self.reading_paused:
+            self._update_reading()
         if not pending:
+            self.last_active = self.loop.time()
             if self.server.closing and self.transport is not None and not self.closed and not self.in_request:
                 self.transport.close()
                 self.closed = True
-            elif not self.in_request:
-                self._arm_idle_timer()
 
     def _answer_early(self, status: int, message: str, *, keep_alive: bool = True) -> None:
         """Answer the request being read now, before its body is in; the rest of the body is dropped."""
@@ -250,11 +258,9 @@ class _Connection(asyncio.Protocol):
         self.pending.append(slot)
         self._settle(slot, (status, *self.app.error_answer(message)), "GET")
 
-    def _count_head(self, n: int) -> None:
-        self.head_bytes += n
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self._fail(431, f"request line and headers are over {MAX_HEAD_BYTES} bytes")
-            raise httptools.HttpParserCallbackError("head too large")
+    def _head_too_large(self) -> None:
+        self._fail(431, f"request line and headers are over {MAX_HEAD_BYTES} bytes")
+        raise httptools.HttpParserCallbackError("head too large")
 
     def _update_reading(self) -> None:
         if self.transport is None or self.closed or self.broken:
@@ -267,21 +273,10 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self.reading_paused = False
 
-    def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        if not self.closed:
-            self.idle_timer = self.loop.call_later(self.server.keep_alive_s, self._idle_timeout)
-
-    def _cancel_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-
-    def _idle_timeout(self) -> None:
-        self.idle_timer = None
-        if not self.pending and self.transport is not None and not self.closed:
-            self.transport.close()
-            self.closed = True
+    def close_if_idle_since(self, before: float) -> None:
+        """Close the connection if it has had nothing to do since ``before`` (loop time)."""
+        if self.last_active < before:
+            self.close_if_idle()
 
     def close_if_idle(self) -> None:
         if not self.pending and not self.in_request and self.transport is not None and not self.closed:
@@ -301,9 +296,22 @@ class HTTPServer:
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``keep_alive_s``; again every quarter of that.
+
+        One timer for the server rather than one per connection re-armed at
+        every request: a connection only notes when it was last active.
+        """
+        before = self.loop.time() - self.keep_alive_s
+        for connection in list(self.connections):
+            connection.close_if_idle_since(before)
+        self._sweeper = self.loop.call_later(max(self.keep_alive_s / 4, 0.01), self._sweep)
 
     def connection_closed(self) -> None:
         if self.closing and not self.connections:
@@ -312,6 +320,8 @@ class HTTPServer:
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, answer every request in progress, close every connection."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         if self.connections:

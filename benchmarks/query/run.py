@@ -8,7 +8,8 @@ Measured in one run, on the same files, and reported as ratios:
    queried with "per line, machine and hour: count, mean, std, min and max of
    temperature", once through :func:`edge_runtime.data.engine.run_query`
    (the whole node path: spec validation, policy, pyarrow read with column
-   pruning, pandas grouping, partials, k-suppression, audit record) and once
+   pruning, in chunks of row groups with the next one read meanwhile, pandas
+   grouping, partials merged across chunks, k-suppression, audit record) and once
    by DuckDB (``read_parquet``, same aggregate). Figures are the median of
    ``--repeat`` runs after a warm-up, the two alternating; the ratio ``engine / duckdb`` is the
    target (at most 2).

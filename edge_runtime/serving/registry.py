@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from edge_runtime.protocol import ModelStatus
 from edge_runtime.serving.batcher import DEFAULT_INLINE_BELOW_MS, Batcher
@@ -53,6 +53,9 @@ class ServedVersion:
     metrics: ModelMetrics
     max_batch_size: int
     max_queue_delay_ms: float
+    # The app's caches for this version (see OIPApp): parsed binary request headers, answer heads.
+    request_plans: dict[bytes, Any] = field(default_factory=dict)
+    answer_heads: dict[Any, Any] = field(default_factory=dict)
 
     def status(self) -> ModelStatus:
         return ModelStatus(name=self.name, version=self.version, sha256=self.sha256, variant=self.variant,

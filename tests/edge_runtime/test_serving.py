@@ -124,6 +124,34 @@ def test_it_infers_binary_tensors_both_ways(client: httpx.Client, path: str) -> 
     np.testing.assert_allclose(np.frombuffer(raw, dtype="<f4").reshape(2, 3), om.mlp_expected(X), rtol=1e-5)
 
 
+def test_it_reads_each_binary_request_anew_when_its_header_repeats(server: om.ServerUnderTest,
+                                                                   client: httpx.Client) -> None:
+    served = server.registry.get("mlp")
+    served.request_plans.clear()
+    served.answer_heads.clear()
+    rng = np.random.default_rng(9)
+    wanted = {"outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+    for rows in (2, 2, 3, 2):
+        for request_id in ("a", "a", "b"):
+            x = rng.normal(size=(rows, 4)).astype(np.float32)
+            body, headers = binary_request([("x", x, "FP32")], id=request_id, **wanted)
+            response = client.post("/v2/models/mlp/infer", content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            head, raw = split_binary_response(response)
+            assert head["id"] == request_id
+            [out] = head["outputs"]  # type: ignore[misc]
+            assert out["shape"] == [rows, 3] and out["parameters"]["binary_data_size"] == rows * 3 * 4
+            np.testing.assert_allclose(np.frombuffer(raw, dtype="<f4").reshape(rows, 3), om.mlp_expected(x),
+                                       rtol=1e-5)
+    # The repeated headers were parsed once each, and their answers' heads built once per shape and id.
+    assert 0 < len(served.request_plans) <= 4 and 0 < len(served.answer_heads) <= 4
+    # A known header whose tensor bytes are short is still refused for what it is.
+    body, headers = binary_request([("x", X, "FP32")], id="a", **wanted)
+    response = client.post("/v2/models/mlp/infer", content=body[:-4], headers=headers)
+    assert response.status_code == 400
+    assert "binary_data_size 32 runs past the end of the body" in response.json()["error"]
+
+
 def test_it_answers_binary_input_with_json_output_unless_asked(client: httpx.Client) -> None:
     body, headers = binary_request([("x", X, "FP32")])
     response = client.post("/v2/models/mlp/infer", content=body, headers=headers)

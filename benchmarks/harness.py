@@ -214,6 +214,8 @@ class Environment:
             "REDIS_URL": self.redis_url,
             "EDGEWISE_DATA_DIR": str(self.data_dir),
             "EDGEWISE_CHANNEL_PREFIX": f"edgewise-bench-{os.getpid()}",
+            # A queue of its own: a worker of anything else on this Redis (a demo, a test run) never takes its tasks.
+            "EDGEWISE_CELERY_QUEUE": f"edgewise-bench-{os.getpid()}",
             "EDGEWISE_DEBUG": "false",
             "EDGEWISE_LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",

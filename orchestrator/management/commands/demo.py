@@ -337,14 +337,16 @@ class Command(BaseCommand):
         self.say("Enrolling and starting the demo nodes ...")
         nodes: list[Child] = []
         # Each node's inference API gets a port of its own, counting up from
-        # the control plane's port + 100 (the order of the demo's sites).
-        serve_port = int(urlsplit(url).port or 8000) + 100
+        # the control plane's port + 100 (the order of the demo's sites),
+        # skipping any that something on this machine already holds.
+        serve_port = int(urlsplit(url).port or 8000) + 99
         for site in sites:
             for spec in demo.site_spec(site.slug).nodes:
                 state_dir = data_dir / "demo-nodes" / site.slug / spec.name
                 if not self.enrolled(site, spec.name, state_dir, url):
                     if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
                         continue
+                serve_port = _free_port_from(serve_port + 1)
                 written = demo.node_datasets_ensure(state_dir, site.slug, spec.name)
                 if written:
                     self.say(f"  wrote demo datasets for {site.slug}/{spec.name}: {', '.join(written)}")
@@ -353,7 +355,6 @@ class Command(BaseCommand):
                     [*exe, "run", "--state-dir", str(state_dir), "--serve-port", str(serve_port)],
                     logs / f"node-{site.slug}-{spec.name}.log", core=False,
                     inference_url=f"http://127.0.0.1:{serve_port}", site=site.slug), env))
-                serve_port += 1
         return nodes
 
     def enrolled(self, site: Site, name: str, state_dir: Path, url: str) -> bool:
@@ -455,3 +456,20 @@ class Command(BaseCommand):
 def _marker(state_dir: Path) -> Path:
     # Beside the state directory, not in it: that directory belongs to the edge runtime.
     return state_dir.parent / f"{state_dir.name}.demo.json"
+
+
+def _free_port_from(port: int, tries: int = 50) -> int:
+    """The first port from ``port`` on that 127.0.0.1 lets a server listen on now.
+
+    An outgoing connection's own port blocks a listener on it too, and the
+    ports next to the control plane's are often just those.
+    """
+    for candidate in range(port, min(port + tries, 65536)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise CommandError(f"no free port for a demo node's inference API between {port} and {port + tries - 1}")

@@ -92,6 +92,9 @@ class Fleet:
     idle_rtts: list[float] = field(default_factory=list)
     measuring: bool = False
     answers: int = 0
+    # Requests that failed in transit (a keep-alive connection the server had just closed) and were retried,
+    # as the agent retries them.
+    retried: int = 0
 
 
 async def _fleet(fleet: Fleet) -> None:
@@ -152,10 +155,18 @@ async def _fleet(fleet: Fleet) -> None:
             result = await asyncio.get_running_loop().run_in_executor(
                 fleet.pool, lambda: run_query(query.spec, catalog=self.catalog, policy=policy, site_facts=facts,
                                               query_id=query.query_id, deadline=query.deadline))
-            resp = await client.post(f"{protocol.API_PREFIX}/nodes/{self.node_id}/queries/{query.query_id}/result",
-                                     content=result.model_dump_json(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self.credential}"})
+            for attempt in range(3):
+                try:
+                    resp = await client.post(
+                        f"{protocol.API_PREFIX}/nodes/{self.node_id}/queries/{query.query_id}/result",
+                        content=result.model_dump_json(),
+                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.credential}"})
+                    break
+                except httpx.TransportError:
+                    if attempt == 2:
+                        raise
+                    fleet.retried += 1
+                    await asyncio.sleep(0.05)
             if resp.status_code not in (200, 201):
                 fleet.error.append(f"answer {resp.status_code}: {resp.text[:300]}")
             fleet.answers += 1
@@ -173,7 +184,13 @@ async def _fleet(fleet: Fleet) -> None:
             try:
                 while not fleet.stop.is_set():
                     self.wake.clear()
-                    await self.sync_site(client)
+                    try:
+                        await self.sync_site(client)
+                    except httpx.TransportError:
+                        # As the agent does: the next sync tries again.
+                        fleet.retried += 1
+                        await asyncio.sleep(0.05)
+                        continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=SYNC_EVERY_S)
             finally:
@@ -323,6 +340,7 @@ def child_main(argv: list[str] | None = None) -> int:
         "baseline_syncs_measured": len(idle_rtts),
         "end_to_end_over_sync_round_trip": round(statistics.median(r["end_to_end_s"] for r in runs) / sync_rtt, 2),
         "simulated_query_threads": threads,
+        "requests_retried_in_transit": fleet.retried,
     }
     print(json.dumps(figures))
     return 0

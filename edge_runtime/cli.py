@@ -40,7 +40,7 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -447,24 +447,24 @@ def parse_interval(value: str) -> float:
     return seconds
 
 
-def parse_workers(value: str) -> int:
-    try:
-        workers = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number of workers is a whole number, not {value!r}") from None
-    if not 1 <= workers <= 64:
-        raise argparse.ArgumentTypeError(f"query workers must be between 1 and 64, not {value!r}")
-    return workers
+def whole_number(what: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``; the error names ``what`` and the value given."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} is a whole number, not {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, not {value!r}")
+        return number
+
+    return parse
 
 
-def parse_instances(value: str) -> int:
-    try:
-        instances = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"model instances is a whole number, not {value!r}") from None
-    if not 0 <= instances <= 64:
-        raise argparse.ArgumentTypeError(f"model instances must be between 0 (automatic) and 64, not {value!r}")
-    return instances
+parse_workers = whole_number("query workers", 1, 64)
+# 0: chosen per model (see edge_runtime.serving.loader.auto_instances).
+parse_instances = whole_number("model instances", 0, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:

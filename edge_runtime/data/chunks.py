@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 
 from edge_runtime.data.catalog import Dataset
 from edge_runtime.data.compute import Groups, group_rows
-from edge_runtime.data.sources import ExecutionError, dictionary_columns, normalise_frame, one_line
+from edge_runtime.data.sources import (
+    ExecutionError,
+    arrow_to_pandas,
+    dictionary_columns,
+    normalise_frame,
+    one_line,
+)
 from edge_runtime.data.spec import BoundQuery
 
 CHUNK_ROWS = 1_000_000
@@ -51,7 +57,7 @@ def chunked_row_groups(dataset: Dataset, bound: BoundQuery) -> list[list[int]] |
     try:
         metadata = pq.ParquetFile(dataset.path).metadata
     except (pa.ArrowException, OSError) as exc:
-        raise ExecutionError(f"dataset {dataset.name!r} cannot be read: {one_line(exc)}") from None
+        raise _unreadable(dataset, exc) from None
     chunks: list[list[int]] = []
     rows = 0
     for i in range(metadata.num_row_groups):
@@ -72,7 +78,7 @@ def read_chunks(dataset: Dataset, bound: BoundQuery, chunks: list[list[int]]) ->
     try:
         parquet = pq.ParquetFile(dataset.path, read_dictionary=dictionary or None)
     except (pa.ArrowException, OSError) as exc:
-        raise ExecutionError(f"dataset {dataset.name!r} cannot be read: {one_line(exc)}") from None
+        raise _unreadable(dataset, exc) from None
 
     def read_one(groups: list[int]) -> pa.Table:
         return parquet.read_row_groups(groups, columns=read, use_threads=True)
@@ -83,15 +89,16 @@ def read_chunks(dataset: Dataset, bound: BoundQuery, chunks: list[list[int]]) ->
             try:
                 table = pending.result()
             except (pa.ArrowException, OSError) as exc:
-                raise ExecutionError(f"dataset {dataset.name!r} cannot be read: {one_line(exc)}") from None
+                raise _unreadable(dataset, exc) from None
             if i + 1 < len(chunks):
                 pending = reader.submit(read_one, chunks[i + 1])
-            if not columns:
-                yield pd.DataFrame(index=pd.RangeIndex(table.num_rows))
-                continue
-            frame: pd.DataFrame = table.to_pandas(split_blocks=True, self_destruct=True)
+            frame = arrow_to_pandas(table, columns)
             del table
             yield normalise_frame(frame, types)
+
+
+def _unreadable(dataset: Dataset, exc: BaseException) -> ExecutionError:
+    return ExecutionError(f"dataset {dataset.name!r} cannot be read: {one_line(exc)}")
 
 
 def merge_chunks(bound: BoundQuery, parts: list[tuple[Groups, list[State]]]) -> tuple[Groups, list[State]]:

@@ -74,7 +74,7 @@ def _load_parquet(dataset: Dataset, columns: list[str], filters: Sequence[BoundF
             raise
         # A filter the reader cannot push down (a type it will not cast): pandas applies it anyway.
         table = pq.read_table(dataset.path, columns=read, read_dictionary=dictionary or None)
-    return _arrow_to_pandas(table, columns)
+    return arrow_to_pandas(table, columns)
 
 
 def _load_csv(dataset: Dataset, columns: list[str]) -> pd.DataFrame:
@@ -82,10 +82,10 @@ def _load_csv(dataset: Dataset, columns: list[str]) -> pd.DataFrame:
     types = {name: t for name, t in dataset.csv_column_types().items() if name in read}
     table = pacsv.read_csv(dataset.path, read_options=dataset.csv_read_options(),
                            convert_options=pacsv.ConvertOptions(include_columns=read, column_types=types))
-    return _arrow_to_pandas(table, columns)
+    return arrow_to_pandas(table, columns)
 
 
-def _arrow_to_pandas(table: pa.Table, columns: list[str]) -> pd.DataFrame:
+def arrow_to_pandas(table: pa.Table, columns: list[str]) -> pd.DataFrame:
     if not columns:
         return pd.DataFrame(index=pd.RangeIndex(table.num_rows))
     frame: pd.DataFrame = table.to_pandas(split_blocks=True, self_destruct=True)

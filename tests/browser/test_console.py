@@ -7,47 +7,25 @@ installer that carries it.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from audit.services import Actor
 from policies.permissions import role_grant
 from sites import services
 from sites.models import EnrollmentToken
+from tests.browser.support import snap
 from tests.fixtures.personas import PASSWORD, make_region, make_site, make_user
 from tests.fixtures.processes import ControlPlane
 
 pytestmark = [pytest.mark.browser, pytest.mark.process]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-# A folder to save screenshots of each page into, when looking at the console's looks.
-SCREENSHOTS = os.environ.get("EDGEWISE_SCREENSHOTS", "")
 
 
-def snap(page: Page, name: str) -> None:
-    if SCREENSHOTS:
-        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
-
-
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
-    # Playwright's sync API keeps an event loop in this thread; the test's own
-    # ORM calls between browser steps are still plain synchronous code.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_it_takes_an_operator_from_login_to_a_downloaded_installer(

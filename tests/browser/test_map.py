@@ -5,32 +5,19 @@ the node stops; nothing is fetched from outside the control plane."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
-from tests.fixtures.personas import PASSWORD, make_region, make_site, make_user
+from tests.browser.support import log_in, watch_outside
+from tests.fixtures.personas import make_region, make_site, make_user
 from tests.fixtures.processes import ControlPlane
 
 pytestmark = [pytest.mark.browser, pytest.mark.process]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_it_shows_a_sites_marker_change_colour_when_its_node_stops(
@@ -46,14 +33,8 @@ def test_it_shows_a_sites_marker_change_colour_when_its_node_stops(
 
     page: Page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(20_000)
-    outside: list[str] = []
-    page.on("request", lambda r: outside.append(r.url)
-            if not r.url.startswith((live_control_plane.url, f"ws://127.0.0.1:{live_control_plane.port}", "data:"))
-            else None)
-    page.goto(f"{live_control_plane.url}/login/?next=/sites/plant-berlin/")
-    page.get_by_label("Username").fill("ada")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    outside = watch_outside(page, live_control_plane)
+    log_in(page, live_control_plane, "ada", "/sites/plant-berlin/")
 
     # The site page: live, its node's resources charted as telemetry arrives, the link's last confirmation shown.
     expect(page).to_have_url(f"{live_control_plane.url}/sites/plant-berlin/")

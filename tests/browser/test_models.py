@@ -9,17 +9,16 @@ page, where a real edge runtime reports it serving.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from audit.models import AuditEvent
 from models_registry.models import Deployment, ModelVersion
-from tests.browser.test_console import CHROMIUM, CHROMIUM_ARGS, snap
-from tests.fixtures.personas import PASSWORD, make_region, make_site, make_user
+from tests.browser.support import log_in, snap
+from tests.fixtures.personas import make_region, make_site, make_user
 from tests.fixtures.processes import ControlPlane
 from tests.fixtures.workers import Worker
 from tests.models_registry import onnx_factory
@@ -39,16 +38,6 @@ WATCH_PROGRESS = """
 """
 
 
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
-    # As in test_console: the sync API keeps an event loop in this thread.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_it_takes_an_admin_from_a_new_model_to_a_node_that_serves_it(
@@ -65,10 +54,7 @@ def test_it_takes_an_admin_from_a_new_model_to_a_node_that_serves_it(
     page: Page = browser.new_page(viewport={"width": 1360, "height": 900})
     page.set_default_timeout(20_000)
     base = live_control_plane.url
-    page.goto(f"{base}/login/?next=/")
-    page.get_by_label("Username").fill("ada")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    log_in(page, live_control_plane, "ada", "/")
     expect(page).to_have_url(f"{base}/")
 
     # The registry from the main navigation; empty so far.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import re
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,12 @@ from typing import Any
 import pandas as pd
 import pytest
 from django.utils import timezone
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from policies.queries.models import FederatedQuery
 from policies.queries.services import query_expire
 from sites.models import Site
-from tests.browser.test_console import CHROMIUM, CHROMIUM_ARGS, snap
-from tests.fixtures.personas import PASSWORD
+from tests.browser.support import log_in, snap, watch_outside
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
 from tests.queries.helpers import OPEN_POLICY, data_policy, pandas_reference, plant_frame
 from tests.queries.test_federated_e2e import _node_with_data, _offline
@@ -41,16 +39,6 @@ QUERY_URL = re.compile(r"/queries/([0-9a-f-]{36})/$")  # no named group: the bro
 TABLE_CELLS = "t => [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent.trim()))"
 
 
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Browser]:
-    # As in test_console: the sync API keeps an event loop in this thread.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @dataclass
@@ -74,14 +62,8 @@ def _open_page(browser: Browser, cp: ControlPlane) -> tuple[Page, list[str]]:
     """A page logged in as the admin, on the query list; and the list of what it fetches from elsewhere."""
     page: Page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True)
     page.set_default_timeout(20_000)
-    outside: list[str] = []
-    page.on("request", lambda r: outside.append(r.url)
-            if not r.url.startswith((cp.url, f"ws://127.0.0.1:{cp.port}", "data:"))
-            else None)
-    page.goto(f"{cp.url}/login/?next=/queries/")
-    page.get_by_label("Username").fill("admin")
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
+    outside = watch_outside(page, cp)
+    log_in(page, cp, "admin", "/queries/")
     expect(page).to_have_url(f"{cp.url}/queries/")
     expect(page.locator("nav.mainnav a[aria-current=page]")).to_have_text("Queries")
     return page, outside

@@ -237,6 +237,17 @@ def check_quantile(values: np.ndarray, estimate: Any, q: float, accuracy: float)
     assert abs(estimate - exact) <= bound, (q, exact, estimate, bound)
 
 
+def assert_central(merged: Any, union: pd.DataFrame, spec: dict[str, Any]) -> None:
+    """The merged result has the central result's groups, each with every aggregate's central value."""
+    expected = central(union, spec)
+    n_keys = len(spec["group_by"]) + (1 if "time_bucket" in spec else 0)
+    got = {tuple(r[:n_keys]): dict(zip(merged.columns[n_keys:], r[n_keys:], strict=True)) for r in merged.rows}
+    assert set(got) == set(expected)
+    for key, values in expected.items():
+        for agg in spec["aggregates"]:
+            assert_matches(values[output_name(agg)], got[key][output_name(agg)], agg)
+
+
 # -- the properties ----------------------------------------------------------------------------------------------
 
 
@@ -259,14 +270,7 @@ def test_it_merges_every_aggregate_to_the_central_result(tmp_path_factory: pytes
     assert all(r.status == "answered" for r in results), [r.reason for r in results]
     merged = merge_results(spec, results)
     union = pd.concat([site_frame(rows) for rows in sites], ignore_index=True)
-    expected = central(union, spec)
-
-    n_keys = len(spec["group_by"]) + (1 if "time_bucket" in spec else 0)
-    got = {tuple(r[:n_keys]): dict(zip(merged.columns[n_keys:], r[n_keys:], strict=True)) for r in merged.rows}
-    assert set(got) == set(expected)
-    for key, values in expected.items():
-        for agg in spec["aggregates"]:
-            assert_matches(values[output_name(agg)], got[key][output_name(agg)], agg)
+    assert_central(merged, union, spec)
     assert merged.complete
     assert set(merged.approximate) == {output_name(a) for a in spec["aggregates"] if a["op"] == "quantile"}
 

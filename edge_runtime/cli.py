@@ -269,7 +269,13 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
 
     identity = state.load_identity()
     options: dict[str, Any] = {"provider_priority": args.providers} if args.providers else {}
-    registry = ModelRegistry(instances=args.instances, **options)
+    from edge_runtime.serving.workers import cpu_share, resolve_processes
+
+    try:
+        processes = resolve_processes(args.serving_processes) if args.serve_port >= 0 else 1
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    registry = ModelRegistry(instances=args.instances, cpus=cpu_share(processes), **options)
     store = ModelStore(registry=registry, state_dir=state.path, base_url=identity.url,
                        node_id=identity.node_id, credential=identity.credential,
                        public_key=identity.signing_public_key)
@@ -277,8 +283,9 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
     queries = _query_service(state, identity, args, registry)
     handle = None
     if args.serve_port >= 0:
-        handle = await run_server(registry, args.serve_host, args.serve_port)
-        logging.getLogger("edge_runtime").info("model server listening on %s", handle.url)
+        handle = await run_server(registry, args.serve_host, args.serve_port, processes=processes)
+        logging.getLogger("edge_runtime").info("model server listening on %s (%d serving process%s)", handle.url,
+                                               processes, "" if processes == 1 else "es")
     queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=args.telemetry_budget)
     telemetry = Telemetry(queue, interval_s=args.telemetry_interval,
                           read_models=lambda: read_series(registry.metrics), disk_path=state.path)
@@ -323,7 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     kwargs: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-                              "instances": args.instances}
+                              "instances": args.instances, "processes": args.serving_processes}
     if args.providers:
         kwargs["provider_priority"] = args.providers
     return serve_main(args.model_dir, args.host, args.port, **kwargs)
@@ -465,6 +472,8 @@ def whole_number(what: str, low: int, high: int) -> Callable[[str], int]:
 parse_workers = whole_number("query workers", 1, 64)
 # 0: chosen per model (see edge_runtime.serving.loader.auto_instances).
 parse_instances = whole_number("model instances", 0, 64)
+# 0: chosen for the node (see edge_runtime.serving.workers.auto_processes).
+parse_processes = whole_number("serving processes", 0, 64)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batches of one model run side by side, each on its share of the CPUs (default 0: "
                             "2 on CPU with 2 or more cores, the most rows a second; 1: the lowest latency "
                             "for a request that arrives alone)")
+        p.add_argument("--serving-processes", type=parse_processes,
+                       default=os.environ.get("EDGEWISE_SERVING_PROCESSES", "0"),
+                       help="processes serving the models on the one port, each holding every model (default 0: "
+                            "one per CPU up to 4 on a CPU-only Linux node with 2 GiB or more, else 1; 1: the "
+                            "least memory)")
 
     def providers_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--providers", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],

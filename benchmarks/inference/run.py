@@ -83,36 +83,43 @@ INFO: list[tuple[str, str, str]] = [
 
 
 class Server:
-    def __init__(self, mode: str, model_dir: Path, max_batch_size: int, inline_below_ms: float) -> None:
+    def __init__(self, mode: str, model_dir: Path, max_batch_size: int, inline_below_ms: float,
+                 processes: int) -> None:
         self.mode = mode
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.inference.server", mode, str(model_dir), str(self.port),
-             str(max_batch_size), str(inline_below_ms)],
+             str(max_batch_size), str(inline_below_ms), str(processes)],
             stdout=subprocess.PIPE, text=True, cwd=REPO,
         )
         assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
+        ready = self.proc.stdout.readline().split()
+        if not ready or ready[0] != "ready":
             self.stop()
             raise RuntimeError(f"the {mode} server did not start")
+        self.processes = int(ready[1])
+        self.pids = [self.proc.pid, *children(self.proc.pid)]
+        if len(self.pids) != self.processes:
+            self.stop()
+            raise RuntimeError(f"the {mode} server runs {len(self.pids)} processes, not {self.processes}")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU seconds so far of the whole process, and of its main thread (the event loop).
+        """CPU seconds so far of all its processes, and of their main threads (the event loops).
 
         From schedstat, in nanoseconds: /proc's stat counts clock ticks of
         10 ms, too coarse for slices of a fraction of a second.
         """
-        tasks = Path(f"/proc/{self.proc.pid}/task")
         total = loop = 0.0
-        for task in tasks.iterdir():
-            try:
-                ran = int((task / "schedstat").read_text().split()[0]) / 1e9
-            except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
-                continue
-            total += ran
-            if task.name == str(self.proc.pid):
-                loop = ran
+        for pid in self.pids:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+                except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                    continue
+                total += ran
+                if task.name == str(pid):
+                    loop += ran
         return total, loop
 
     def stop(self) -> None:
@@ -122,6 +129,14 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its serving workers)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def payloads(model: str, x: np.ndarray) -> dict[str, tuple[str, bytes, dict[str, str]]]:
@@ -420,6 +435,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--inline-below-ms", type=float, default=DEFAULT_INLINE_BELOW_MS,
                         help="the batched server runs batches cheaper than this on its event loop")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="serving processes of both servers (default 0: as many as the node would choose)")
     parser.add_argument("--output", default="")
     args = parser.parse_args()
     model_dir = Path(tempfile.mkdtemp(prefix="edgewise-inference-bench-"))
@@ -431,7 +448,8 @@ def main() -> int:
             parser.error(f"--models: choose from {', '.join(built)}")
         report: dict[str, Any] = {"machine": machine(), "settings": vars(args), "checks": {}}
         for mode in ("batched", "naive"):
-            servers[mode] = Server(mode, model_dir, args.max_batch_size, args.inline_below_ms)
+            servers[mode] = Server(mode, model_dir, args.max_batch_size, args.inline_below_ms, args.processes)
+            report.setdefault("servers", {})[mode] = {"processes": servers[mode].processes}
         for name in wanted:
             reference = ort.InferenceSession(str(built[name].path), providers=["CPUExecutionProvider"])
             for mode, server in servers.items():

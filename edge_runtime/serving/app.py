@@ -79,6 +79,9 @@ PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = b"inference-header-content-length"
 
 JSON_TYPE = [(b"content-type", b"application/json")]
+METRICS_TYPE = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+# Tasks answering a request later, held until done (the loop keeps only weak references).
+_PENDING: set[asyncio.Task[None]] = set()
 
 
 class HTTPError(Exception):
@@ -102,6 +105,8 @@ class OIPApp:
         self.max_body_bytes = max_body_bytes
         self.server_name = server_name
         self.live = True
+        # The whole node's /metrics text when several processes serve it (see .workers); None: this registry's.
+        self.node_metrics: Callable[[], Awaitable[str]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI, for embedding the API in another server; the node's own server calls :meth:`dispatch`."""
@@ -179,9 +184,25 @@ class OIPApp:
                 return (200 if ok else 503), JSON_TYPE, b""
         elif parts == ["metrics"]:
             _allow(method, "GET")
-            return 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")], \
-                self.registry.metrics.render().encode()
+            if self.node_metrics is None:
+                return 200, METRICS_TYPE, self.registry.metrics.render().encode()
+            self._reply_metrics(self.node_metrics, reply)
+            return None
         raise HTTPError(404, f"no such endpoint: {path}")
+
+    def _reply_metrics(self, node_metrics: Callable[[], Awaitable[str]], reply: Reply) -> None:
+        async def gather() -> None:
+            try:
+                text = await node_metrics()
+            except Exception as exc:  # noqa: BLE001 - a scrape must get an answer, not a hung connection
+                logger.warning("the node's metrics could not be gathered: %s", exc)
+                reply((503, *self.error_answer(f"the node's metrics could not be gathered: {_one_line(exc)}")))
+            else:
+                reply((200, METRICS_TYPE, text.encode()))
+
+        task = asyncio.get_running_loop().create_task(gather())
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
 
     # metadata ----------------------------------------------------------------
 

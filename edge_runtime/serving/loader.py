@@ -188,26 +188,27 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def auto_instances(providers: Sequence[str]) -> int:
+def auto_instances(providers: Sequence[str], cpus: int = 0) -> int:
     """How many batches of one model to run side by side when the node does not say.
 
-    Two on CPU when the node has at least two usable CPUs (see :mod:`.batcher`
-    for why), one on an accelerator, whose kernels are not sharing cores with
-    the event loop.
+    Two on CPU when this process has at least two CPUs (``cpus``, 0: every
+    usable one; see :mod:`.batcher` for why), one on an accelerator, whose
+    kernels are not sharing cores with the event loop.
     """
     if providers and providers[0] != CPU:
         return 1
-    return 2 if usable_cpus() >= 2 else 1
+    return 2 if (cpus or usable_cpus()) >= 2 else 1
 
 
-def instance_threads(instances: int) -> int:
-    """Intra-op threads for each of ``instances`` runs side by side: the usable CPUs shared out.
+def instance_threads(instances: int, cpus: int = 0) -> int:
+    """Intra-op threads for each of ``instances`` runs side by side: ``cpus`` (0: the usable CPUs) shared out.
 
-    0 (for one instance) leaves the choice to :func:`session_options`.
+    0 (one instance on every usable CPU) leaves the choice to :func:`session_options`.
     """
-    if instances <= 1:
+    share = cpus or usable_cpus()
+    if instances <= 1 and share >= usable_cpus():
         return 0
-    return max(1, usable_cpus() // instances)
+    return max(1, share // max(instances, 1))
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
@@ -231,12 +232,14 @@ def load_model(
     priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
     intra_op_threads: int = 0,
     instances: int = 1,
+    cpus: int = 0,
 ) -> LoadedModel:
     """Load ``path`` with the best provider, read its signature and smoke-test it.
 
     ``instances`` (0: :func:`auto_instances`) is how many runs of the
     session the batcher will make side by side; unless ``intra_op_threads``
-    says otherwise, each gets its share of the CPUs. The count used is
+    says otherwise, each gets its share of ``cpus`` (0: every usable CPU;
+    less when other serving processes share them). The count used is
     :attr:`LoadedModel.instances`.
 
     Raises :class:`ProviderError` or :class:`LoadError`; nothing is served
@@ -244,8 +247,8 @@ def load_model(
     """
     providers = select_providers(preferred=preferred, required=required, priority=priority)
     if instances < 1:
-        instances = auto_instances(providers)
-    options = session_options(intra_op_threads or instance_threads(instances))
+        instances = auto_instances(providers, cpus)
+    options = session_options(intra_op_threads or instance_threads(instances, cpus))
     started = time.perf_counter()
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

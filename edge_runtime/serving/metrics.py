@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -33,6 +34,13 @@ class Histogram:
         self.total += value
         self.count += 1
 
+    def add(self, counts: list[int], total: float) -> None:
+        """Add another process's figures for the same buckets."""
+        for i, n in enumerate(counts[:len(self.counts)]):
+            self.counts[i] += n
+        self.total += total
+        self.count += sum(counts)
+
 
 @dataclass
 class ModelMetrics:
@@ -45,6 +53,24 @@ class ModelMetrics:
     queue_depth: int = 0
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+
+    def export(self) -> list[Any]:
+        """The figures as plain JSON values, for another process to add up (see :meth:`add`)."""
+        return [self.requests, self.errors, self.inferences, self.batches, self.queue_depth,
+                self.latency.counts, self.latency.total, self.batch_size.counts, self.batch_size.total]
+
+    def add(self, exported: list[Any]) -> None:
+        requests, errors, inferences, batches, queue_depth, latency, latency_total, sizes, sizes_total = exported
+        self.requests += int(requests)
+        self.errors += int(errors)
+        self.inferences += int(inferences)
+        self.batches += int(batches)
+        self.queue_depth += int(queue_depth)
+        self.latency.add([int(n) for n in latency], float(latency_total))
+        self.batch_size.add([int(n) for n in sizes], float(sizes_total))
+
+# One process's series: [[model, version, ModelMetrics.export()], ...].
+Exported = list[list[Any]]
 
 
 def _escape(value: str) -> str:
@@ -62,6 +88,35 @@ class Metrics:
 
     def __init__(self) -> None:
         self._series: dict[tuple[str, str], ModelMetrics] = {}
+        # Other processes serving the same node: their latest figures, and what ended ones left.
+        self.peers: dict[Any, Exported] = {}
+        self.retired: dict[tuple[str, str], ModelMetrics] = {}
+
+    def export(self) -> Exported:
+        """This process's own series, for the process that adds the node's up."""
+        # A copy of the items: the loop that adds series may be in another thread's hands.
+        return [[model, version, m.export()] for (model, version), m in list(self._series.items())]
+
+    def set_peer(self, key: Any, exported: Exported) -> None:
+        self.peers[key] = exported
+
+    def retire_peer(self, key: Any) -> None:
+        """A peer ended: keep its last figures for good."""
+        exported = self.peers.pop(key, None)
+        for model, version, figures in exported or ():
+            self.retired.setdefault((model, version), ModelMetrics()).add(figures)
+
+    def combined(self) -> dict[tuple[str, str], ModelMetrics]:
+        """Every series of the node: this process's own plus its peers' (new objects when there are peers)."""
+        if not self.peers and not self.retired:
+            return self._series
+        total: dict[tuple[str, str], ModelMetrics] = {}
+        sources: list[Exported] = [self.export(), *self.peers.values(),
+                                   [[m, v, s.export()] for (m, v), s in self.retired.items()]]
+        for exported in sources:
+            for model, version, figures in exported:
+                total.setdefault((model, version), ModelMetrics()).add(figures)
+        return total
 
     def of(self, model: str, version: str) -> ModelMetrics:
         key = (model, version)
@@ -75,7 +130,7 @@ class Metrics:
 
         None if that version never served here. Creates no series.
         """
-        series = self._series.get((model, version))
+        series = self.combined().get((model, version))
         if series is None:
             return None
         latency = series.latency
@@ -83,7 +138,7 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        items = sorted(self._series.items())
+        items = sorted(self.combined().items())
 
         def family(name: str, kind: str, help_text: str) -> None:
             lines.append(f"# HELP {name} {help_text}")
@@ -143,7 +198,7 @@ def read_series(metrics: Metrics) -> list[SeriesReading]:
     """Every series' figures now, for the node's telemetry. Reads only: creates and changes nothing."""
     readings: list[SeriesReading] = []
     # A copy of the items: the event loop that updates them may be in another thread's hands.
-    for (model, version), m in sorted(list(metrics._series.items())):
+    for (model, version), m in sorted(list(metrics.combined().items())):
         readings.append(SeriesReading(
             model=model, version=version, requests=m.requests, errors=m.errors, queue_depth=m.queue_depth,
             batches=m.batches, latency_bounds=m.latency.buckets, latency_counts=tuple(m.latency.counts),

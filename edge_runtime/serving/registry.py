@@ -12,6 +12,10 @@ version keeps serving and the failure is reported as a
 Each name has a default version (the one loaded last) that requests without
 a version go to; a request may name any version that is loaded. All methods
 run on the event loop that serves requests.
+
+A *mirror* (:class:`~edge_runtime.serving.workers.WorkerPool`, when the node
+serves from several processes) is told of every load that succeeded and
+every unload, in order, so that each process serves the same versions.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from edge_runtime.protocol import ModelStatus
 from edge_runtime.serving.batcher import DEFAULT_INLINE_BELOW_MS, Batcher
@@ -42,6 +46,41 @@ class ModelNotFound(LookupError):
     """No such model, or no such version of it loaded; the message says which."""
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one version was loaded from and how it is batched: enough for another process to load it alike."""
+
+    name: str
+    version: str
+    path: str
+    sha256: str = ""
+    variant: str = "original"
+    providers: tuple[str, ...] = ()
+    required_providers: tuple[str, ...] = ()
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 0.0
+    inline_below_ms: float = DEFAULT_INLINE_BELOW_MS
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "path": self.path, "sha256": self.sha256,
+                "variant": self.variant, "providers": list(self.providers),
+                "required_providers": list(self.required_providers), "max_batch_size": self.max_batch_size,
+                "max_queue_delay_ms": self.max_queue_delay_ms, "inline_below_ms": self.inline_below_ms}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadSpec:
+        return cls(**{**data, "providers": tuple(data["providers"]),
+                      "required_providers": tuple(data["required_providers"])})
+
+
+class Mirror(Protocol):
+    """Told of each change to the served versions, after it is made here (see :mod:`.workers`)."""
+
+    async def load(self, spec: LoadSpec, retire_others: bool) -> None: ...
+
+    async def unload(self, name: str, version: str | None) -> None: ...
+
+
 @dataclass
 class ServedVersion:
     name: str
@@ -53,6 +92,7 @@ class ServedVersion:
     metrics: ModelMetrics
     max_batch_size: int
     max_queue_delay_ms: float
+    spec: LoadSpec
     # The app's caches for this version (see OIPApp): parsed binary request headers, answer heads.
     request_plans: dict[bytes, Any] = field(default_factory=dict)
     answer_heads: dict[Any, Any] = field(default_factory=dict)
@@ -73,15 +113,18 @@ class ServedModel:
 class ModelRegistry:
     def __init__(self, *, provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
                  intra_op_threads: int = 0, instances: int = 0, inference_threads: int = 4,
-                 metrics: Metrics | None = None) -> None:
+                 cpus: int = 0, metrics: Metrics | None = None) -> None:
         """``instances``: batches of one model run side by side (0: chosen per model, see
         :func:`~edge_runtime.serving.loader.auto_instances`); ``intra_op_threads``
-        (0: the CPUs shared out among the instances) is per run."""
+        (0: ``cpus`` shared out among the instances) is per run; ``cpus`` is this
+        process's share of the node's CPUs (0: every usable one)."""
         if instances < 0:
             raise ValueError("instances must not be negative")
         self.provider_priority = tuple(provider_priority)
         self.intra_op_threads = intra_op_threads
         self.instances = instances
+        self.cpus = cpus
+        self.mirror: Mirror | None = None
         self.metrics = metrics or Metrics()
         # Inference runs here; loading uses the loop's default executor so
         # that a slow load never takes a thread that requests are waiting for.
@@ -127,6 +170,15 @@ class ModelRegistry:
     def statuses(self) -> list[ModelStatus]:
         return [s.status for _, s in sorted(self._models.items()) if s.status is not None]
 
+    def replay(self) -> list[LoadSpec]:
+        """The loads that rebuild what serves here in another process, in order (each name's default last)."""
+        specs: list[LoadSpec] = []
+        for served in self._models.values():
+            specs += [v.spec for name, v in served.versions.items() if name != served.default]
+            if served.default is not None:
+                specs.append(served.versions[served.default].spec)
+        return specs
+
     @property
     def ready(self) -> bool:
         """No load is in progress for a model that has nothing serving yet."""
@@ -157,19 +209,25 @@ class ModelRegistry:
         the new one serves (after their queued requests finish). Loading a
         version that is loaded from the same sha256 again only makes it the default.
         """
+        spec = LoadSpec(name=name, version=version, path=str(path), sha256=sha256, variant=variant,
+                        providers=tuple(providers), required_providers=tuple(required_providers),
+                        max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                        inline_below_ms=inline_below_ms)
         served = self._models.setdefault(name, ServedModel())
         async with served.lock:
             current = served.versions.get(version)
             if current is not None and sha256 and current.sha256 == sha256:
                 served.default = version
                 served.status = current.status()
+                if self.mirror is not None:
+                    await self.mirror.load(spec, retire_others=False)
                 return served.status
             self._loading += 1
             try:
                 model = await asyncio.to_thread(
                     load_model, path, preferred=providers, required=required_providers,
                     priority=self.provider_priority, intra_op_threads=self.intra_op_threads,
-                    instances=self.instances,
+                    instances=self.instances, cpus=self.cpus,
                 )
             except LoadError as exc:
                 state: Literal["refused", "failed"] = "refused" if isinstance(exc, ProviderError) else "failed"
@@ -187,7 +245,7 @@ class ModelRegistry:
             batcher.start()
             new = ServedVersion(name=name, version=version, sha256=sha256, variant=variant, model=model,
                                 batcher=batcher, metrics=metrics, max_batch_size=max_batch_size,
-                                max_queue_delay_ms=max_queue_delay_ms)
+                                max_queue_delay_ms=max_queue_delay_ms, spec=spec)
             # The swap: no await between these lines, so every request sees
             # either the old default or the new one, never a gap.
             replaced = served.versions.pop(version, None)
@@ -200,6 +258,8 @@ class ModelRegistry:
             served.status = new.status()
             logger.info("model %s version %s serving on %s (load %.3fs, smoke test %.3fs)", name, version,
                         model.provider, model.load_seconds, model.smoke_seconds)
+            if self.mirror is not None:
+                await self.mirror.load(spec, retire_others=retire_others)
         for old in retiring:
             await old.batcher.close()
         return new.status()
@@ -218,6 +278,8 @@ class ModelRegistry:
                 del self._models[name]
             elif served.status is not None and served.default is not None:
                 served.status = served.versions[served.default].status()
+            if self.mirror is not None and retiring:
+                await self.mirror.unload(name, version)
         for old in retiring:
             await old.batcher.close()
 

@@ -5,6 +5,9 @@ when the loop is ours); the application is
 :class:`~edge_runtime.serving.app.OIPApp`. The socket is bound here, so
 that a port already in use is an exception naming it, and so that port 0
 gives a free port whose number the handle reports.
+
+With ``processes`` above 1 the node serves from that many processes on the
+one port (:mod:`.workers`): this one, and workers that mirror its registry.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
 from edge_runtime.serving.http import DEFAULT_KEEP_ALIVE_S, HTTPServer
 from edge_runtime.serving.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from edge_runtime.serving.workers import WorkerPool
 
 BACKLOG = 2048
 
@@ -30,6 +37,8 @@ class ServerHandle:
     host: str
     port: int
     _server: HTTPServer
+    # The other processes serving on this port, if any.
+    pool: WorkerPool | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -41,7 +50,10 @@ class ServerHandle:
         """Stop accepting connections, finish the requests in progress, and return."""
         self.app.live = False
         try:
-            await self._server.close()
+            if self.pool is not None:
+                await asyncio.gather(self._server.close(), self.pool.close())
+            else:
+                await self._server.close()
         finally:
             self._stopped.set()
 
@@ -50,10 +62,13 @@ class ServerHandle:
         await self._stopped.wait()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to ``host:port``; with ``reuse_port``, one that other sockets of this user may share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -65,15 +80,24 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8000, *,
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, app: OIPApp | None = None,
-                     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> ServerHandle:
+                     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, processes: int = 1,
+                     reuse_port: bool = False) -> ServerHandle:
     """Start serving ``registry`` on the running loop; returns once the port accepts connections.
 
     ``app`` serves instead of a plain :class:`OIPApp` of ``registry`` (a
-    subclass with extra routes, say); ``max_body_bytes`` is then the app's own.
+    subclass with extra routes, say; workers build the same class, so it must
+    live in an importable module); ``max_body_bytes`` is then the app's own.
+    ``processes`` above 1 starts a :class:`~.workers.WorkerPool` of the rest,
+    which join as soon as something serves. ``reuse_port`` is for a worker's
+    own socket.
     """
     if app is None:
         app = OIPApp(registry, max_body_bytes=max_body_bytes)
-    sock = bind(host, port)
+    if processes > 1 and port != 0:
+        # Sockets that share a port do not see each other as a conflict: check
+        # first that nobody else listens there, as a plain bind would.
+        bind(host, port).close()
+    sock = bind(host, port, reuse_port=reuse_port or processes > 1)
     server = HTTPServer(app, keep_alive_s=keep_alive_s)
     try:
         sock.listen(BACKLOG)
@@ -81,4 +105,13 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     except OSError as exc:
         sock.close()
         raise ServerError(f"the model server did not start: {exc}") from exc
-    return ServerHandle(app=app, host=host, port=int(sock.getsockname()[1]), _server=server)
+    handle = ServerHandle(app=app, host=host, port=int(sock.getsockname()[1]), _server=server)
+    if processes > 1:
+        from edge_runtime.serving.workers import WorkerPool, app_path
+
+        handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port,
+                                 app_class=app_path(type(app)), max_body_bytes=app.max_body_bytes,
+                                 keep_alive_s=keep_alive_s, server_name=app.server_name)
+        app.node_metrics = handle.pool.node_metrics
+        handle.pool.start()
+    return handle

@@ -21,7 +21,8 @@ from typing import TextIO
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES
 from edge_runtime.serving.loader import DEFAULT_PROVIDER_PRIORITY
 from edge_runtime.serving.registry import ModelRegistry
-from edge_runtime.serving.server import ServerError, run_server
+from edge_runtime.serving.server import ServerError, ServerHandle, run_server
+from edge_runtime.serving.workers import cpu_share, resolve_processes
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STANDALONE_VERSION = "1"
@@ -37,6 +38,7 @@ def serve_main(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
     instances: int = 0,
+    processes: int = 0,
     out: TextIO | None = None,
 ) -> int:
     """Serve every ``.onnx`` file in ``model_dir`` until SIGINT/SIGTERM; the process exit code.
@@ -52,8 +54,14 @@ def serve_main(
     if not files:
         print(f"error: no .onnx files in {model_dir}", file=stream, flush=True)
         return 2
+    try:
+        processes = resolve_processes(processes)
+    except ValueError as exc:
+        print(f"error: {exc}", file=stream, flush=True)
+        return 2
     main = _serve(files, host, port, stream, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                  max_body_bytes=max_body_bytes, provider_priority=provider_priority, instances=instances)
+                  max_body_bytes=max_body_bytes, provider_priority=provider_priority, instances=instances,
+                  processes=processes)
     try:
         import uvloop  # not on every platform: the faster loop where it is
     except ImportError:
@@ -63,8 +71,8 @@ def serve_main(
 
 async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max_batch_size: int,
                  max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str],
-                 instances: int) -> int:
-    registry = ModelRegistry(provider_priority=provider_priority, instances=instances)
+                 instances: int, processes: int) -> int:
+    registry = ModelRegistry(provider_priority=provider_priority, instances=instances, cpus=cpu_share(processes))
     served = 0
     for path in files:
         name = path.stem
@@ -84,7 +92,7 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
         await registry.close()
         return 1
     try:
-        handle = await run_server(registry, host, port, max_body_bytes=max_body_bytes)
+        handle = await run_server(registry, host, port, max_body_bytes=max_body_bytes, processes=processes)
     except ServerError as exc:
         print(f"error: {exc}", file=stream, flush=True)
         await registry.close()
@@ -94,12 +102,24 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"serving {served} model(s) on {handle.url} (Open Inference Protocol v2)", file=stream, flush=True)
+    joined = asyncio.ensure_future(_report_workers(handle, stream))
     waiter = asyncio.ensure_future(handle.wait())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
+    joined.cancel()
     if not waiter.done():
         await handle.stop()
     await registry.close()
     print("stopped", file=stream, flush=True)
     return 0
+
+
+async def _report_workers(handle: ServerHandle, stream: TextIO) -> None:
+    """Say when every other serving process has joined (the first serves meanwhile)."""
+    pool = handle.pool
+    if pool is None:
+        return
+    while pool.serving < len(pool.workers):
+        await asyncio.sleep(0.05)
+    print(f"all {len(pool.workers) + 1} serving processes are up", file=stream, flush=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.serving.workers import auto_processes
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.process
@@ -27,6 +29,9 @@ def test_it_measures_every_arm_and_judges_every_target(tmp_path: Path) -> None:
     # Both servers' answers were checked against onnxruntime, alone and batched.
     assert report["checks"] == {f"{mode}_{model}_answers_checked": 34
                                 for model in ("mlp", "cnn") for mode in ("batched", "naive")}
+    # Both served from as many processes as a node here would, every one of them up before measuring.
+    processes = auto_processes()
+    assert report["servers"] == {"batched": {"processes": processes}, "naive": {"processes": processes}}
     arms = report["arms"]
     for model in ("mlp", "cnn"):
         for conc in (1, 32):

@@ -90,7 +90,7 @@ class ModelUnavailable(Exception):
     """The version was retired before this request reached it."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     feeds: dict[str, Array]
     rows: int
@@ -181,10 +181,16 @@ class Batcher:
         """
         if self._closing:
             raise ModelUnavailable("this model version is being unloaded")
+        key: tuple[tuple[int, ...], ...]
         if self.stackable:
-            arrays = list(feeds.values())
-            rows = int(arrays[0].shape[0])
-            key = (arrays[0].shape[1:],) if len(arrays) == 1 else tuple([a.shape[1:] for a in arrays])
+            if len(feeds) == 1:
+                (array,) = feeds.values()
+                shape = array.shape
+                rows, key = shape[0], (shape[1:],)
+            else:
+                arrays = list(feeds.values())
+                rows = int(arrays[0].shape[0])
+                key = tuple([a.shape[1:] for a in arrays])
         else:
             rows, key = 1, ()
         with self._mutex:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
 from edge_runtime.serving.http import DEFAULT_KEEP_ALIVE_S, HTTPServer
-from edge_runtime.serving.registry import ModelRegistry
+from edge_runtime.serving.registry import ModelRegistry, settle_heap
 
 if TYPE_CHECKING:
     from edge_runtime.serving.workers import WorkerPool
@@ -99,6 +99,7 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
         bind(host, port).close()
     sock = bind(host, port, reuse_port=reuse_port or processes > 1)
     server = HTTPServer(app, keep_alive_s=keep_alive_s)
+    settle_heap()
     try:
         sock.listen(BACKLOG)
         await server.start(sock)

@@ -242,6 +242,40 @@ def test_it_refuses_a_bad_request_naming_the_problem(server: om.ServerUnderTest,
     assert client.post("/v2/models/mlp/infer", json=mlp_request()).status_code == 200
 
 
+def test_a_repeated_json_layout_is_read_alike_and_refused_alike(client: httpx.Client) -> None:
+    # The second request of a layout (names, types, shapes) takes the checked-once path:
+    # the same answers, and the same refusals, as the first.
+    def flat(data: list[object], **extra: object) -> dict[str, object]:
+        return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": data}], **extra}
+
+    for x in ([[1.5, 2, 3, 4]], [[-1, 0.25, 1e3, 7]], [[True, 0, 0, 1]]):
+        for extra in ({}, {"id": "again"}):
+            body = client.post("/v2/models/mlp/infer", json=flat(list(np.ravel(x).tolist()), **extra)).json()
+            np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(1, 3),
+                                       om.mlp_expected(np.array(x, dtype=np.float32)), rtol=1e-5)
+            assert body.get("id") == extra.get("id")
+    for data, message in (([1, 2, "a", 4], "input 'x': data is not FP32"),
+                          ([1, 2, [3], 4], "input 'x': data is not FP32"),
+                          ([1, 2, 3], "input 'x': shape [1, 4] needs 4 elements, data has 3")):
+        response = client.post("/v2/models/mlp/infer", json=flat(data))
+        assert response.status_code == 400, (data, response.text)
+        assert message in response.json()["error"], (data, response.text)
+    response = client.post("/v2/models/mlp/infer", json=flat([1, 2, 3, 4], id=7))
+    assert response.status_code == 400 and "'id' must be a string" in response.json()["error"]
+
+    # A new layout: the first answer is built whole, the next from the plan; byte for byte the same.
+    request = {"id": "same", "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32",
+                                         "data": list(range(12))}]}
+    first, second = (client.post("/v2/models/mlp/infer", json=request) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    # NaN in the outputs: written as Python's json writes it, on the planned path too.
+    body = json.dumps(flat([float("nan"), 1, 2, 3]))
+    response = client.post("/v2/models/mlp/infer", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and b"NaN" in response.content
+    assert all(np.isnan(v) for v in json.loads(response.content)["outputs"][0]["data"])
+
+
 def test_it_refuses_a_missing_input_of_a_model_with_several(client: httpx.Client) -> None:
     request = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     response = client.post("/v2/models/gather/infer", json=request)

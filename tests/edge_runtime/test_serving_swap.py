@@ -125,3 +125,28 @@ def test_it_counts_metrics_per_version(server: om.ServerUnderTest, tmp_path: Pat
     assert server.metric(text, "edgewise_inference_requests_total", model="m", version="1") == 1
     assert server.metric(text, "edgewise_inference_requests_total", model="m", version="2") == 2
     assert np.isfinite(server.metric(text, "edgewise_inference_request_duration_seconds_sum", model="m", version="2"))
+
+
+def test_a_retired_version_is_freed_although_the_heap_was_frozen(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from edge_runtime.serving import ModelRegistry
+    from edge_runtime.serving.registry import settle_heap
+
+    thread = om.LoopThread()
+    registry = ModelRegistry()
+    try:
+        assert thread.run(registry.load("m", "1", om.add_constant(tmp_path / "v1.onnx", 1.0))).state == "serving"
+        old = weakref.ref(registry.get("m", "1"))
+        old_model = weakref.ref(registry.get("m", "1").model)
+        settle_heap()  # as a server does when it starts: version 1 is frozen with the rest
+        assert gc.get_freeze_count() > 0
+        assert thread.run(registry.load("m", "2", om.add_constant(tmp_path / "v2.onnx", 2.0))).state == "serving"
+        assert registry.versions("m") == ["2"]
+        assert old() is None and old_model() is None
+        assert gc.get_freeze_count() > 0  # frozen again after the collection
+    finally:
+        thread.run(registry.close())
+        thread.close()
+        gc.unfreeze()

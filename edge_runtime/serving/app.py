@@ -234,7 +234,9 @@ class OIPApp:
         metrics.requests += 1
         started = time.perf_counter()
         try:
-            request, feeds, wanted = self._parse(served, _decode_body(body, headers, self.max_body_bytes), headers)
+            if b"content-encoding" in headers:
+                body = _decode_body(body, headers, self.max_body_bytes)
+            request, feeds, wanted = self._parse(served, body, headers)
             try:
                 served.batcher.submit_callback(
                     feeds, lambda outcome: reply(self._complete(outcome, served, request, wanted, started)))
@@ -494,7 +496,10 @@ class _RequestPlan:
 
 
 class _JsonPlan:
-    """A JSON request's layout, checked once: one plain numeric tensor per input, no other field but an id.
+    """A JSON request's layout, checked once.
+
+    It covers requests whose inputs have a name, shape, datatype and flat
+    numeric data, and that have no other field but an id.
 
     A later request of the same layout (names, types, shapes) is converted
     without the checks; anything else takes the full path, and its errors.
@@ -560,23 +565,25 @@ class _JsonOutputs(list[tuple[str, bool]]):
 SMALL_TENSOR = 1024
 # Marks the cache keys of JSON requests (the others are a binary request's header).
 _JSON = object()
-# Keys of a request that a JSON plan covers, and of each of its inputs.
-_PLANNED_REQUEST = ({"inputs"}, {"inputs", "id"})
-_PLANNED_INPUT = {"name", "shape", "datatype", "data"}
 
 
 def _json_layout(request: dict[str, Any]) -> tuple[Any, ...] | None:
     """(_JSON, (name, datatype, shape), ...) of a request of plain flat tensors, or None."""
-    if request.keys() not in _PLANNED_REQUEST or ("id" in request and type(request["id"]) is not str):
+    # Plain checks, no set comparisons: this runs for every JSON request.
+    fields = len(request)
+    if fields != 1 and not (fields == 2 and type(request.get("id")) is str):
         return None
-    inputs = request["inputs"]
+    inputs = request.get("inputs")
     if type(inputs) is not list:
         return None
     key: list[Any] = [_JSON]
     for tensor in inputs:
-        if type(tensor) is not dict or tensor.keys() != _PLANNED_INPUT:
+        if type(tensor) is not dict or len(tensor) != 4:
             return None
-        shape, data, name, datatype = tensor["shape"], tensor["data"], tensor["name"], tensor["datatype"]
+        try:
+            shape, data, name, datatype = tensor["shape"], tensor["data"], tensor["name"], tensor["datatype"]
+        except KeyError:
+            return None
         if (type(shape) is not list or type(data) is not list or not data or type(data[0]) is list
                 or type(name) is not str or type(datatype) is not str):
             return None

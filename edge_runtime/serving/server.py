@@ -93,6 +93,10 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     """
     if app is None:
         app = OIPApp(registry, max_body_bytes=max_body_bytes)
+    if processes > 1:
+        from edge_runtime.serving.workers import WorkerPool, app_path
+
+        app_class = app_path(type(app))  # before anything listens: a class workers cannot import is refused
     if processes > 1 and port != 0:
         # Sockets that share a port do not see each other as a conflict: check
         # first that nobody else listens there, as a plain bind would.
@@ -108,10 +112,8 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
         raise ServerError(f"the model server did not start: {exc}") from exc
     handle = ServerHandle(app=app, host=host, port=int(sock.getsockname()[1]), _server=server)
     if processes > 1:
-        from edge_runtime.serving.workers import WorkerPool, app_path
-
         handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port,
-                                 app_class=app_path(type(app)), max_body_bytes=app.max_body_bytes,
+                                 app_class=app_class, max_body_bytes=app.max_body_bytes,
                                  keep_alive_s=keep_alive_s, server_name=app.server_name)
         app.node_metrics = handle.pool.node_metrics
         handle.pool.start()

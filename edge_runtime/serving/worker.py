@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib
 import logging
 import signal
@@ -71,6 +72,12 @@ class Worker:
             return {}
         if op == "load":
             spec = LoadSpec.from_json(message["spec"])
+            if spec.sha256:
+                # The first process checked this file when it loaded it; it may have changed on disk since.
+                found = await asyncio.to_thread(_file_sha256, Path(spec.path))
+                if found != spec.sha256:
+                    raise WorkerError(f"model {spec.name} version {spec.version}: {spec.path} has sha256 "
+                                      f"{found}, not {spec.sha256}; not loaded")
             status = await self._registry().load(
                 spec.name, spec.version, Path(spec.path), sha256=spec.sha256, variant=spec.variant,
                 providers=spec.providers, required_providers=spec.required_providers,
@@ -107,6 +114,17 @@ class Worker:
         self.handle = await run_server(registry, host, port, app=app, keep_alive_s=self.config["keep_alive_s"],
                                        reuse_port=True)
         return self.handle.port
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise WorkerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

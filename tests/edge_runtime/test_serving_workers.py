@@ -298,3 +298,44 @@ def test_peer_figures_add_up_and_an_ended_peer_keeps_its_counts() -> None:
     # A worker started again counts from zero; the sum goes on from what the ended one left.
     metrics.set_peer(1, [["m", "2", [2, 0, 2, 1, 0, [0] * 15, 0.0, [0] * 12, 0.0]]])
     assert metrics.snapshot("m", "2")[0] == 9  # type: ignore[index]
+
+
+def test_a_worker_refuses_an_artifact_changed_on_disk_and_the_node_keeps_serving(server: om.ServerUnderTest,
+                                                                                  tmp_path: Path) -> None:
+    import hashlib
+
+    path = om.add_constant(tmp_path / "v1.onnx", 1.0)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    pool = pool_of(server)
+    assert server.load("m", "1", path, sha256=sha).state == "serving"
+    server.thread.run(pool.wait_serving())
+    # The file changes after the first process checked and loaded it; then the worker has to load it again.
+    om.add_constant(path, 99.0)
+    worker = pool.workers[0]
+    assert worker.process is not None
+    os.kill(worker.process.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pool.serving:
+        time.sleep(0.05)
+    time.sleep(2.5)  # the restart comes after a second, and fails on the changed file
+    assert pool.serving == 0
+    # Every connection reaches the first process, which serves what it checked.
+    answers = [fresh_answer(server.url) for _ in range(20)]
+    assert {(status, body["outputs"][0]["data"][0]) for status, body in answers} == {(200, 2.0)}  # type: ignore[index]
+
+
+def test_an_app_class_workers_cannot_import_is_refused_before_listening() -> None:
+    from edge_runtime.serving import ModelRegistry, OIPApp, run_server
+
+    local = type("Local", (OIPApp,), {"__module__": "__main__"})
+    thread = om.LoopThread()
+    registry = ModelRegistry()
+    port = free_port()
+    try:
+        with pytest.raises(ValueError, match="workers import the app class by module name"):
+            thread.run(run_server(registry, "127.0.0.1", port, app=local(registry), processes=2))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing was left listening
+    finally:
+        thread.run(registry.close())
+        thread.close()

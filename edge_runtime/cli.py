@@ -52,6 +52,7 @@ from pydantic import ValidationError
 from edge_runtime import __version__, signing
 from edge_runtime.agent import Agent
 from edge_runtime.hardware import detect_hardware
+from edge_runtime.logs import OneLineFormatter
 from edge_runtime.protocol import API_PREFIX, EnrollRequest, EnrollResponse
 from edge_runtime.state import Identity, StateDir, StateError, default_state_dir
 
@@ -68,16 +69,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
-
-
-class OneLineFormatter(logging.Formatter):
-    """One event per line, whatever the message or traceback contains."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", " | ")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging API
-        return dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
 
 
 def setup_logging(level: str) -> None:

@@ -130,7 +130,7 @@ def _file_sha256(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     fd, slot = int(args[0]), int(args[1])
-    from edge_runtime.cli import OneLineFormatter
+    from edge_runtime.logs import OneLineFormatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s [serving worker {slot}]: %(message)s"))

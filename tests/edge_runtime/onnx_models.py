@@ -196,3 +196,50 @@ class ServerUnderTest:
         self.thread.run(self.handle.stop())
         self.thread.run(self.registry.close())
         self.thread.close()
+
+
+class Hammer:
+    """Threads posting one JSON request to ``path`` until stopped, keeping (model_version, first output
+    element minus ``offset``) of each answer, or the failure. ``per_connection`` requests on each
+    connection (None: one connection each for the whole run)."""
+
+    def __init__(self, url: str, path: str, request: dict[str, Any], *, offset: float = 0.0, threads: int = 6,
+                 per_connection: int | None = None) -> None:
+        import threading
+
+        self.url, self.path, self.request, self.offset = url, path, request, offset
+        self.per_connection = per_connection
+        self.stop = threading.Event()
+        self.seen: list[tuple[str, float]] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        while not self.stop.is_set():
+            with httpx.Client(base_url=self.url, timeout=30) as client:
+                sent = 0
+                while not self.stop.is_set() and (self.per_connection is None or sent < self.per_connection):
+                    sent += 1
+                    response = client.post(self.path, json=self.request)
+                    if response.status_code != 200:
+                        self.failures.append(f"{response.status_code} {response.text}")
+                        continue
+                    body = response.json()
+                    self.seen.append((body["model_version"], body["outputs"][0]["data"][0] - self.offset))
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        """Until ``count`` answers or failures in all, or ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.seen) + len(self.failures) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)

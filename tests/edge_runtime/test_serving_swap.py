@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,39 +35,17 @@ def answer(client: httpx.Client, path: str = "/v2/models/m/infer") -> tuple[str,
 
 def test_it_swaps_versions_under_load_without_failing_a_request(server: om.ServerUnderTest, tmp_path: Path) -> None:
     assert server.load("m", "1", om.add_constant(tmp_path / "v1.onnx", 1.0)).state == "serving"
-    stop = threading.Event()
-    seen: list[tuple[str, float]] = []
-    failures: list[str] = []
-
-    def hammer() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            while not stop.is_set():
-                response = client.post("/v2/models/m/infer", json=request())
-                if response.status_code != 200:
-                    failures.append(f"{response.status_code} {response.text}")
-                    continue
-                body = response.json()
-                seen.append((body["model_version"], body["outputs"][0]["data"][0] - X[0][0]))
-
-    threads = [threading.Thread(target=hammer) for _ in range(6)]
-    for t in threads:
-        t.start()
-    def wait_for_answers(count: int) -> None:
-        deadline = time.monotonic() + 30
-        while len(seen) + len(failures) < count and time.monotonic() < deadline:
-            time.sleep(0.005)
-
+    load = om.Hammer(server.url, "/v2/models/m/infer", request(), offset=X[0][0])
     try:
         # Swap while requests are in flight, and let each version answer a while.
-        wait_for_answers(30)
+        load.wait_for(30)
         for i, version in enumerate(("2", "3")):
             status = server.load("m", version, om.add_constant(tmp_path / f"v{version}.onnx", float(version)))
             assert status.state == "serving", status
-            wait_for_answers(30 * (i + 2))
+            load.wait_for(30 * (i + 2))
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        load.join()
+    seen, failures = load.seen, load.failures
     assert failures == []
     assert len(seen) >= 90
     # Every answer came whole from one version, and each version answered.

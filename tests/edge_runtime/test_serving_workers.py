@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,34 +89,16 @@ def test_a_swap_under_load_fails_no_request_in_any_process(server: om.ServerUnde
     pool = pool_of(server)
     assert server.load("m", "1", om.add_constant(tmp_path / "v1.onnx", 1.0)).state == "serving"
     server.thread.run(pool.wait_serving())
-    stop = threading.Event()
-    seen: list[tuple[str, float]] = []
-    failures: list[str] = []
-
-    def hammer() -> None:
-        while not stop.is_set():
-            # A new connection now and then, so that both processes keep getting some.
-            with httpx.Client(base_url=server.url, timeout=30) as client:
-                for _ in range(5):
-                    response = client.post("/v2/models/m/infer", json=REQUEST)
-                    if response.status_code != 200:
-                        failures.append(f"{response.status_code} {response.text}")
-                        continue
-                    body = response.json()
-                    seen.append((body["model_version"], body["outputs"][0]["data"][0] - X[0][0]))
-
-    threads = [threading.Thread(target=hammer) for _ in range(6)]
-    for t in threads:
-        t.start()
+    # A new connection every 5 requests, so that both processes keep getting some.
+    load = om.Hammer(server.url, "/v2/models/m/infer", REQUEST, offset=X[0][0], per_connection=5)
     try:
         time.sleep(0.5)
         assert server.load("m", "2", om.add_constant(tmp_path / "v2.onnx", 2.0)).state == "serving"
-        after = len(seen)
+        after = len(load.seen)
         time.sleep(0.5)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        load.join()
+    seen, failures, threads = load.seen, load.failures, load.threads
     assert not failures, failures[:3]
     # Every answer is one version's own; once the load returned, only the new one answers
     # (give the requests already sent when it returned a few answers' grace).
@@ -191,14 +173,25 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_standalone_workers_end_with_the_first_process_even_one_killed_outright(tmp_path: Path) -> None:
-    om.mlp(tmp_path / "classifier.onnx")
+@contextlib.contextmanager
+def standalone(model_dir: Path, processes: int) -> Iterator[tuple[subprocess.Popen[str], int, list[int]]]:
+    """``edge-runtime serve`` with ``processes``, once every one is up: (process, port, worker pids)."""
+    om.mlp(model_dir / "classifier.onnx")
     port = free_port()
-    proc = start_serve(tmp_path, port, 3)
+    proc = start_serve(model_dir, port, processes)
     try:
-        read_until(proc, "all 3 serving processes are up")
+        read_until(proc, f"all {processes} serving processes are up")
         workers = children(proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == processes - 1
+        yield proc, port, workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_standalone_workers_end_with_the_first_process_even_one_killed_outright(tmp_path: Path) -> None:
+    with standalone(tmp_path, 3) as (proc, port, workers):
         x = np.array([[1, 2, 3, 4]], dtype=np.float32)
         body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}]}
         for _ in range(12):
@@ -216,26 +209,13 @@ def test_standalone_workers_end_with_the_first_process_even_one_killed_outright(
         while time.monotonic() < deadline and any(alive(w) for w in workers):
             time.sleep(0.05)
         assert not any(alive(w) for w in workers)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
-def test_a_clean_stop_stops_every_worker_after_its_requests(tmp_path: Path) -> None:
-    om.mlp(tmp_path / "classifier.onnx")
-    port = free_port()
-    proc = start_serve(tmp_path, port, 2)
-    try:
-        read_until(proc, "all 2 serving processes are up")
-        workers = children(proc.pid)
+def test_sigterm_stops_every_worker_and_the_server_exits_cleanly(tmp_path: Path) -> None:
+    with standalone(tmp_path, 2) as (proc, _, workers):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not any(alive(w) for w in workers)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_the_cli_names_a_bad_process_count() -> None:

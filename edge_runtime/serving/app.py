@@ -58,8 +58,18 @@ import orjson
 
 from edge_runtime import __version__
 from edge_runtime.serving.batcher import ModelUnavailable
+from edge_runtime.serving.plans import JsonOutputs, JsonPlan, RequestPlan, json_plan_feeds, remember
 from edge_runtime.serving.registry import ModelNotFound, ModelRegistry, ServedVersion
-from edge_runtime.serving.tensors import Array, TensorError, from_binary, from_json, to_binary, to_json_data
+from edge_runtime.serving.tensors import (
+    ORJSON_ARRAY_TYPES,
+    Array,
+    TensorError,
+    from_binary,
+    from_json,
+    json_bytes,
+    to_binary,
+    to_json_data,
+)
 
 logger = logging.getLogger("edge_runtime.serving")
 
@@ -176,7 +186,7 @@ class OIPApp:
                     return None
             elif n == 1:
                 _allow(method, "GET")
-                return 200, JSON_TYPE, _json({"name": self.server_name, "version": __version__,
+                return 200, JSON_TYPE, json_bytes({"name": self.server_name, "version": __version__,
                                               "extensions": EXTENSIONS})
             elif n == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
                 _allow(method, "GET")
@@ -215,7 +225,7 @@ class OIPApp:
     def model_metadata(self, name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         served = self._resolve(name, version)
         model = served.model
-        return 200, JSON_TYPE, _json({
+        return 200, JSON_TYPE, json_bytes({
             "name": name,
             "versions": self.registry.versions(name),
             "platform": PLATFORM,
@@ -301,7 +311,7 @@ class OIPApp:
         if header_length is None:
             request = _loads(body)
             if type(request) is dict:
-                fast = _json_plan_feeds(served, request)
+                fast = json_plan_feeds(served, request)
                 if fast is not None:
                     return request, *fast
         if header_length is not None:
@@ -372,11 +382,11 @@ class OIPApp:
         wanted = self._wanted_outputs(served, request)
         if header_length is not None and offset == len(binary) and all(
                 "data" not in t and t.get("datatype") != "BYTES" for t in inputs):
-            _remember(served.request_plans, bytes(head), _RequestPlan(request, feeds, wanted, offset))
+            remember(served.request_plans, bytes(head), RequestPlan(request, feeds, wanted, offset))
         elif header_length is None:
-            plan = _JsonPlan.of(request, feeds, wanted)
+            plan = JsonPlan.of(request, feeds, wanted)
             if plan is not None:
-                _remember(served.request_plans, plan.key, plan)
+                remember(served.request_plans, plan.key, plan)
         return request, feeds, wanted
 
     def _wanted_outputs(self, served: ServedVersion, request: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -401,7 +411,7 @@ class OIPApp:
 
     def _respond(self, served: ServedVersion, request: dict[str, Any], outputs: list[Array],
                  wanted: list[tuple[str, bool]]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        if type(wanted) is _JsonOutputs:
+        if type(wanted) is JsonOutputs:
             answer = wanted.answer(served, request, outputs)
             if answer is not None:
                 return 200, JSON_TYPE, answer
@@ -417,7 +427,7 @@ class OIPApp:
                 status, headers, body = self._respond_whole(served, request, outputs, wanted)
                 split = int(dict(headers)[b"inference-header-content-length"])
                 cached = (headers, body[:split])
-                _remember(served.answer_heads, key, cached)
+                remember(served.answer_heads, key, cached)
             if cached is not None:
                 headers, head = cached
                 return 200, headers, b"".join([head, *[a.tobytes() if a.flags.c_contiguous and
@@ -439,7 +449,7 @@ class OIPApp:
                 blob = to_binary(array)
                 tensor["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
-            elif array.dtype in _ORJSON_ARRAY_TYPES:
+            elif array.dtype in ORJSON_ARRAY_TYPES:
                 # orjson writes a contiguous numeric array itself; ravel()
                 # is a view for the contiguous outputs onnxruntime returns.
                 tensor["data"] = array.ravel()
@@ -450,7 +460,7 @@ class OIPApp:
         if "id" in request:
             response["id"] = request["id"]
         response["outputs"] = tensors
-        head = _json(response)
+        head = json_bytes(response)
         if b"null" in head and not all(_finite(t["data"]) for t in tensors if isinstance(t.get("data"), np.ndarray)):
             # orjson wrote NaN or Infinity as null; Python's json keeps them,
             # as this server always has, and Python clients read them back.
@@ -462,168 +472,6 @@ class OIPApp:
             return 200, JSON_TYPE, head
         return 200, [(b"content-type", b"application/octet-stream"),
                      (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *blobs])
-
-
-# Entries each cache keeps at most; past it, it starts again (clients reuse a handful of request shapes).
-CACHE_ENTRIES = 64
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= CACHE_ENTRIES:
-        cache.clear()
-    cache[key] = value
-
-
-class _RequestPlan:
-    """A binary request's header, parsed and checked once: where each input's bytes are and what they are."""
-
-    __slots__ = ("request", "wanted", "size", "inputs")
-
-    def __init__(self, request: dict[str, Any], feeds: dict[str, Array], wanted: list[tuple[str, bool]],
-                 size: int) -> None:
-        self.request = request
-        self.wanted = wanted
-        self.size = size
-        self.inputs = [(name, a.dtype, a.shape, a.nbytes) for name, a in feeds.items()]
-
-    def feeds(self, binary: memoryview) -> dict[str, Array]:
-        out: dict[str, Array] = {}
-        offset = 0
-        for name, dtype, shape, size in self.inputs:
-            out[name] = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
-            offset += size
-        return out
-
-
-class _JsonPlan:
-    """A JSON request's layout, checked once.
-
-    It covers requests whose inputs have a name, shape, datatype and flat
-    numeric data, and that have no other field but an id.
-
-    A later request of the same layout (names, types, shapes) is converted
-    without the checks; anything else takes the full path, and its errors.
-    """
-
-    __slots__ = ("key", "inputs", "wanted")
-
-    def __init__(self, key: tuple[Any, ...], feeds: dict[str, Array], wanted: list[tuple[str, bool]]) -> None:
-        self.key = key
-        self.wanted = _JsonOutputs(wanted)
-        self.inputs = [(name, a.dtype, a.size, a.shape) for name, a in feeds.items()]
-
-    @classmethod
-    def of(cls, request: dict[str, Any], feeds: dict[str, Array], wanted: list[tuple[str, bool]]) -> _JsonPlan | None:
-        """The plan of a request that the full path accepted, if it has a plannable layout."""
-        if any(a.dtype.kind != "f" for a in feeds.values()):
-            return None  # integers and booleans keep their value checks
-        key = _json_layout(request)
-        if key is None:
-            return None
-        return cls(key, feeds, wanted)
-
-
-class _JsonOutputs(list[tuple[str, bool]]):
-    """A JSON plan's outputs (every one, as JSON), with the fixed parts of its answers once built.
-
-    The answer is then those parts, each output's shape and its numbers: the
-    same bytes as :meth:`OIPApp._respond_whole` writes, without building and
-    serialising the dictionaries around them for every request.
-    """
-
-    __slots__ = ("parts",)
-
-    def __init__(self, wanted: list[tuple[str, bool]]) -> None:
-        super().__init__(wanted)
-        self.parts: tuple[bytes, list[bytes]] | None = None
-
-    def answer(self, served: ServedVersion, request: dict[str, Any], outputs: list[Array]) -> bytes | None:
-        """The answer's body; None when an output is not a plain numeric array or holds NaN or Infinity."""
-        parts = self.parts
-        if parts is None:
-            specs = served.model.outputs
-            parts = self.parts = (
-                b'{"model_name":' + _json(served.name) + b',"model_version":' + _json(served.version),
-                [b'{"name":' + _json(spec.name) + b',"datatype":' + _json(spec.datatype) + b',"shape":'
-                 for spec in specs],
-            )
-        head, tensors = parts
-        pieces = [head, b',"id":', _json(request["id"]), b',"outputs":['] if "id" in request else \
-            [head, b',"outputs":[']
-        for i, array in enumerate(outputs):
-            if array.dtype not in _ORJSON_ARRAY_TYPES:
-                return None
-            data = _json(array.ravel())
-            if array.dtype.kind == "f" and b"null" in data:
-                return None  # NaN or Infinity, which orjson writes as null
-            pieces += (b"," if i else b"", tensors[i], _json(array.shape), b',"data":', data, b"}")
-        pieces.append(b"]}")
-        return b"".join(pieces)
-
-
-# Inputs of at most this many numbers are converted with np.array, larger ones with np.fromiter.
-SMALL_TENSOR = 1024
-# Marks the cache keys of JSON requests (the others are a binary request's header).
-_JSON = object()
-
-
-def _json_layout(request: dict[str, Any]) -> tuple[Any, ...] | None:
-    """(_JSON, (name, datatype, shape), ...) of a request of plain flat tensors, or None."""
-    # Plain checks, no set comparisons: this runs for every JSON request.
-    fields = len(request)
-    if fields != 1 and not (fields == 2 and type(request.get("id")) is str):
-        return None
-    inputs = request.get("inputs")
-    if type(inputs) is not list:
-        return None
-    key: list[Any] = [_JSON]
-    for tensor in inputs:
-        if type(tensor) is not dict or len(tensor) != 4:
-            return None
-        try:
-            shape, data, name, datatype = tensor["shape"], tensor["data"], tensor["name"], tensor["datatype"]
-        except KeyError:
-            return None
-        if (type(shape) is not list or type(data) is not list or not data or type(data[0]) is list
-                or type(name) is not str or type(datatype) is not str):
-            return None
-        for d in shape:
-            if type(d) is not int:
-                return None
-        key.append((name, datatype, tuple(shape)))
-    return tuple(key)
-
-
-def _json_plan_feeds(served: ServedVersion, request: dict[str, Any]
-                     ) -> tuple[dict[str, Array], list[tuple[str, bool]]] | None:
-    """A JSON request's feeds through the plan for its layout; None if it has none (or does not fit it)."""
-    key = _json_layout(request)
-    if key is None:
-        return None
-    plan = served.request_plans.get(key)
-    if plan is None:
-        return None
-    feeds: dict[str, Array] = {}
-    for tensor, (name, dtype, size, shape) in zip(request["inputs"], plan.inputs, strict=True):
-        data = tensor["data"]
-        if len(data) != size:
-            return None
-        if size > SMALL_TENSOR:
-            try:
-                feeds[name] = np.fromiter(data, dtype=dtype, count=size).reshape(shape)
-            except (TypeError, ValueError, OverflowError):
-                return None  # the full path names the problem
-        else:
-            # Twice as fast as fromiter on a few dozen numbers; anything but plain numbers
-            # (a string, null, a nested list) gives another kind of array: the full path then.
-            try:
-                array = np.array(data)
-            except (TypeError, ValueError):  # a list among the numbers, say
-                return None
-            if array.dtype.kind not in "fiub" or array.ndim != 1:
-                return None
-            feeds[name] = array.astype(dtype, copy=False).reshape(shape)
-    return feeds, plan.wanted
 
 
 def _check_shape(name: str, shape: Any, expected: tuple[int, ...]) -> list[int]:
@@ -648,19 +496,8 @@ def _allow(method: str, allowed: str) -> None:
         raise HTTPError(405, f"method {method} not allowed here (use {allowed})")
 
 
-# Arrays orjson writes itself (native byte order; the widths ONNX tensors have).
-_ORJSON_ARRAY_TYPES = frozenset(np.dtype(t) for t in (
-    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
-    np.float16, np.float32, np.float64,
-))
-
-
 def _finite(array: Array) -> bool:
     return array.dtype.kind != "f" or bool(np.isfinite(array).all())
-
-
-def _json(data: Any) -> bytes:
-    return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _loads(head: bytes | memoryview) -> Any:
@@ -676,7 +513,7 @@ def _loads(head: bytes | memoryview) -> Any:
 
 
 def _error_body(message: str) -> bytes:
-    return _json({"error": message})
+    return json_bytes({"error": message})
 
 
 def _decode_body(body: bytes, headers: dict[bytes, bytes], limit: int) -> bytes:

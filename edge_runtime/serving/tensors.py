@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 # ONNX Runtime's type strings -> OIP datatypes.
 ORT_TO_OIP: dict[str, str] = {
@@ -212,3 +213,15 @@ def to_binary(array: Array) -> bytes:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     return np.ascontiguousarray(array).tobytes()
+
+
+# Arrays orjson writes itself (native byte order; the widths ONNX tensors have).
+ORJSON_ARRAY_TYPES = frozenset(np.dtype(t) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64,
+))
+
+
+def json_bytes(data: Any) -> bytes:
+    """``data`` as JSON; numpy arrays written by orjson itself (NaN and Infinity as null)."""
+    return orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -211,12 +211,16 @@ class Hammer:
         self.per_connection = per_connection
         self.stop = threading.Event()
         self.seen: list[tuple[str, float]] = []
+        # The same answers with the monotonic time each request was sent.
+        self.sent: list[tuple[float, str, float]] = []
         self.failures: list[str] = []
         self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
         for t in self.threads:
             t.start()
 
     def _run(self) -> None:
+        import time
+
         import httpx
 
         while not self.stop.is_set():
@@ -224,12 +228,15 @@ class Hammer:
                 sent = 0
                 while not self.stop.is_set() and (self.per_connection is None or sent < self.per_connection):
                     sent += 1
+                    at = time.monotonic()
                     response = client.post(self.path, json=self.request)
                     if response.status_code != 200:
                         self.failures.append(f"{response.status_code} {response.text}")
                         continue
                     body = response.json()
-                    self.seen.append((body["model_version"], body["outputs"][0]["data"][0] - self.offset))
+                    answer = (body["model_version"], body["outputs"][0]["data"][0] - self.offset)
+                    self.seen.append(answer)
+                    self.sent.append((at, *answer))
 
     def wait_for(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` answers or failures in all, or ``timeout``."""

@@ -309,12 +309,14 @@ class OIPApp:
                headers: dict[bytes, bytes]) -> tuple[dict[str, Any], dict[str, Array], list[tuple[str, bool]]]:
         header_length = headers.get(HEADER_LENGTH)
         if header_length is None:
+            head, binary = body, memoryview(b"")
             request = _loads(body)
             if type(request) is dict:
                 fast = json_plan_feeds(served, request)
                 if fast is not None:
+                    # The same layout as an earlier request's: only the numbers are new.
                     return request, *fast
-        if header_length is not None:
+        else:
             if not header_length.isdigit() or int(header_length) > len(body):
                 raise BadRequest(f"Inference-Header-Content-Length {header_length.decode(errors='replace')!r} "
                                  f"does not fit a body of {len(body)} bytes")
@@ -325,8 +327,6 @@ class OIPApp:
                 # The same header as an earlier request's: only the tensors' bytes are new.
                 return plan.request, plan.feeds(binary), plan.wanted
             request = _loads(head)
-        else:
-            head, binary = body, memoryview(b"")
         if not isinstance(request, dict):
             raise BadRequest("the request body must be a JSON object")
         if "id" in request and not isinstance(request["id"], str):

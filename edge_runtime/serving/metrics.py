@@ -106,8 +106,11 @@ class Metrics:
         for model, version, figures in exported or ():
             self.retired.setdefault((model, version), ModelMetrics()).add(figures)
 
-    def combined(self) -> dict[tuple[str, str], ModelMetrics]:
-        """Every series of the node: this process's own plus its peers' (new objects when there are peers)."""
+    def combined(self, only: tuple[str, str] | None = None) -> dict[tuple[str, str], ModelMetrics]:
+        """Every series of the node (or ``only`` that one): this process's own plus its peers'.
+
+        New objects when there are peers; this process's own when there are none.
+        """
         if not self.peers and not self.retired:
             return self._series
         total: dict[tuple[str, str], ModelMetrics] = {}
@@ -115,7 +118,8 @@ class Metrics:
                                    [[m, v, s.export()] for (m, v), s in self.retired.items()]]
         for exported in sources:
             for model, version, figures in exported:
-                total.setdefault((model, version), ModelMetrics()).add(figures)
+                if only is None or (model, version) == only:
+                    total.setdefault((model, version), ModelMetrics()).add(figures)
         return total
 
     def of(self, model: str, version: str) -> ModelMetrics:
@@ -130,7 +134,7 @@ class Metrics:
 
         None if that version never served here. Creates no series.
         """
-        series = self.combined().get((model, version))
+        series = self.combined(only=(model, version)).get((model, version))
         if series is None:
             return None
         latency = series.latency

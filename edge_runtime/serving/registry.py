@@ -65,6 +65,18 @@ def resettle_heap() -> None:
         settle_heap()
 
 
+async def _retire(retiring: list[ServedVersion]) -> None:
+    """Retire versions taken out of service: their queued requests finish, then the collector gets them.
+
+    Takes them out of ``retiring`` as it goes, so that no reference is left when the heap is resettled.
+    """
+    if not retiring:
+        return
+    while retiring:
+        await retiring.pop().batcher.close()
+    resettle_heap()
+
+
 class ModelNotFound(LookupError):
     """No such model, or no such version of it loaded; the message says which."""
 
@@ -245,6 +257,7 @@ class ModelRegistry:
                 if self.mirror is not None:
                     await self.mirror.load(spec, retire_others=False)
                 return served.status
+            del current  # a version this load replaces is retired below: hold no reference to it
             self._loading += 1
             try:
                 model = await asyncio.to_thread(
@@ -271,10 +284,9 @@ class ModelRegistry:
                                 max_queue_delay_ms=max_queue_delay_ms, spec=spec)
             # The swap: no await between these lines, so every request sees
             # either the old default or the new one, never a gap.
-            replaced = served.versions.pop(version, None)
+            retiring = [v for v in (served.versions.pop(version, None),) if v is not None]
             served.versions[version] = new
             served.default = version
-            retiring = [replaced] if replaced is not None else []
             if retire_others:
                 for other in [v for v in served.versions if v != version]:
                     retiring.append(served.versions.pop(other))
@@ -283,12 +295,7 @@ class ModelRegistry:
                         model.provider, model.load_seconds, model.smoke_seconds)
             if self.mirror is not None:
                 await self.mirror.load(spec, retire_others=retire_others)
-        for old in retiring:
-            await old.batcher.close()
-        if retiring:
-            # Nothing here holds the retired versions any more: collect them.
-            del old, replaced, retiring
-            resettle_heap()
+        await _retire(retiring)
         return new.status()
 
     async def unload(self, name: str, version: str | None = None) -> None:
@@ -307,11 +314,7 @@ class ModelRegistry:
                 served.status = served.versions[served.default].status()
             if self.mirror is not None and retiring:
                 await self.mirror.unload(name, version)
-        for old in retiring:
-            await old.batcher.close()
-        if retiring:
-            del old, retiring
-            resettle_heap()
+        await _retire(retiring)
 
     async def close(self) -> None:
         for name in list(self._models):

@@ -120,6 +120,5 @@ async def _report_workers(handle: ServerHandle, stream: TextIO) -> None:
     pool = handle.pool
     if pool is None:
         return
-    while pool.serving < len(pool.workers):
-        await asyncio.sleep(0.05)
+    await pool.wait_serving(timeout=None)
     print(f"all {len(pool.workers) + 1} serving processes are up", file=stream, flush=True)

@@ -267,12 +267,12 @@ class WorkerPool:
         """Workers whose socket takes connections now."""
         return sum(1 for w in self.workers if w.serving)
 
-    async def wait_serving(self, count: int | None = None, timeout: float = 60.0) -> None:
-        """Return once ``count`` (default: all) workers serve; raises TimeoutError."""
+    async def wait_serving(self, count: int | None = None, timeout: float | None = 60.0) -> None:
+        """Return once ``count`` (default: all) workers serve; raises TimeoutError (None: waits for good)."""
         wanted = len(self.workers) if count is None else count
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.serving < wanted:
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{self.serving} of {wanted} serving workers up after {timeout:g} s")
             await asyncio.sleep(0.05)
 
@@ -342,10 +342,8 @@ class WorkerPool:
             except (OSError, WorkerError) as exc:
                 logger.error("serving worker %d: %s", worker.slot, exc)
             finally:
-                self._end(worker)
+                self._end(worker)  # kills the process if it still runs
                 if worker.process is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        worker.process.kill()
                     await worker.process.wait()
                     worker.process = None
                 if worker.channel is not None:
@@ -413,15 +411,10 @@ class WorkerPool:
                     await asyncio.wait_for(worker.process.wait(), STOP_TIMEOUT_S)
 
         await asyncio.gather(*(stop(w) for w in self.workers))
+        # A supervisor ends its worker on the way out: kills one that did not stop, keeps its figures.
         for task in self._supervisors:
             task.cancel()
         for task in self._supervisors:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.kill()
-                await worker.process.wait()
-            self.registry.metrics.retire_peer(worker.slot)
         self.registry.mirror = None

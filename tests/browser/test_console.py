@@ -25,9 +25,6 @@ from tests.fixtures.processes import ControlPlane
 pytestmark = [pytest.mark.browser, pytest.mark.process]
 
 
-
-
-
 def test_it_takes_an_operator_from_login_to_a_downloaded_installer(
     live_control_plane: ControlPlane, edge_node: Any, browser: Browser, tmp_path: Path
 ) -> None:

@@ -17,9 +17,6 @@ from tests.fixtures.processes import ControlPlane
 pytestmark = [pytest.mark.browser, pytest.mark.process]
 
 
-
-
-
 def test_it_shows_a_sites_marker_change_colour_when_its_node_stops(
     live_control_plane: ControlPlane, edge_node: Any, browser: Browser
 ) -> None:

@@ -38,8 +38,6 @@ WATCH_PROGRESS = """
 """
 
 
-
-
 def test_it_takes_an_admin_from_a_new_model_to_a_node_that_serves_it(
     live_control_plane: ControlPlane, celery_worker_process: Worker, edge_node: Any, browser: Browser,
     tmp_path: Path,

@@ -39,8 +39,6 @@ QUERY_URL = re.compile(r"/queries/([0-9a-f-]{36})/$")  # no named group: the bro
 TABLE_CELLS = "t => [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent.trim()))"
 
 
-
-
 @dataclass
 class TwoPlants:
     berlin: EdgeNode

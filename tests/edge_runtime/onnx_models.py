@@ -210,9 +210,8 @@ class Hammer:
         self.url, self.path, self.request, self.offset = url, path, request, offset
         self.per_connection = per_connection
         self.stop = threading.Event()
-        self.seen: list[tuple[str, float]] = []
-        # The same answers with the monotonic time each request was sent.
-        self.sent: list[tuple[float, str, float]] = []
+        # (monotonic time the request was sent, model_version, value) of each answer.
+        self.answers: list[tuple[float, str, float]] = []
         self.failures: list[str] = []
         self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
         for t in self.threads:
@@ -225,25 +224,28 @@ class Hammer:
 
         while not self.stop.is_set():
             with httpx.Client(base_url=self.url, timeout=30) as client:
-                sent = 0
-                while not self.stop.is_set() and (self.per_connection is None or sent < self.per_connection):
-                    sent += 1
+                on_connection = 0
+                while not self.stop.is_set() and (self.per_connection is None or on_connection < self.per_connection):
+                    on_connection += 1
                     at = time.monotonic()
                     response = client.post(self.path, json=self.request)
                     if response.status_code != 200:
                         self.failures.append(f"{response.status_code} {response.text}")
                         continue
                     body = response.json()
-                    answer = (body["model_version"], body["outputs"][0]["data"][0] - self.offset)
-                    self.seen.append(answer)
-                    self.sent.append((at, *answer))
+                    self.answers.append((at, body["model_version"], body["outputs"][0]["data"][0] - self.offset))
+
+    @property
+    def seen(self) -> list[tuple[str, float]]:
+        """(model_version, value) of each answer, in the order they came."""
+        return [(version, value) for _, version, value in self.answers]
 
     def wait_for(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` answers or failures in all, or ``timeout``."""
         import time
 
         deadline = time.monotonic() + timeout
-        while len(self.seen) + len(self.failures) < count and time.monotonic() < deadline:
+        while len(self.answers) + len(self.failures) < count and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def join(self) -> None:

@@ -114,8 +114,11 @@ def test_a_retired_version_is_freed_although_the_heap_was_frozen(tmp_path: Path)
     registry = ModelRegistry()
     try:
         assert thread.run(registry.load("m", "1", om.add_constant(tmp_path / "v1.onnx", 1.0))).state == "serving"
-        old = weakref.ref(registry.get("m", "1"))
-        old_model = weakref.ref(registry.get("m", "1").model)
+        first = registry.get("m", "1")
+        # A version in a reference cycle: reference counting alone never frees it, only the collector.
+        first.request_plans["cycle"] = first
+        old, old_model = weakref.ref(first), weakref.ref(first.model)
+        del first
         settle_heap()  # as a server does when it starts: version 1 is frozen with the rest
         assert gc.get_freeze_count() > 0
         assert thread.run(registry.load("m", "2", om.add_constant(tmp_path / "v2.onnx", 2.0))).state == "serving"

@@ -101,7 +101,7 @@ def test_a_swap_under_load_fails_no_request_in_any_process(server: om.ServerUnde
     assert not load.failures, load.failures[:3]
     # Every answer is one version's own; a request sent once the load returned gets the new one.
     assert set(load.seen) <= {("1", 1.0), ("2", 2.0)}
-    after = {(version, value) for at, version, value in load.sent if at > returned}
+    after = {(version, value) for at, version, value in load.answers if at > returned}
     assert after == {("2", 2.0)}
 
 

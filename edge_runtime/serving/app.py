@@ -89,6 +89,8 @@ PLATFORM = "onnxruntime_onnx"
 HEADER_LENGTH = b"inference-header-content-length"
 
 JSON_TYPE = [(b"content-type", b"application/json")]
+# The binary part of a request that has none.
+_NO_BYTES = memoryview(b"")
 METRICS_TYPE = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 # Tasks answering a request later, held until done (the loop keeps only weak references).
 _PENDING: set[asyncio.Task[None]] = set()
@@ -309,13 +311,13 @@ class OIPApp:
                headers: dict[bytes, bytes]) -> tuple[dict[str, Any], dict[str, Array], list[tuple[str, bool]]]:
         header_length = headers.get(HEADER_LENGTH)
         if header_length is None:
-            head, binary = body, memoryview(b"")
             request = _loads(body)
             if type(request) is dict:
                 fast = json_plan_feeds(served, request)
                 if fast is not None:
                     # The same layout as an earlier request's: only the numbers are new.
                     return request, *fast
+            head, binary = body, _NO_BYTES
         else:
             if not header_length.isdigit() or int(header_length) > len(body):
                 raise BadRequest(f"Inference-Header-Content-Length {header_length.decode(errors='replace')!r} "

@@ -82,9 +82,11 @@
     const last = known.length ? known[known.length - 1] : null;
     const max = options.max || Math.max(1e-9, ...known, 0);
     const caption = document.createElement("figcaption");
-    caption.innerHTML = "<span></span> <strong></strong>";
-    caption.firstChild.textContent = title;
-    caption.lastChild.textContent = last == null ? "—" : format(last) + " " + unit;
+    const name = document.createElement("span");
+    name.textContent = title;
+    const value = document.createElement("strong");
+    value.textContent = last == null ? "—" : format(last) + " " + unit;
+    caption.append(name, " ", value);
     figure.appendChild(caption);
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("viewBox", "0 0 " + values.length + " 40");

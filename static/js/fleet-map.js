@@ -34,19 +34,33 @@
   const groups = {};   // region slug -> L.markerClusterGroup
   const markers = {};  // site uuid -> {marker, site}
 
-  function escapeHtml(text) {
-    const div = document.createElement("div");
-    div.textContent = text == null ? "" : String(text);
-    return div.innerHTML;
+  // Everything a site brings (its name, its region's name, its slug) is text
+  // set with textContent or setAttribute on nodes built here, never HTML put
+  // together from strings: a site named `x" onmouseover="…` stays a name.
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text != null) node.textContent = String(text);
+    return node;
+  }
+
+  // A link target must be a path of this console (the server builds site.url);
+  // anything else, another origin or a javascript: URL, is not linked.
+  function consolePath(url) {
+    try {
+      const parsed = new URL(String(url), location.href);
+      return parsed.origin === location.origin ? parsed.pathname + parsed.search + parsed.hash : null;
+    } catch (e) {
+      return null;
+    }
   }
 
   function icon(site) {
-    return L.divIcon({
-      className: "site-marker-wrap",
-      html: '<span class="site-marker status-' + site.status + '" data-site="' + escapeHtml(site.slug) +
-            '" data-status="' + site.status + '" title="' + escapeHtml(site.name) + ": " + site.status + '"></span>',
-      iconSize: [18, 18], iconAnchor: [9, 9],
-    });
+    const marker = el("span", "site-marker status-" + site.status);
+    marker.setAttribute("data-site", site.slug);
+    marker.setAttribute("data-status", site.status);
+    marker.setAttribute("title", site.name + ": " + site.status);
+    return L.divIcon({className: "site-marker-wrap", html: marker, iconSize: [18, 18], iconAnchor: [9, 9]});
   }
 
   function clusterIcon(cluster) {
@@ -58,7 +72,7 @@
     });
     return L.divIcon({
       className: "site-cluster-wrap",
-      html: '<span class="site-cluster status-' + worst + '">' + cluster.getChildCount() + "</span>",
+      html: el("span", "site-cluster status-" + worst, cluster.getChildCount()),
       iconSize: [30, 30],
     });
   }
@@ -73,16 +87,32 @@
   }
 
   function popup(site) {
-    const confirmed = site.confirmed_at
-      ? '<time class="live-ago" datetime="' + site.confirmed_at + '">' +
-        window.EdgewiseLive.ago(new Date(site.confirmed_at)) + "</time>"
-      : "never";
-    return '<div class="map-popup"><a href="' + site.url + '"><strong>' + escapeHtml(site.name) + "</strong></a>" +
-      '<br><span class="badge status-' + site.status + '">' + (site.status === "empty" ? "no nodes" : site.status) +
-      "</span> " + site.nodes_online + " / " + site.nodes_total + " nodes online" +
-      "<br>last confirmed " + confirmed +
-      '<br><span class="muted">' + escapeHtml(site.region_name) + " · " + escapeHtml(site.connectivity) +
-      "</span></div>";
+    const box = el("div", "map-popup");
+    const name = el("strong", null, site.name);
+    const href = consolePath(site.url);
+    if (href) {
+      const link = el("a");
+      link.setAttribute("href", href);
+      link.appendChild(name);
+      box.appendChild(link);
+    } else {
+      box.appendChild(name);
+    }
+    box.appendChild(el("br"));
+    box.appendChild(el("span", "badge status-" + site.status, site.status === "empty" ? "no nodes" : site.status));
+    box.appendChild(document.createTextNode(" " + site.nodes_online + " / " + site.nodes_total + " nodes online"));
+    box.appendChild(el("br"));
+    box.appendChild(document.createTextNode("last confirmed "));
+    if (site.confirmed_at) {
+      const time = el("time", "live-ago", window.EdgewiseLive.ago(new Date(site.confirmed_at)));
+      time.setAttribute("datetime", site.confirmed_at);
+      box.appendChild(time);
+    } else {
+      box.appendChild(document.createTextNode("never"));
+    }
+    box.appendChild(el("br"));
+    box.appendChild(el("span", "muted", site.region_name + " · " + site.connectivity));
+    return box;
   }
 
   function place(site) {

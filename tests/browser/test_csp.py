@@ -18,7 +18,7 @@ from django.test import Client
 from playwright.sync_api import Browser, Page, Response, expect
 
 from orchestrator import csp
-from tests.browser.test_hostile_names import console_pages, hostile_estate
+from tests.browser.hostile import Estate, console_pages
 from tests.fixtures.personas import PASSWORD
 from tests.fixtures.processes import ControlPlane
 
@@ -96,10 +96,9 @@ def _checked(page: Page, response: Response | None, violations: list[str], path:
 @pytest.mark.browser
 @pytest.mark.process
 def test_it_runs_every_console_page_and_the_admin_under_the_policy(
-    live_control_plane: ControlPlane, browser: Browser
+    live_control_plane: ControlPlane, hostile: Estate, browser: Browser
 ) -> None:
-    cp = live_control_plane
-    estate = hostile_estate(cp)
+    cp, estate = live_control_plane, hostile
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     violations: list[str] = []
     context.expose_function("cspViolation", lambda text: violations.append(text))

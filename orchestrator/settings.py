@@ -5,21 +5,75 @@ Channels layer). With neither set, the control plane runs *embedded* on one
 machine with only Python: SQLite, an in-process channel layer and Celery's
 filesystem broker. It says so when it starts (see ``orchestrator.apps``).
 
+Secrets: ``EDGEWISE_SECRET_KEY``, ``DATABASE_URL`` and ``REDIS_URL`` (both
+URLs may carry a password) can instead come from a file, named by the same
+variable with ``_FILE`` appended (``EDGEWISE_SECRET_KEY_FILE=/run/secrets/key``),
+as Docker and Kubernetes secrets arrive; one trailing newline is dropped.
+Setting both forms, or naming a file that is missing, unreadable or empty,
+stops the process with an error naming the variable (and the file).
+
+The secret key: production (``EDGEWISE_DEBUG`` off and ``DATABASE_URL`` or
+``REDIS_URL`` set) refuses to start without one; there is no built-in key.
+An embedded or DEBUG install without one generates a random key once, keeps
+it in ``DATA_DIR/secret_key`` (mode 0600) and reuses it on every later run,
+so the embedded ``manage.py demo`` needs no setup and its processes share
+the key.
+
+HTTPS: a production install behind TLS sets ``EDGEWISE_PUBLIC_URL`` to its
+``https://`` URL, which turns on the HTTP→HTTPS redirect and Secure cookies
+and allows that host, and decides on HSTS with ``EDGEWISE_HSTS_SECONDS``,
+``EDGEWISE_HSTS_INCLUDE_SUBDOMAINS`` and ``EDGEWISE_HSTS_PRELOAD``; with
+those, ``manage.py check --deploy`` reports nothing (CI checks it). Behind a
+TLS-terminating proxy on another machine, also set
+``EDGEWISE_SECURE_PROXY_SSL_HEADER``, or the redirect loops. With an
+``http://`` public URL (nodes on a closed network without TLS), nothing
+changes unless asked for, and even a redirect turned on leaves the agent
+endpoints (``/agent/``) alone, so the nodes keep working.
+
 Every variable:
 
 ==============================  ===============================================
 ``DATABASE_URL``                ``postgres://user:pass@host:5432/name``
-``REDIS_URL``                   ``redis://host:6379/0``
+                                (or ``DATABASE_URL_FILE``)
+``REDIS_URL``                   ``redis://host:6379/0`` (or ``REDIS_URL_FILE``)
 ``EDGEWISE_DB_POOL_SIZE``       PostgreSQL connections each process keeps in
                                 its pool, default 10; 0 turns pooling off
-``EDGEWISE_SECRET_KEY``         Django secret key (required unless DEBUG)
+``EDGEWISE_SECRET_KEY``         Django secret key, 50+ random characters;
+                                required in production, generated in
+                                ``DATA_DIR/secret_key`` otherwise (see above)
+``EDGEWISE_SECRET_KEY_FILE``    a file holding it, instead
 ``EDGEWISE_DEBUG``              true/false, default false
-``EDGEWISE_ALLOWED_HOSTS``      comma separated, default ``localhost,127.0.0.1``
+``EDGEWISE_ALLOWED_HOSTS``      comma separated, default ``localhost,127.0.0.1,[::1]``
+                                and the host of ``EDGEWISE_PUBLIC_URL``
+``EDGEWISE_CSRF_TRUSTED_ORIGINS``
+                                comma separated origins
+                                (``https://console.example.org``) allowed to
+                                post forms besides the request's own, default
+                                none
+``EDGEWISE_SECURE_SSL_REDIRECT``
+                                redirect plain HTTP to HTTPS, default true
+                                when ``EDGEWISE_PUBLIC_URL`` is ``https://``;
+                                never the agent endpoints when it is
+                                ``http://``
+``EDGEWISE_SECURE_COOKIES``     send session and CSRF cookies over HTTPS
+                                only, default as the redirect
+``EDGEWISE_HSTS_SECONDS``       HSTS max-age in seconds, default 0 (no HSTS);
+                                a year is 31536000
+``EDGEWISE_HSTS_INCLUDE_SUBDOMAINS``
+                                HSTS for every subdomain too, default false
+``EDGEWISE_HSTS_PRELOAD``       consent to browsers' HSTS preload lists,
+                                default false; needs the two above
+``EDGEWISE_SECURE_PROXY_SSL_HEADER``
+                                the header, e.g. ``X-Forwarded-Proto``, by
+                                which a TLS-terminating proxy says the request
+                                came over HTTPS (value ``https``); default
+                                none. Set it only behind such a proxy, which
+                                must overwrite what clients send
 ``EDGEWISE_DATA_DIR``           where the embedded database, signing key and
                                 artifacts live; default ``./var``
 ``EDGEWISE_SIGNING_KEY_PATH``   Ed25519 PEM; created on first use if missing
-``EDGEWISE_PUBLIC_URL``         the URL nodes dial (written into installers);
-                                default: taken from the request
+``EDGEWISE_PUBLIC_URL``         the http(s) URL nodes dial (written into
+                                installers); default: taken from the request
 ``EDGEWISE_WHEELHOUSE``         folder of extra ``.whl`` files (the edge
                                 runtime's dependencies) served to sites at
                                 ``/agent/v1/dist/`` for installs without a
@@ -28,6 +82,8 @@ Every variable:
 ``EDGEWISE_ARTIFACT_DIR``       content-addressed model artifacts, default
                                 ``DATA_DIR/artifacts``
 ``EDGEWISE_MAX_MODEL_BYTES``    largest model file accepted, default 512 MiB
+``EDGEWISE_BODY_TIMEOUT_S``     seconds a request body may send nothing before
+                                it is answered 408, default 30
 ``EDGEWISE_MODEL_VALIDATION_TIMEOUT``
                                 seconds a validation may run before the
                                 reconciler presumes its worker lost and
@@ -72,32 +128,94 @@ Every variable:
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from orchestrator.env import ConfigError, database_from_url, env_bool, env_float, env_int, env_list, env_str
+from orchestrator.env import (
+    ConfigError,
+    database_from_url,
+    env_bool,
+    env_float,
+    env_header,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+    secret_key_ensure,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env_bool("EDGEWISE_DEBUG", False)
-SECRET_KEY = env_str("EDGEWISE_SECRET_KEY")
-if not SECRET_KEY:
-    if not DEBUG and env_bool("EDGEWISE_REQUIRE_SECRET_KEY", False):
-        raise ConfigError("EDGEWISE_SECRET_KEY must be set")
-    # An embedded or development install gets a fixed, clearly named key.
-    SECRET_KEY = "edgewise-insecure-development-key-set-EDGEWISE_SECRET_KEY"
-ALLOWED_HOSTS = env_list("EDGEWISE_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env_list("EDGEWISE_CSRF_TRUSTED_ORIGINS", [])
-
 DATA_DIR = Path(env_str("EDGEWISE_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DATABASE_URL = env_secret("DATABASE_URL")
+REDIS_URL = env_secret("REDIS_URL")
+EMBEDDED = not DATABASE_URL and not REDIS_URL
+
+SECRET_KEY = env_secret("EDGEWISE_SECRET_KEY")
+# The key this process generated (or reused) in DATA_DIR, else None; the demo
+# hands it to the processes it starts.
+SECRET_KEY_GENERATED_PATH: Path | None = None
+if not SECRET_KEY:
+    if not (DEBUG or EMBEDDED):
+        # Production never falls back to a key anyone could read in this file,
+        # nor to one per host that would differ between the processes.
+        raise ConfigError(
+            "EDGEWISE_SECRET_KEY (or EDGEWISE_SECRET_KEY_FILE, a file holding it) must be set when "
+            "EDGEWISE_DEBUG is off and DATABASE_URL or REDIS_URL is set; make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    SECRET_KEY_GENERATED_PATH = DATA_DIR / "secret_key"
+    SECRET_KEY = secret_key_ensure(SECRET_KEY_GENERATED_PATH)
+
 SIGNING_KEY_PATH = Path(env_str("EDGEWISE_SIGNING_KEY_PATH", str(DATA_DIR / "signing_key.pem")))
 PUBLIC_URL = env_str("EDGEWISE_PUBLIC_URL").rstrip("/")
+_public = urlsplit(PUBLIC_URL)
+if PUBLIC_URL and (_public.scheme not in {"http", "https"} or not _public.hostname):
+    raise ConfigError(f"EDGEWISE_PUBLIC_URL={PUBLIC_URL!r} is not an http(s) URL with a host")
+# The public URL's host is where nodes and browsers reach this install, so it is allowed by default.
+ALLOWED_HOSTS = env_list("EDGEWISE_ALLOWED_HOSTS",
+                         ["localhost", "127.0.0.1", "[::1]", *([_public.hostname] if _public.hostname else [])])
+CSRF_TRUSTED_ORIGINS = env_list("EDGEWISE_CSRF_TRUSTED_ORIGINS", [])
+for _origin in CSRF_TRUSTED_ORIGINS:
+    if urlsplit(_origin).scheme not in {"http", "https"} or not urlsplit(_origin).netloc:
+        raise ConfigError(f"EDGEWISE_CSRF_TRUSTED_ORIGINS: {_origin!r} is not an origin "
+                          "(scheme and host, e.g. https://edgewise.example.org)")
+
+# HTTPS. An install whose public URL is https:// is served over TLS, so by
+# default it redirects plain HTTP and marks its cookies Secure; one whose URL
+# is http:// (or unset) changes nothing until the operator says so. HSTS stays
+# off unless asked for: browsers remember it for its whole max-age (for every
+# subdomain, with include-subdomains), which only the operator can promise.
+_https = _public.scheme == "https"
+SECURE_SSL_REDIRECT = env_bool("EDGEWISE_SECURE_SSL_REDIRECT", _https)
+if PUBLIC_URL and not _https:
+    # Nodes were told to dial this plain-HTTP URL (typically a closed site
+    # network without TLS, while browsers use HTTPS): a redirect would break
+    # every one of them, and it would protect nothing, since a node's
+    # credential has already crossed the wire by the time it is redirected.
+    # Pointing EDGEWISE_PUBLIC_URL at https:// is how an operator asks for
+    # the agent endpoints to be redirected too.
+    SECURE_REDIRECT_EXEMPT = [r"^agent/"]
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("EDGEWISE_SECURE_COOKIES", _https)
+SECURE_HSTS_SECONDS = env_int("EDGEWISE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("EDGEWISE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("EDGEWISE_HSTS_PRELOAD", False)
+if SECURE_HSTS_PRELOAD and not (SECURE_HSTS_SECONDS and SECURE_HSTS_INCLUDE_SUBDOMAINS):
+    # Browsers' preload lists accept a domain only with both; without them the flag promises nothing.
+    raise ConfigError("EDGEWISE_HSTS_PRELOAD needs EDGEWISE_HSTS_SECONDS and EDGEWISE_HSTS_INCLUDE_SUBDOMAINS")
+# Only when set: behind no proxy, any client could send the header and pass
+# plain HTTP off as HTTPS. Uvicorn already trusts X-Forwarded-Proto from a
+# proxy on 127.0.0.1 (its --forwarded-allow-ips), so this is for proxies
+# elsewhere, and the proxy must overwrite the header clients send.
+_proxy_header = env_header("EDGEWISE_SECURE_PROXY_SSL_HEADER")
+if _proxy_header:
+    SECURE_PROXY_SSL_HEADER = (_proxy_header, "https")
 WHEELHOUSE_DIR = Path(env_str("EDGEWISE_WHEELHOUSE", str(DATA_DIR / "wheelhouse"))).resolve()
 ARTIFACT_DIR = Path(env_str("EDGEWISE_ARTIFACT_DIR", str(DATA_DIR / "artifacts"))).resolve()
 MAX_MODEL_BYTES = int(env_float("EDGEWISE_MAX_MODEL_BYTES", 512 * 1024 * 1024))
 MODEL_VALIDATION_TIMEOUT_S = env_float("EDGEWISE_MODEL_VALIDATION_TIMEOUT", 600.0)
-
-DATABASE_URL = env_str("DATABASE_URL")
-REDIS_URL = env_str("REDIS_URL")
-EMBEDDED = not DATABASE_URL and not REDIS_URL
+# Seconds a request body may make no progress before 408 (orchestrator.asgi_limits).
+BODY_TIMEOUT_S = env_float("EDGEWISE_BODY_TIMEOUT_S", 30.0)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -212,6 +330,13 @@ if REDIS_URL:
                 # socket timeout must stay above the pop's.
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
                 "prefix": env_str("EDGEWISE_CHANNEL_PREFIX", "edgewise"),
+                # Every consumer of a process (each node's stream, each
+                # browser) receives through one Redis list per process, and
+                # channels_redis drops what arrives past its capacity (default
+                # 100) without an error: a publish to hundreds of nodes whose
+                # streams one process holds lost most of its nudges. The
+                # capacity is for that process-wide list, not one consumer.
+                "channel_capacity": {"specific.*": 10_000},
             },
         }
     }

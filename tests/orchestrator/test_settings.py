@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from orchestrator.env import ConfigError, database_from_url, env_bool, env_float, env_list
+from orchestrator.env import (
+    ConfigError,
+    database_from_url,
+    env_bool,
+    env_float,
+    env_header,
+    env_list,
+    env_secret,
+    secret_key_ensure,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,23 +40,70 @@ print(json.dumps({
     "layer_hosts": s.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("hosts", []),
     "broker": s.CELERY_BROKER_URL,
     "data_dir": str(s.DATA_DIR),
+    "secret_key": s.SECRET_KEY,
+    "allowed_hosts": s.ALLOWED_HOSTS,
+    "ssl_redirect": s.SECURE_SSL_REDIRECT,
+    "cookies_secure": [s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE],
+    "hsts": [s.SECURE_HSTS_SECONDS, s.SECURE_HSTS_INCLUDE_SUBDOMAINS, s.SECURE_HSTS_PRELOAD],
+    "proxy_ssl_header": s.SECURE_PROXY_SSL_HEADER,
 }))
 """
 
+# Plain HTTP requests through the whole middleware stack: what a node and a
+# browser get when they dial http://.
+REQUESTS = """
+import json, django
+django.setup()
+from django.test import Client
+client = Client(HTTP_HOST="edgewise.example.org")
+print(json.dumps({path: [r.status_code, r.headers.get("Location", "")]
+                  for path in ("/agent/v1/health", "/login/") for r in [client.get(path)]}))
+"""
 
-def run_settings(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items()
-             if k not in {"DATABASE_URL", "REDIS_URL"} and not k.startswith("EDGEWISE_")}
+# Variables a developer's shell may hold that would change what a test sees.
+_OUTSIDE = {"DATABASE_URL", "REDIS_URL", "DATABASE_URL_FILE", "REDIS_URL_FILE", "DJANGO_SETTINGS_MODULE"}
+
+
+def settings_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in _OUTSIDE and not k.startswith("EDGEWISE_")}
     clean.update({"DJANGO_SETTINGS_MODULE": "orchestrator.settings", "EDGEWISE_DATA_DIR": str(tmp_path)})
     clean.update(env)
-    return subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=clean, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return clean
 
 
-def probe(tmp_path: Path, **env: str) -> tuple[dict[str, Any], str]:
-    result = run_settings(tmp_path, **env)
+def run_settings(tmp_path: Path, script: str = PROBE, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=settings_env(tmp_path, **env),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def probe(tmp_path: Path, script: str = PROBE, **env: str) -> tuple[dict[str, Any], str]:
+    result = run_settings(tmp_path, script, **env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def secret_file(folder: Path, content: str, name: str = "secret") -> Path:
+    path = folder / name
+    path.write_text(content)
+    path.chmod(0o600)
+    return path
+
+
+# What a production install behind TLS sets (README, Configuration), the key
+# from a file as a secrets store hands it over.
+def production_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "DATABASE_URL": "postgres://edgewise@db.example.org:5432/fleet",
+        "REDIS_URL": "redis://cache.example.org:6379/0",
+        "EDGEWISE_SECRET_KEY_FILE": str(secret_file(tmp_path, secrets.token_urlsafe(50) + "\n", "key")),
+        "EDGEWISE_PUBLIC_URL": "https://edgewise.example.org",
+        "EDGEWISE_HSTS_SECONDS": "31536000",
+        "EDGEWISE_HSTS_INCLUDE_SUBDOMAINS": "true",
+        "EDGEWISE_HSTS_PRELOAD": "true",
+    }
+
+
+A_KEY = secrets.token_urlsafe(50)
 
 
 # -- the helpers -------------------------------------------------------------
@@ -119,7 +177,7 @@ def test_it_runs_embedded_with_neither_url_and_says_so(tmp_path: Path) -> None:
 
 def test_it_uses_postgres_and_redis_when_both_urls_are_set(tmp_path: Path) -> None:
     seen, stderr = probe(tmp_path, DATABASE_URL="postgres://edge@db.example.org:5432/fleet",
-                         REDIS_URL="redis://cache.example.org:6379/2")
+                         REDIS_URL="redis://cache.example.org:6379/2", EDGEWISE_SECRET_KEY=A_KEY)
     assert seen["embedded"] is False
     assert (seen["engine"], seen["name"], seen["host"]) == ("django.db.backends.postgresql", "fleet", "db.example.org")
     assert seen["layer"] == "channels_redis.core.RedisChannelLayer"
@@ -136,8 +194,211 @@ def test_it_uses_postgres_and_redis_when_both_urls_are_set(tmp_path: Path) -> No
     ({"EDGEWISE_SYNC_INTERVAL": "fast"}, "EDGEWISE_SYNC_INTERVAL"),
     ({"DATABASE_URL": "mysql://root@localhost/edgewise"}, "DATABASE_URL"),
     ({"EDGEWISE_NODE_STALE_AFTER": "60", "EDGEWISE_NODE_OFFLINE_AFTER": "30"}, "EDGEWISE_NODE_OFFLINE_AFTER"),
+    ({"EDGEWISE_PUBLIC_URL": "edgewise.example.org"}, "EDGEWISE_PUBLIC_URL"),
+    ({"EDGEWISE_HSTS_SECONDS": "a year"}, "EDGEWISE_HSTS_SECONDS"),
+    ({"EDGEWISE_HSTS_PRELOAD": "true", "EDGEWISE_HSTS_SECONDS": "31536000"}, "EDGEWISE_HSTS_INCLUDE_SUBDOMAINS"),
+    ({"EDGEWISE_SECURE_COOKIES": "always"}, "EDGEWISE_SECURE_COOKIES"),
+    ({"EDGEWISE_SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto: https"}, "EDGEWISE_SECURE_PROXY_SSL_HEADER"),
+    ({"EDGEWISE_CSRF_TRUSTED_ORIGINS": "console.example.org"}, "EDGEWISE_CSRF_TRUSTED_ORIGINS"),
 ])
 def test_it_refuses_to_start_with_a_bad_value_naming_it(tmp_path: Path, env: dict[str, str], named: str) -> None:
-    result = run_settings(tmp_path, **env)
+    result = run_settings(tmp_path, EDGEWISE_SECRET_KEY=A_KEY, **env)
     assert result.returncode != 0
     assert "ConfigError" in result.stderr and named in result.stderr
+
+
+# -- secrets -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env", [
+    {"DATABASE_URL": "postgres://edge@db.example.org:5432/fleet"},
+    {"REDIS_URL": "redis://cache.example.org:6379/0"},
+    {"DATABASE_URL": "postgres://edge@db.example.org:5432/fleet", "REDIS_URL": "redis://cache.example.org:6379/0"},
+])
+def test_it_refuses_to_start_in_production_without_a_secret_key_naming_it(tmp_path: Path,
+                                                                           env: dict[str, str]) -> None:
+    result = run_settings(tmp_path, **env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr or "ConfigError" in result.stderr
+    assert "EDGEWISE_SECRET_KEY (or EDGEWISE_SECRET_KEY_FILE" in result.stderr
+    # Nor did it make one up on the way.
+    assert not (tmp_path / "secret_key").exists()
+
+
+def test_it_reads_the_secret_key_from_a_file_without_its_trailing_newline(tmp_path: Path) -> None:
+    key = secrets.token_urlsafe(50)
+    path = secret_file(tmp_path, key + "\n")
+    seen, _ = probe(tmp_path, EDGEWISE_SECRET_KEY_FILE=str(path), DATABASE_URL="postgres://e@db.example.org/fleet")
+    assert seen["secret_key"] == key
+
+
+def test_it_reads_the_database_and_redis_urls_from_files(tmp_path: Path) -> None:
+    db = secret_file(tmp_path, "postgres://edge:s3cret@db.example.org:5432/fleet\n", "db")
+    redis = secret_file(tmp_path, "redis://:s3cret@cache.example.org:6379/2\n", "redis")
+    seen, _ = probe(tmp_path, DATABASE_URL_FILE=str(db), REDIS_URL_FILE=str(redis), EDGEWISE_SECRET_KEY=A_KEY)
+    assert seen["embedded"] is False
+    assert (seen["engine"], seen["name"], seen["host"]) == ("django.db.backends.postgresql", "fleet", "db.example.org")
+    assert seen["broker"] == "redis://:s3cret@cache.example.org:6379/2"
+    assert seen["layer_hosts"][0]["address"] == "redis://:s3cret@cache.example.org:6379/2"
+
+
+def test_it_strips_one_trailing_newline_from_a_secret_file_and_no_more(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEWISE_X", raising=False)
+    for content, value in [("a b\n", "a b"), ("a b\r\n", "a b"), ("a b\n\n", "a b\n"), (" a b ", " a b ")]:
+        monkeypatch.setenv("EDGEWISE_X_FILE", str(secret_file(tmp_path, content)))
+        assert env_secret("EDGEWISE_X") == value
+
+
+@pytest.mark.parametrize("name", ["EDGEWISE_SECRET_KEY", "DATABASE_URL", "REDIS_URL"])
+def test_it_refuses_a_secret_set_both_directly_and_by_file_naming_both(tmp_path: Path, name: str) -> None:
+    path = secret_file(tmp_path, "redis://cache.example.org/0" if name == "REDIS_URL" else "postgres://e@h/fleet")
+    env = {"EDGEWISE_SECRET_KEY": A_KEY, name: "postgres://e@h/fleet", f"{name}_FILE": str(path)}
+    result = run_settings(tmp_path, **env)
+    assert result.returncode != 0
+    assert f"{name} and {name}_FILE are both set" in result.stderr
+
+
+@pytest.mark.parametrize("content,reason", [(None, "no such file"), ("", "is empty"), ("\n", "is empty")])
+@pytest.mark.parametrize("name", ["EDGEWISE_SECRET_KEY", "DATABASE_URL"])
+def test_it_refuses_a_missing_or_empty_secret_file_naming_the_variable_and_the_path(
+        tmp_path: Path, name: str, content: str | None, reason: str) -> None:
+    path = tmp_path / "secrets" / "value"
+    if content is not None:
+        path.parent.mkdir()
+        secret_file(path.parent, content, "value")
+    env = {f"{name}_FILE": str(path)}
+    if name != "EDGEWISE_SECRET_KEY":
+        env["EDGEWISE_SECRET_KEY"] = A_KEY
+    result = run_settings(tmp_path, **env)
+    assert result.returncode != 0
+    assert f"{name}_FILE='{path}'" in result.stderr and reason in result.stderr
+
+
+def test_it_refuses_a_secret_file_it_cannot_read_naming_the_variable_and_the_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A folder where the file should be: unreadable as a file for any user, root included.
+    monkeypatch.setenv("EDGEWISE_X_FILE", str(tmp_path))
+    monkeypatch.delenv("EDGEWISE_X", raising=False)
+    with pytest.raises(ConfigError, match=rf"EDGEWISE_X_FILE='{tmp_path}' cannot be read"):
+        env_secret("EDGEWISE_X")
+
+
+def test_it_keeps_one_generated_key_owner_only_across_runs(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "secret_key"
+    first = secret_key_ensure(path)
+    assert len(first) >= 50
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert secret_key_ensure(path) == first
+    # Another install gets a key of its own: nothing built in.
+    assert secret_key_ensure(tmp_path / "other" / "secret_key") != first
+
+
+def test_it_refuses_a_generated_key_that_others_can_read(tmp_path: Path) -> None:
+    path = tmp_path / "secret_key"
+    secret_key_ensure(path)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"secret_key' is readable by others \(mode 0644\)"):
+        secret_key_ensure(path)
+
+
+def test_it_gives_processes_started_at_once_one_generated_key(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE], cwd=REPO, env=settings_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+    keys = {json.loads(proc.communicate(timeout=60)[0].strip().splitlines()[-1])["secret_key"] for proc in procs}
+    assert keys == {(tmp_path / "secret_key").read_text().removesuffix("\n")}
+
+
+def test_it_runs_embedded_with_a_generated_key_that_the_next_run_and_the_demo_children_reuse(tmp_path: Path) -> None:
+    first, _ = probe(tmp_path)
+    assert stat.S_IMODE((tmp_path / "secret_key").stat().st_mode) == 0o600
+    assert first["secret_key"] == (tmp_path / "secret_key").read_text().removesuffix("\n")
+    # The demo as it starts uvicorn and Celery: its children print the key their settings hold.
+    script = f"""
+import django, subprocess, sys
+django.setup()
+from django.conf import settings
+from orchestrator.management.commands.demo import Command
+env = Command().child_env("http://127.0.0.1:8000")
+child = subprocess.run([sys.executable, "-c", {PROBE!r}], env=env, capture_output=True, text=True, check=True)
+print(child.stdout.strip().splitlines()[-1])
+"""
+    child, _ = probe(tmp_path, script)
+    assert child["secret_key"] == first["secret_key"]
+
+
+# -- HTTPS and check --deploy --------------------------------------------------
+
+
+def test_it_turns_on_https_with_an_https_public_url(tmp_path: Path) -> None:
+    seen, _ = probe(tmp_path, **production_env(tmp_path))
+    assert seen["ssl_redirect"] is True
+    assert seen["cookies_secure"] == [True, True]
+    assert seen["hsts"] == [31536000, True, True]
+    assert "edgewise.example.org" in seen["allowed_hosts"]
+    # Trusting a forwarded header is the operator's call: behind no proxy, clients could forge it.
+    assert seen["proxy_ssl_header"] is None
+
+
+def test_it_changes_nothing_over_plain_http_unless_asked(tmp_path: Path) -> None:
+    seen, _ = probe(tmp_path, EDGEWISE_PUBLIC_URL="http://10.0.0.5:8000")
+    assert seen["ssl_redirect"] is False
+    assert seen["cookies_secure"] == [False, False]
+    assert seen["hsts"] == [0, False, False]
+    answers, _ = probe(tmp_path, REQUESTS, EDGEWISE_PUBLIC_URL="http://edgewise.example.org")
+    assert answers["/agent/v1/health"][0] == 200
+    assert answers["/login/"][0] == 200
+
+
+def test_it_redirects_browsers_but_not_nodes_that_dial_a_plain_http_public_url(tmp_path: Path) -> None:
+    answers, _ = probe(tmp_path, REQUESTS, EDGEWISE_PUBLIC_URL="http://edgewise.example.org",
+                       EDGEWISE_SECURE_SSL_REDIRECT="true")
+    assert answers["/agent/v1/health"][0] == 200
+    assert answers["/login/"] == [301, "https://edgewise.example.org/login/"]
+
+
+def test_it_redirects_nodes_too_when_the_public_url_is_https(tmp_path: Path) -> None:
+    answers, _ = probe(tmp_path, REQUESTS, EDGEWISE_PUBLIC_URL="https://edgewise.example.org")
+    assert answers["/agent/v1/health"] == [301, "https://edgewise.example.org/agent/v1/health"]
+    assert answers["/login/"] == [301, "https://edgewise.example.org/login/"]
+
+
+def test_it_trusts_a_forwarded_proto_header_only_when_named(tmp_path: Path) -> None:
+    seen, _ = probe(tmp_path, EDGEWISE_SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto")
+    assert seen["proxy_ssl_header"] == ["HTTP_X_FORWARDED_PROTO", "https"]
+
+
+def test_it_spells_a_header_as_django_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEWISE_X", " x-forwarded-proto ")
+    assert env_header("EDGEWISE_X") == "HTTP_X_FORWARDED_PROTO"
+
+
+def check_deploy(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=REPO,
+                          env=settings_env(tmp_path, **env), capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_it_passes_check_deploy_with_no_warning_in_production(tmp_path: Path) -> None:
+    result = check_deploy(tmp_path, **production_env(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+def test_it_fails_check_deploy_without_a_secret_key_naming_it(tmp_path: Path) -> None:
+    env = production_env(tmp_path)
+    del env["EDGEWISE_SECRET_KEY_FILE"]
+    result = check_deploy(tmp_path, **env)
+    assert result.returncode != 0
+    assert "EDGEWISE_SECRET_KEY (or EDGEWISE_SECRET_KEY_FILE" in result.stderr
+
+
+def test_it_fails_check_deploy_on_a_warning(tmp_path: Path) -> None:
+    # Without HSTS a production install is one warning short: CI must fail on it, not pass it by.
+    env = production_env(tmp_path)
+    for name in ("EDGEWISE_HSTS_SECONDS", "EDGEWISE_HSTS_INCLUDE_SUBDOMAINS", "EDGEWISE_HSTS_PRELOAD"):
+        del env[name]
+    result = check_deploy(tmp_path, **env)
+    assert result.returncode != 0
+    assert "security.W004" in result.stderr + result.stdout

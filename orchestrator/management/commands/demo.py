@@ -9,7 +9,9 @@ kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it
 (with the site's demo datasets and ``datasets.json`` written there for the
 node that keeps its data, see ``orchestrator.demo.node_datasets_ensure``),
 and prints each node's inference URL and a ``curl`` command that calls a
-demo model on one of them. Then it supervises until Ctrl-C or SIGTERM and
+demo model on one of them. Without ``EDGEWISE_SECRET_KEY`` the children get
+the key the settings generated in ``DATA_DIR/secret_key``, the same on every
+run. Then it supervises until Ctrl-C or SIGTERM and
 stops every child it started.
 
 Children run in sessions of their own, so a Ctrl-C in the terminal reaches
@@ -274,6 +276,11 @@ class Command(BaseCommand):
         # Spelled out so every child resolves the same folder (and signing key)
         # whatever its working directory.
         env["EDGEWISE_DATA_DIR"] = str(settings.DATA_DIR)
+        if settings.SECRET_KEY_GENERATED_PATH is not None:
+            # No key was set, so this process generated (or reused) one in the
+            # data dir; naming its file makes every child sign sessions and
+            # CSRF tokens with it, also one whose settings would not generate.
+            env["EDGEWISE_SECRET_KEY_FILE"] = str(settings.SECRET_KEY_GENERATED_PATH)
         # A quick pulse so that the demo shows liveness changes within a minute;
         # values set by the caller win.
         env.setdefault("EDGEWISE_SYNC_INTERVAL", DEMO_SYNC_INTERVAL_S)

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -223,6 +224,9 @@ class Environment:
         })
         if settings_module:
             self.env["DJANGO_SETTINGS_MODULE"] = settings_module
+        if not self.env.get("EDGEWISE_SECRET_KEY_FILE"):
+            # PostgreSQL and Redis with DEBUG off is production to the settings, which then require a key.
+            self.env.setdefault("EDGEWISE_SECRET_KEY", secrets.token_urlsafe(50))
         self.env.update(extra_env or {})
         self._processes: list[ControlPlane] = []
 

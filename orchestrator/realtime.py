@@ -3,12 +3,27 @@
 Sends happen after the surrounding transaction commits, so nobody is told of
 a change that then rolls back. Group names are ``<entity>-<uuid>`` or
 ``fleet`` for the estate-wide feed.
+
+However many messages a change sends (a wave of desired states nudges
+hundreds of nodes), at most :data:`SEND_CONCURRENCY` ``group_send`` calls run
+at once in a process's event loop. channels_redis keeps one connection pool
+per event loop and each ``group_send`` holds one of its connections while it
+runs (four round trips: expire the group, read it, expire the channels, one
+Lua call that queues the message), so unbounded concurrency opens one Redis
+connection per message and, past the pool's ``max_connections`` (or the
+server's ``maxclients``), fails the rest with "Too many connections". Bounded,
+the sends share at most that many connections, reused one message after the
+other. Sending a pipeline of many groups at once would need channels_redis's
+private helpers and Lua script; the bound gets the same safety through its
+public API. A message that still fails is retried once; what fails twice is
+logged with its count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -17,36 +32,86 @@ from django.db import transaction
 
 logger = logging.getLogger(__name__)
 
+# group_send calls in flight at once per event loop; each holds one Redis connection.
+SEND_CONCURRENCY = 8
+# Pause before the one retry of what failed: long enough for a connection to free up.
+RETRY_DELAY_S = 0.2
 
-def broadcast(group: str, event_type: str, payload: dict[str, Any]) -> None:
-    message = {"type": event_type.replace(".", "_"), "event": event_type, "payload": payload}
+Message = tuple[str, dict[str, Any]]
 
+_limits: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _limit() -> asyncio.Semaphore:
+    """The running loop's bound on concurrent sends (every caller in that loop shares it)."""
+    loop = asyncio.get_running_loop()
+    semaphore = _limits.get(loop)
+    if semaphore is None:
+        semaphore = _limits[loop] = asyncio.Semaphore(SEND_CONCURRENCY)
+    return semaphore
+
+
+def _message(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return {"type": event_type.replace(".", "_"), "event": event_type, "payload": payload}
+
+
+async def _send_bounded(layer: Any, messages: list[Message]) -> list[tuple[Message, BaseException]]:
+    """Send every message, at most SEND_CONCURRENCY at once; the ones that failed, with why."""
+    limit = _limit()
+
+    async def one(group: str, message: dict[str, Any]) -> None:
+        async with limit:
+            await layer.group_send(group, message)
+
+    results = await asyncio.gather(*(one(group, message) for group, message in messages), return_exceptions=True)
+    return [(m, r) for m, r in zip(messages, results, strict=True) if isinstance(r, BaseException)]
+
+
+async def send_messages(messages: list[Message]) -> int:
+    """Send ``(group, message)`` pairs now; retry what fails once. Returns how many were lost.
+
+    Never raises for a failed send: a lost notification must never fail the
+    change it reports (nodes still find it on their next sync).
+    """
+    layer = get_channel_layer()
+    if layer is None or not messages:
+        return 0
+    failed = await _send_bounded(layer, messages)
+    if not failed:
+        return 0
+    logger.warning("could not broadcast %d of %d messages (%s); retrying them once",
+                   len(failed), len(messages), failed[0][1])
+    await asyncio.sleep(RETRY_DELAY_S)
+    lost = await _send_bounded(layer, [m for m, _ in failed])
+    if lost:
+        logger.error("could not broadcast %d of %d messages after a retry (%s); their receivers learn of the "
+                     "change on their next sync", len(lost), len(messages), lost[0][1])
+    else:
+        logger.info("broadcast the %d messages that had failed on the retry", len(failed))
+    return len(lost)
+
+
+def _send_after_commit(messages: list[Message]) -> None:
     def send() -> None:
-        layer = get_channel_layer()
-        if layer is None:
-            return
         try:
-            async_to_sync(layer.group_send)(group, message)
+            async_to_sync(send_messages)(messages)
         except Exception:  # noqa: BLE001 - a lost notification must never fail the change
-            logger.warning("could not broadcast %s to %s", event_type, group, exc_info=True)
+            logger.warning("could not broadcast %d messages", len(messages), exc_info=True)
 
     transaction.on_commit(send)
+
+
+def broadcast(group: str, event_type: str, payload: dict[str, Any]) -> None:
+    _send_after_commit([(group, _message(event_type, payload))])
 
 
 async def broadcast_committed(group: str, event_type: str, payload: dict[str, Any]) -> None:
     """:func:`broadcast` for async code whose change has already committed (the telemetry committer).
 
-    Sends at once from the event loop, the same message as :func:`broadcast`;
-    never call it before the commit it reports.
+    Sends at once from the event loop, the same message as :func:`broadcast`,
+    under the same bound and retry; never call it before the commit it reports.
     """
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    message = {"type": event_type.replace(".", "_"), "event": event_type, "payload": payload}
-    try:
-        await layer.group_send(group, message)
-    except Exception:  # noqa: BLE001 - a lost notification must never fail the change
-        logger.warning("could not broadcast %s to %s", event_type, group, exc_info=True)
+    await send_messages([(group, _message(event_type, payload))])
 
 
 def node_group(node_uuid: Any) -> str:
@@ -66,25 +131,5 @@ def broadcast_many(sends: list[tuple[str, str, dict[str, Any]]]) -> None:
     One hop into the event loop for all of them instead of one per message:
     publishing a wave of desired states nudges hundreds of nodes.
     """
-    if not sends:
-        return
-    messages = [(group, {"type": kind.replace(".", "_"), "event": kind, "payload": payload})
-                for group, kind, payload in sends]
-
-    async def send_all() -> None:
-        layer = get_channel_layer()
-        if layer is None:
-            return
-        results = await asyncio.gather(*(layer.group_send(group, message) for group, message in messages),
-                                       return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            logger.warning("could not broadcast %d of %d messages: %s", len(failed), len(messages), failed[0])
-
-    def send() -> None:
-        try:
-            async_to_sync(send_all)()
-        except Exception:  # noqa: BLE001 - a lost notification must never fail the change
-            logger.warning("could not broadcast %d messages", len(messages), exc_info=True)
-
-    transaction.on_commit(send)
+    if sends:
+        _send_after_commit([(group, _message(kind, payload)) for group, kind, payload in sends])

@@ -225,6 +225,12 @@ def test_it_refuses_to_start_in_production_without_a_secret_key_naming_it(tmp_pa
     assert not (tmp_path / "secret_key").exists()
 
 
+def test_it_generates_a_key_of_its_own_for_a_debug_install_with_postgres(tmp_path: Path) -> None:
+    seen, _ = probe(tmp_path, EDGEWISE_DEBUG="true", DATABASE_URL="postgres://edge@db.example.org:5432/fleet")
+    assert seen["secret_key"] == (tmp_path / "secret_key").read_text().removesuffix("\n")
+    assert len(seen["secret_key"]) >= 50
+
+
 def test_it_reads_the_secret_key_from_a_file_without_its_trailing_newline(tmp_path: Path) -> None:
     key = secrets.token_urlsafe(50)
     path = secret_file(tmp_path, key + "\n")

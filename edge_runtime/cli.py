@@ -274,7 +274,8 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
     queries = _query_service(state, identity, args, registry)
     handle = None
     if args.serve_port >= 0:
-        handle = await run_server(registry, args.serve_host, args.serve_port, processes=processes)
+        limits = {"max_connections": args.max_connections} if args.max_connections else {}
+        handle = await run_server(registry, args.serve_host, args.serve_port, processes=processes, **limits)
         logging.getLogger("edge_runtime").info("model server listening on %s (%d serving process%s)", handle.url,
                                                processes, "" if processes == 1 else "es")
     queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=args.telemetry_budget)
@@ -322,6 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     kwargs: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                               "instances": args.instances, "processes": args.serving_processes}
+    if args.max_connections:
+        kwargs["max_connections"] = args.max_connections
     if args.providers:
         kwargs["provider_priority"] = args.providers
     return serve_main(args.model_dir, args.host, args.port, **kwargs)
@@ -465,6 +468,7 @@ parse_workers = whole_number("query workers", 1, 64)
 parse_instances = whole_number("model instances", 0, 64)
 # 0: chosen for the node (see edge_runtime.serving.workers.auto_processes).
 parse_processes = whole_number("serving processes", 0, 64)
+parse_max_connections = whole_number("the connection limit", 1, 1_000_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -487,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="processes serving the models on the one port, each holding every model (default 0: "
                             "one per CPU up to 4 on a CPU-only Linux node with 2 GiB or more, else 1; 1: the "
                             "least memory)")
+        # No default here: the model server's own (edge_runtime.serving.http) applies, without importing it.
+        p.add_argument("--max-connections", type=parse_max_connections,
+                       default=os.environ.get("EDGEWISE_SERVE_MAX_CONNECTIONS") or None,
+                       help="connections each serving process of the model server holds open at most; one more "
+                            "gets 503 (default 1024; keep it under the open-file limit)")
 
     def providers_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--providers", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],

@@ -20,12 +20,32 @@ What it does, for the clients that talk to a node:
   and the rest of it is read and dropped so that the connection stays usable.
 * A request line and headers over ``MAX_HEAD_BYTES`` get 431; a request the
   parser rejects gets 400; both close the connection.
-* Idle keep-alive connections close after ``keep_alive_s`` (to a quarter
-  of it more: one sweep over the connections, no timer per request); a
-  client that stops reading pauses its connection's reading (write flow
-  control).
+* Idle keep-alive connections close after ``keep_alive_s``; a client that
+  stops reading pauses its connection's reading (write flow control).
+* A request's line and headers must be in within ``header_timeout_s`` of
+  its first byte (however slowly they trickle in), and its body must not
+  stall for ``body_timeout_s``; past either the request is answered 408 and
+  the connection closed. A client that reads nothing of its answers for
+  ``body_timeout_s`` is cut off too. The body's clock is one of no
+  progress rather than a total: a large model input over a slow site link
+  is legitimate, and a stalled sender is what holds a connection; the
+  connection cap bounds those that trickle. Time does not run while the
+  connection still owes answers that the client reads (it may rightly wait
+  for them, or for its ``100 Continue``).
+* All of these are checked by one sweep over the connections, every
+  quarter of the shortest of the three limits, so that each is acted on at
+  most half the shortest limit late. There is no timer per request, and
+  the request path keeps only a counter and a flag for the sweep: the sweep
+  notes what it saw of each request and when, and a request that looks the
+  same for a limit's time has stalled.
+* At most ``max_connections`` connections per serving process: the one
+  beyond gets 503 and is closed at once, and the log says so (at most one
+  line per ``LOG_INTERVAL_S`` for each kind of event, with a count, so that
+  a thousand slow or refused clients do not flood it). A connection frees
+  its place as soon as its client goes.
 * :meth:`HTTPServer.close` stops accepting, lets every request in progress
-  finish and be answered, then closes the connections.
+  finish and be answered (a stalled one times out as above), then closes
+  the connections.
 """
 
 from __future__ import annotations
@@ -47,9 +67,16 @@ MAX_HEAD_BYTES = 64 * 1024
 # Pipelined requests waiting for their answers before reading pauses.
 MAX_PIPELINED = 32
 DEFAULT_KEEP_ALIVE_S = 30.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Per serving process; a node's total is this times its serving processes.
+DEFAULT_MAX_CONNECTIONS = 1024
+# The shortest time between two log lines about the same kind of event.
+LOG_INTERVAL_S = 10.0
 
 _REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
@@ -68,6 +95,33 @@ def render(status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, keep
     if not head_only:
         parts.append(body)
     return b"".join(parts)
+
+
+class _Notice:
+    """A log line for what may happen a thousand times a second: the first at once, then at most one every
+    ``LOG_INTERVAL_S`` with the count of those it stands for."""
+
+    __slots__ = ("count", "level", "logged_at", "message")
+
+    def __init__(self, level: int, message: str) -> None:
+        self.level = level
+        # One ``%d``: how many times it happened.
+        self.message = message
+        self.count = 0
+        self.logged_at = float("-inf")
+
+    def add(self, now: float, count: int = 1) -> None:
+        """Count ``count`` more (0: only log what is counted, if it is time)."""
+        self.count += count
+        if now - self.logged_at >= LOG_INTERVAL_S:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Log what is counted, if anything, now."""
+        if self.count:
+            logger.log(self.level, self.message, self.count)
+            self.count = 0
+            self.logged_at = now
 
 
 class _Slot:
@@ -95,6 +149,14 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         # Between a request's first byte and its last: no idle timeout meanwhile.
         self.in_request = False
+        # Between a request's first byte and the end of its headers: the header timeout runs.
+        self.in_head = False
+        # Requests begun on this connection, so that the sweep tells one request from the next.
+        self.serial = 0
+        # What the sweep last saw of a stalling client, and when: (serial, body bytes, -1 in the head or -2 when
+        # it does not read, bytes waiting to be written to it).
+        self.seen: tuple[int, int, int] | None = None
+        self.seen_at = 0.0
         # A request could not be parsed: its answer is queued, nothing more is read.
         self.broken = False
         self.url = b""
@@ -109,7 +171,16 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server.connections.add(self)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            # Refused before anything is read: the client learns why, and holds nothing.
+            self.closed = True
+            self.broken = True
+            transport.write(server.refusal)  # type: ignore[attr-defined]
+            transport.close()
+            server.refused.add(self.loop.time())
+            return
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -140,6 +211,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_request = True
+        self.in_head = True
+        self.serial += 1
         self.url = b""
         self.head_bytes = 0
         self.headers = {}
@@ -160,6 +233,7 @@ class _Connection(asyncio.Protocol):
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         if self.closed:
             return
         declared = self.headers.get(b"content-length")
@@ -178,9 +252,10 @@ class _Connection(asyncio.Protocol):
             self._flush()
 
     def on_body(self, body: bytes) -> None:
+        # Counted also while a refused body is dropped: the body timeout sees its progress.
+        self.size += len(body)
         if self.answered or self.closed:
             return
-        self.size += len(body)
         if self.size > self.app.max_body_bytes:
             self.chunks = []
             self._answer_early(413, f"request body is over the limit of {self.app.max_body_bytes} bytes")
@@ -273,10 +348,51 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
             self.reading_paused = False
 
-    def close_if_idle_since(self, before: float) -> None:
-        """Close the connection if it has had nothing to do since ``before`` (loop time)."""
-        if self.last_active < before:
-            self.close_if_idle()
+    def sweep(self, now: float, idle_before: float) -> str | None:
+        """The sweep's look at this connection: close it if idle since ``idle_before``, or cut off a stalled
+        client; what stalled (``"head"``, ``"body"`` or ``"reading"``), if it was cut off."""
+        if self.closed or self.transport is None:
+            return None
+        if self.writing_paused:
+            # The client does not read its answers; what it has read of them since the last sweep is progress.
+            seen = (self.serial, -2, self.transport.get_write_buffer_size())
+            stalled, limit = "reading", self.server.body_timeout_s
+        elif not self.in_request:
+            self.seen = None
+            if self.last_active < idle_before:
+                self.close_if_idle()
+            return None
+        elif self.pending:
+            # Answers are owed: the client may rightly wait for them (or for its 100 Continue), and reading
+            # may be paused by this side: the client's time starts once they are written.
+            self.seen = None
+            return None
+        elif self.in_head:
+            # However slowly the head trickles in, it is one stall: the header timeout is a total.
+            seen = (self.serial, -1, 0)
+            stalled, limit = "head", self.server.header_timeout_s
+        else:
+            seen = (self.serial, self.size, 0)
+            stalled, limit = "body", self.server.body_timeout_s
+        if seen != self.seen:
+            self.seen = seen
+            self.seen_at = now
+            return None
+        if now - self.seen_at < limit:
+            return None
+        if stalled == "reading":
+            # Whatever is buffered for it would never leave.
+            self.closed = True
+            self.transport.abort()
+        elif self.answered or self.broken:
+            # Its answer is written already (a 413 whose body was being dropped): a second would be a stray.
+            self.closed = True
+            self.transport.close()
+        elif stalled == "head":
+            self._fail(408, f"the request line and headers were not complete within {limit:g} s")
+        else:
+            self._fail(408, f"no part of the request body came for {limit:g} s")
+        return stalled
 
     def close_if_idle(self) -> None:
         if not self.pending and not self.in_request and self.transport is not None and not self.closed:
@@ -287,10 +403,38 @@ class _Connection(asyncio.Protocol):
 class HTTPServer:
     """Serves ``app`` on an already bound socket; :meth:`close` shuts it down gracefully."""
 
-    def __init__(self, app: OIPApp, *, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> None:
+    def __init__(self, app: OIPApp, *, keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        for name, value in (("keep_alive_s", keep_alive_s), ("header_timeout_s", header_timeout_s),
+                            ("body_timeout_s", body_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections!r}")
         self.app = app
         self.keep_alive_s = keep_alive_s
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections = max_connections
         self.loop = asyncio.get_running_loop()
+        headers, body = app.error_answer(f"this server already holds {max_connections} connections, its limit")
+        self.refusal = render(503, [*headers, (b"retry-after", b"1")], body, keep_alive=False)
+        self.refused = _Notice(logging.WARNING, (
+            f"refused %d connection(s): this serving process already holds {max_connections} connections, its limit; "
+            f"raise it with edge-runtime's --max-connections (EDGEWISE_SERVE_MAX_CONNECTIONS) if these clients "
+            f"are legitimate"))
+        self.stall_notices = {
+            "head": _Notice(logging.INFO, (
+                f"closed %d connection(s) whose request line and headers were not complete within "
+                f"{header_timeout_s:g} s (the header timeout): slow or stalled clients")),
+            "body": _Notice(logging.INFO, (
+                f"closed %d connection(s) whose request body stalled for {body_timeout_s:g} s (the body timeout): "
+                f"slow or stalled clients")),
+            "reading": _Notice(logging.INFO, (
+                f"closed %d connection(s) whose client read nothing of its answers for {body_timeout_s:g} s "
+                f"(the body timeout)")),
+        }
         self.connections: set[_Connection] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
@@ -303,15 +447,21 @@ class HTTPServer:
         self._sweep()
 
     def _sweep(self) -> None:
-        """Close the connections idle for ``keep_alive_s``; again every quarter of that.
+        """Close the connections idle for ``keep_alive_s`` and time out stalled requests; again every quarter of
+        the shortest limit.
 
         One timer for the server rather than one per connection re-armed at
-        every request: a connection only notes when it was last active.
+        every request: a connection only notes when it was last active and
+        counts its requests; the sweep remembers what it saw.
         """
-        before = self.loop.time() - self.keep_alive_s
-        for connection in list(self.connections):
-            connection.close_if_idle_since(before)
-        self._sweeper = self.loop.call_later(max(self.keep_alive_s / 4, 0.01), self._sweep)
+        now = self.loop.time()
+        before = now - self.keep_alive_s
+        stalled = collections.Counter(connection.sweep(now, before) for connection in list(self.connections))
+        for kind, notice in self.stall_notices.items():
+            notice.add(now, stalled[kind])
+        self.refused.add(now, 0)
+        interval = min(self.keep_alive_s, self.header_timeout_s, self.body_timeout_s) / 4
+        self._sweeper = self.loop.call_later(max(interval, 0.01), self._sweep)
 
     def connection_closed(self) -> None:
         if self.closing and not self.connections:
@@ -320,10 +470,20 @@ class HTTPServer:
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, answer every request in progress, close every connection."""
         self.closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
+        try:
+            await self._close_connections(timeout)
+        finally:
+            # Swept until here: a stalled request does not hold the stop up past its timeout.
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            for notice in (*self.stall_notices.values(), self.refused):
+                notice.flush(self.loop.time())
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _close_connections(self, timeout: float) -> None:
         if self.connections:
             self._all_closed.clear()
             for connection in list(self.connections):
@@ -335,5 +495,3 @@ class HTTPServer:
                 for connection in list(self.connections):
                     if connection.transport is not None:
                         connection.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
-from edge_runtime.serving.http import DEFAULT_KEEP_ALIVE_S, HTTPServer
+from edge_runtime.serving.http import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    HTTPServer,
+)
 from edge_runtime.serving.registry import ModelRegistry, settle_heap
 
 if TYPE_CHECKING:
@@ -80,8 +86,9 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 
 async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int = 8000, *,
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, app: OIPApp | None = None,
-                     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, processes: int = 1,
-                     reuse_port: bool = False) -> ServerHandle:
+                     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                     processes: int = 1, reuse_port: bool = False) -> ServerHandle:
     """Start serving ``registry`` on the running loop; returns once the port accepts connections.
 
     ``app`` serves instead of a plain :class:`OIPApp` of ``registry`` (a
@@ -89,7 +96,9 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     live in an importable module); ``max_body_bytes`` is then the app's own.
     ``processes`` above 1 starts a :class:`~.workers.WorkerPool` of the rest,
     which join as soon as something serves. ``reuse_port`` is for a worker's
-    own socket.
+    own socket. ``header_timeout_s``, ``body_timeout_s`` and
+    ``max_connections`` are the HTTP layer's limits (:mod:`.http`), each
+    serving process with its own ``max_connections``.
     """
     if app is None:
         app = OIPApp(registry, max_body_bytes=max_body_bytes)
@@ -101,8 +110,13 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
         # Sockets that share a port do not see each other as a conflict: check
         # first that nobody else listens there, as a plain bind would.
         bind(host, port).close()
+    # Before the socket is bound: a limit that is not one is refused without leaving a socket behind.
+    try:
+        server = HTTPServer(app, keep_alive_s=keep_alive_s, header_timeout_s=header_timeout_s,
+                            body_timeout_s=body_timeout_s, max_connections=max_connections)
+    except ValueError as exc:
+        raise ServerError(f"the model server did not start: {exc}") from exc
     sock = bind(host, port, reuse_port=reuse_port or processes > 1)
-    server = HTTPServer(app, keep_alive_s=keep_alive_s)
     settle_heap()
     try:
         sock.listen(BACKLOG)
@@ -114,7 +128,9 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     if processes > 1:
         handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port,
                                  app_class=app_class, max_body_bytes=app.max_body_bytes,
-                                 keep_alive_s=keep_alive_s, server_name=app.server_name)
+                                 server_name=app.server_name, keep_alive_s=keep_alive_s,
+                                 header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                                 max_connections=max_connections)
         app.node_metrics = handle.pool.node_metrics
         handle.pool.start()
     return handle

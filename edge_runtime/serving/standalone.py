@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES
+from edge_runtime.serving.http import DEFAULT_MAX_CONNECTIONS
 from edge_runtime.serving.loader import DEFAULT_PROVIDER_PRIORITY
 from edge_runtime.serving.registry import ModelRegistry
 from edge_runtime.serving.server import ServerError, ServerHandle, run_server
@@ -39,6 +40,7 @@ def serve_main(
     provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
     instances: int = 0,
     processes: int = 0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     out: TextIO | None = None,
 ) -> int:
     """Serve every ``.onnx`` file in ``model_dir`` until SIGINT/SIGTERM; the process exit code.
@@ -61,7 +63,7 @@ def serve_main(
         return 2
     main = _serve(files, host, port, stream, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                   max_body_bytes=max_body_bytes, provider_priority=provider_priority, instances=instances,
-                  processes=processes)
+                  processes=processes, max_connections=max_connections)
     try:
         import uvloop  # not on every platform: the faster loop where it is
     except ImportError:
@@ -71,7 +73,7 @@ def serve_main(
 
 async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max_batch_size: int,
                  max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str],
-                 instances: int, processes: int) -> int:
+                 instances: int, processes: int, max_connections: int) -> int:
     registry = ModelRegistry(provider_priority=provider_priority, instances=instances, cpus=cpu_share(processes))
     served = 0
     for path in files:
@@ -92,7 +94,8 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
         await registry.close()
         return 1
     try:
-        handle = await run_server(registry, host, port, max_body_bytes=max_body_bytes, processes=processes)
+        handle = await run_server(registry, host, port, max_body_bytes=max_body_bytes, processes=processes,
+                                  max_connections=max_connections)
     except ServerError as exc:
         print(f"error: {exc}", file=stream, flush=True)
         await registry.close()

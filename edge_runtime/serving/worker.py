@@ -111,8 +111,9 @@ class Worker:
             return str(answer["text"])
 
         app.node_metrics = node_metrics
-        self.handle = await run_server(registry, host, port, app=app, keep_alive_s=self.config["keep_alive_s"],
-                                       reuse_port=True)
+        limits = {name: self.config[name] for name in ("keep_alive_s", "header_timeout_s", "body_timeout_s",
+                                                      "max_connections")}
+        self.handle = await run_server(registry, host, port, app=app, reuse_port=True, **limits)
         return self.handle.port
 
 

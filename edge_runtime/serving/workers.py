@@ -234,7 +234,8 @@ class WorkerPool:
     """The other processes serving this node's models, kept the same as ``registry`` (its mirror)."""
 
     def __init__(self, registry: ModelRegistry, workers: int, *, host: str, port: int, app_class: str,
-                 max_body_bytes: int, keep_alive_s: float, server_name: str) -> None:
+                 max_body_bytes: int, keep_alive_s: float, server_name: str, header_timeout_s: float,
+                 body_timeout_s: float, max_connections: int) -> None:
         if workers < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.registry = registry
@@ -242,6 +243,8 @@ class WorkerPool:
         self.port = port
         self._config: dict[str, Any] = {
             "app_class": app_class, "max_body_bytes": max_body_bytes, "keep_alive_s": keep_alive_s,
+            "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
+            "max_connections": max_connections,
             "server_name": server_name, "provider_priority": list(registry.provider_priority),
             "intra_op_threads": registry.intra_op_threads, "instances": registry.instances,
             "cpus": registry.cpus, "sys_path": [p for p in sys.path if p],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -453,3 +454,185 @@ def test_100_continue_waits_its_turn_behind_earlier_answers(wire: Wire) -> None:
     assert wire.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
     wire.send(body)
     assert_mlp_answer(wire.read_response(), X2, "second")
+
+
+# Slow and stalled clients, and the connection cap -------------------------------------
+
+SLOW_CLIENTS = 200
+
+
+def read_answer_or_end(wire: Wire) -> Response | None:
+    """The one answer the server sends before it closes the connection, or None if it just closed it."""
+    try:
+        if not wire.sock.recv(1, socket.MSG_PEEK):
+            return None
+    except ConnectionResetError:
+        return None
+    return wire.read_response()
+
+
+def live_status(port: int) -> int | None:
+    """The status of ``GET /v2/health/live`` on a new connection; None if it was reset (refused over the cap
+    while the request was on its way)."""
+    with Wire(port) as wire:
+        try:
+            wire.send(request("GET", "/v2/health/live"))
+            return wire.read_response().status
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+
+
+def timeout_lines(caplog: pytest.LogCaptureFixture, what: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "edge_runtime.serving" and what in r.getMessage()]
+
+
+def test_it_closes_many_slowloris_connections_after_the_header_timeout_and_serves_others_meanwhile(
+        models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge_runtime.serving")
+    header_timeout = 2.0
+    srv = om.ServerUnderTest(header_timeout_s=header_timeout)
+    slow: list[Wire] = []
+    try:
+        assert srv.load("mlp", "1", models / "mlp.onnx").state == "serving"
+        started = time.monotonic()
+        for i in range(SLOW_CLIENTS):
+            wire = Wire(srv.handle.port)
+            slow.append(wire)
+            # Half a head, the rest in a trickle: each byte is progress, but the head's clock is a total.
+            wire.send(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: %d" % i)
+        time.sleep(header_timeout / 4)
+        for wire in slow[:20]:
+            wire.send(b"0")
+        # Meanwhile another client is served at once, on a new connection.
+        with Wire(srv.handle.port) as normal:
+            normal.send(infer(X1, "meanwhile"))
+            assert_mlp_answer(normal.read_response(), X1, "meanwhile")
+        assert all(w.nothing_to_read() for w in slow), "a slow head was cut off before its timeout"
+        # (Only true if checked before the timeout: on a machine too slow for that, this says so.)
+        assert time.monotonic() - started < header_timeout, "opening the connections took longer than the timeout"
+        for wire in slow:
+            answer = read_answer_or_end(wire)
+            assert answer is not None and answer.status == 408, answer
+            assert answer.headers["connection"] == "close"
+            assert answer.json() == {"error": f"the request line and headers were not complete within "
+                                              f"{header_timeout:g} s"}
+            wire.assert_closed()
+        # The header timeout plus the sweep's slack (half of it), and a second for a loaded machine.
+        assert time.monotonic() - started < header_timeout * 1.5 + 1.0
+    finally:
+        for wire in slow:
+            wire.sock.close()
+        srv.close()
+    # A line or two for all of them (what is left is said when the server stops), not one for each.
+    lines = timeout_lines(caplog, "the header timeout")
+    assert 1 <= len(lines) <= 2, lines
+    assert sum(int(line.split()[1]) for line in lines) == SLOW_CLIENTS
+
+
+def test_it_answers_a_stalled_body_408_after_the_body_timeout(models: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge_runtime.serving")
+    body_timeout = 0.8
+    srv = om.ServerUnderTest(body_timeout_s=body_timeout)
+    try:
+        assert srv.load("mlp", "1", models / "mlp.onnx").state == "serving"
+        with Wire(srv.handle.port) as wire:
+            # An answered request first: the stall is in the second one's body.
+            body = mlp_body(X1, "stalled")
+            wire.send(infer(X2, "first") + request("POST", "/v2/models/mlp/infer", headers={
+                "Content-Type": "application/json", "Content-Length": str(len(body))}) + body[:10])
+            assert_mlp_answer(wire.read_response(), X2, "first")
+            stalled_at = time.monotonic()
+            answer = wire.read_response()
+            waited = time.monotonic() - stalled_at
+            assert answer.status == 408
+            assert answer.headers["connection"] == "close"
+            assert answer.json() == {"error": f"no part of the request body came for {body_timeout:g} s"}
+            wire.assert_closed()
+            assert body_timeout * 0.9 < waited < body_timeout * 1.5 + 1.0
+        [line] = timeout_lines(caplog, "the body timeout")
+        assert line.startswith("closed 1 connection(s) whose request body stalled for 0.8 s")
+        # A chunked body that stalls after its first chunk, in the next one's size line, is cut off the same way.
+        with Wire(srv.handle.port) as wire:
+            wire.send(request("POST", "/v2/models/mlp/infer", headers={"Transfer-Encoding": "chunked"})
+                      + b"4\r\n[1.0\r\n1")
+            assert read_answer_or_end(wire).status == 408  # type: ignore[union-attr]
+            wire.assert_closed()
+    finally:
+        srv.close()
+
+
+def test_it_does_not_cut_a_slow_upload_that_keeps_coming(models: Path) -> None:
+    body_timeout = 1.0
+    srv = om.ServerUnderTest(body_timeout_s=body_timeout, header_timeout_s=body_timeout)
+    try:
+        assert srv.load("mlp", "1", models / "mlp.onnx").state == "serving"
+        with Wire(srv.handle.port) as wire:
+            body = mlp_body(X1, "slow-but-steady")
+            wire.send(request("POST", "/v2/models/mlp/infer", headers={
+                "Content-Type": "application/json", "Content-Length": str(len(body))}))
+            started = time.monotonic()
+            pieces = 12
+            step = -(-len(body) // pieces)
+            for i in range(0, len(body), step):
+                wire.send(body[i:i + step])
+                time.sleep(body_timeout / 4)
+            # Three times the body timeout in all, yet never a stall as long as it.
+            assert time.monotonic() - started > 2.5 * body_timeout
+            assert_mlp_answer(wire.read_response(), X1, "slow-but-steady")
+            wire.send(request("GET", "/v2/health/live"))
+            assert wire.read_response().status == 200
+    finally:
+        srv.close()
+
+
+def test_it_refuses_connections_over_the_cap_and_accepts_again_once_one_closes(
+        models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cap = 3
+    srv = om.ServerUnderTest(max_connections=cap)
+    held: list[Wire] = []
+    try:
+        for _ in range(cap):
+            wire = Wire(srv.handle.port)
+            held.append(wire)
+            wire.send(request("GET", "/v2/health/live"))
+            assert wire.read_response().status == 200
+        for attempt in range(3):
+            with Wire(srv.handle.port) as refused:
+                answer = read_answer_or_end(refused)
+                assert answer is not None and answer.status == 503, (attempt, answer)
+                assert answer.headers["connection"] == "close"
+                assert answer.headers["retry-after"] == "1"
+                assert answer.json() == {"error": f"this server already holds {cap} connections, its limit"}
+                refused.assert_closed()
+        # One line for the three refusals, naming the cap and how to raise it.
+        [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert line == (f"refused 1 connection(s): this serving process already holds {cap} connections, its "
+                        f"limit; raise it with edge-runtime's --max-connections (EDGEWISE_SERVE_MAX_CONNECTIONS) "
+                        f"if these clients are legitimate")
+        assert [r.levelno for r in caplog.records if "refused" in r.getMessage()] == [logging.WARNING]
+        # The held connections still work; once a client goes, its place is free.
+        held[0].send(request("GET", "/v2/health/ready"))
+        assert held[0].read_response().status == 200
+        held.pop(0).sock.close()
+        deadline = time.monotonic() + TIMEOUT_S
+        while (status := live_status(srv.handle.port)) != 200:
+            assert status in (503, None), status
+            assert time.monotonic() < deadline, "the closed connection's place never came free"
+            time.sleep(0.05)
+    finally:
+        for wire in held:
+            wire.sock.close()
+        srv.close()
+
+
+def test_it_refuses_a_limit_that_is_not_one() -> None:
+    from edge_runtime.serving import ModelRegistry, ServerError, run_server
+
+    async def start(**limits: Any) -> None:
+        await run_server(ModelRegistry(), "127.0.0.1", 0, **limits)
+
+    with pytest.raises(ServerError, match="header_timeout_s must be a positive number of seconds, not 0"):
+        asyncio.run(start(header_timeout_s=0))
+    with pytest.raises(ServerError, match="max_connections must be at least 1, not 0"):
+        asyncio.run(start(max_connections=0))

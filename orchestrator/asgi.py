@@ -4,6 +4,9 @@ Two kinds of websocket clients: nodes, which authenticate every connection
 with their bearer credential and send no browser Origin, and browsers, which
 carry a session cookie and must come from an allowed host (the origin check
 is what stops another site's page from opening a socket with that cookie).
+HTTP passes through :mod:`orchestrator.asgi_limits` first, so that a body
+over its path's limit, or one that stops coming, is answered before Django
+waits on it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 
+from orchestrator.asgi_limits import BodyLimits  # noqa: E402
 from orchestrator.routing import agent_websocket_urlpatterns, browser_websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimits(django_asgi_app),
         "websocket": URLRouter(
             [
                 path("agent/", URLRouter(agent_websocket_urlpatterns)),

@@ -84,8 +84,6 @@ Every variable:
 ``EDGEWISE_MAX_MODEL_BYTES``    largest model file accepted, default 512 MiB
 ``EDGEWISE_BODY_TIMEOUT_S``     seconds a request body may send nothing before
                                 it is answered 408, default 30
-``EDGEWISE_BODY_TIMEOUT_S``     seconds a request body may send nothing before
-                                it is answered 408, default 30
 ``EDGEWISE_MODEL_VALIDATION_TIMEOUT``
                                 seconds a validation may run before the
                                 reconciler presumes its worker lost and
@@ -216,8 +214,6 @@ WHEELHOUSE_DIR = Path(env_str("EDGEWISE_WHEELHOUSE", str(DATA_DIR / "wheelhouse"
 ARTIFACT_DIR = Path(env_str("EDGEWISE_ARTIFACT_DIR", str(DATA_DIR / "artifacts"))).resolve()
 MAX_MODEL_BYTES = int(env_float("EDGEWISE_MAX_MODEL_BYTES", 512 * 1024 * 1024))
 MODEL_VALIDATION_TIMEOUT_S = env_float("EDGEWISE_MODEL_VALIDATION_TIMEOUT", 600.0)
-# Seconds a request body may make no progress before 408 (orchestrator.asgi_limits).
-BODY_TIMEOUT_S = env_float("EDGEWISE_BODY_TIMEOUT_S", 30.0)
 # Seconds a request body may make no progress before 408 (orchestrator.asgi_limits).
 BODY_TIMEOUT_S = env_float("EDGEWISE_BODY_TIMEOUT_S", 30.0)
 

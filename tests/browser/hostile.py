@@ -4,7 +4,8 @@ Region and site names, a jurisdiction, labels, a model's name and
 description, a token note, a policy comment, an approver's comment, and
 everything a hostile node reports through the agent API (hardware strings,
 runtime version, health message, a model's error and provider, a dataset's
-description, a refusal). Each payload calls ``xss()`` if it ever runs: an
+description, a refusal, the group keys of a query answer, the rule, field and
+reason of a refused one). Each payload calls ``xss()`` if it ever runs: an
 attribute breakout with ``"`` or ``'`` that adds an ``onanimationstart``
 handler and a style that starts an animation (it fires with no click),
 ``<img onerror>``, ``<script>``, ``<svg onload>`` and ``javascript:`` links.
@@ -19,6 +20,7 @@ import httpx
 
 from audit.models import AuditEvent
 from audit.services import Actor
+from edge_runtime.data.engine import spec_digest
 from edge_runtime.protocol import ActualState, Hardware, Health, ModelStatus, SyncRequest
 from models_registry import services as registry
 from models_registry.models import ModelVersion
@@ -65,6 +67,7 @@ class Estate:
     rejected: Rollout
     pending: Rollout
     query: FederatedQuery
+    refused: FederatedQuery
     values: dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> str:
@@ -100,6 +103,11 @@ def hostile_estate(cp: ControlPlane) -> Estate:
         "policy_comment": markup("policy") + " " + breakout("policy", "'"),
         "decision": markup("decision") + " " + breakout("decision", '"'),
         "token_note": markup("token-note"),
+        "group": breakout("group", '"'),
+        "group2": markup("group2"),
+        "query_reason": markup("query-reason"),
+        "query_rule": "<svg onload=xss(`rule`)>",  # the control plane keeps 40 characters of a rule
+        "query_field": breakout("query-field", "'"),
     }
     eu, us = make_region("eu", v["region"]), make_region("us", v["other_region"])
     site = make_site(eu, "plant-berlin", name=v["site"], jurisdiction=v["jurisdiction"], latitude=52.5,
@@ -141,14 +149,30 @@ def hostile_estate(cp: ControlPlane) -> Estate:
         health=Health(status="degraded", uptime_s=60, message=v["health"]),
         refusals=[{"generation": 1, "reason": v["refusal"], "at": "2026-01-01T00:00:00Z"}],
     )
-    synced = httpx.post(f"{cp.url}/agent/v1/nodes/{node.uuid}/sync", timeout=10, json=report.model_dump(mode="json"),
-                        headers={"Authorization": f"Bearer {enrolled.json()['credential']}"})
+    agent = httpx.Client(base_url=f"{cp.url}/agent/v1/nodes/{node.uuid}", timeout=10,
+                         headers={"Authorization": f"Bearer {enrolled.json()['credential']}"})
+    synced = agent.post("/sync", json=report.model_dump(mode="json"))
     assert synced.status_code == 200, synced.text
 
+    # Two queries: one the node answers with hostile group keys (the merged table and its chart show
+    # them), one it refuses naming a hostile rule and field with a hostile reason.
     policy_services.policy_update(actor=ACTOR, kind="data", document={
         "default": {"datasets": {"readings": {}}, "min_group_size": 1}})
     query = query_create(actor=Actor.user(ada), user=ada, sites=[site],
-                         spec={"dataset": "readings", "aggregates": [{"op": "count"}]})
+                         spec={"dataset": "readings", "group_by": ["line"], "aggregates": [{"op": "count"}]})
+    refused = query_create(actor=Actor.user(ada), user=ada, sites=[site],
+                           spec={"dataset": "readings", "aggregates": [{"op": "count"}]})
+    answers = [
+        (query, {"status": "answered", "rows_scanned": 10, "spec_digest": spec_digest(query.spec), "partials": {
+            "key_names": ["line"], "key_types": ["string"], "keys": [[v["group"], v["group2"]]], "rows": [4, 6],
+            "aggregates": [{"name": "count", "op": "count", "n": [4, 6]}]}}),
+        (refused, {"status": "refused", "reason": v["query_reason"], "rule": v["query_rule"],
+                   "field": v["query_field"]}),
+    ]
+    for asked, answer in answers:
+        posted = agent.post(f"/queries/{asked.uuid}/result", json={"query_id": str(asked.uuid), **answer})
+        assert posted.status_code == 201, posted.text
+    agent.close()
     policy_services.policy_update(actor=ACTOR, kind="rollout", comment=v["policy_comment"], document={
         "approval_rules": [{"name": "eu-needs-review", "regions": ["eu"], "approvals": 1, "role": "Approver"}]})
     rejected = rollouts.rollout_create(actor=Actor.user(bob), user=bob, version=version,
@@ -159,7 +183,7 @@ def hostile_estate(cp: ControlPlane) -> Estate:
                                       target={"sites": [site.slug]}, strategy={"gate": None})
     assert pending.state == "pending_approval", pending.state
     return Estate(site=site, second=second, unplaced=unplaced, node=node, model_slug=model.slug,
-                  rejected=rejected, pending=pending, query=query, values=v)
+                  rejected=rejected, pending=pending, query=query, refused=refused, values=v)
 
 
 def console_pages(estate: Estate) -> list[tuple[str, list[str]]]:
@@ -188,7 +212,8 @@ def console_pages(estate: Estate) -> list[tuple[str, list[str]]]:
         ("/queries/", []),
         ("/queries/new", [v["dataset"]]),
         ("/queries/new?dataset=readings", [v["dataset"]]),
-        (f"/queries/{estate.query.uuid}/", [v["site"]]),
+        (f"/queries/{estate.query.uuid}/", [v["site"], v["group"], v["group2"]]),
+        (f"/queries/{estate.refused.uuid}/", [v["site"], v["query_reason"], v["query_rule"], v["query_field"]]),
         ("/audit/", []),
         ("/audit/?action=site.create", [v["site"], v["second"], v["unplaced"]]),
         (f"/audit/{site_event.uuid}/", [v["second"]]),

@@ -17,11 +17,14 @@ Two tasks run side by side:
   waits there (acknowledged points leave the queue).
 
 What the node accepts: a desired state signed by the key pinned at
-enrollment, addressed to this node, and not older than what it already
-applied. Anything else is refused: the node keeps what it has, logs the
-refusal, and reports it on its next sync, once per refused document (the
-control plane re-offers the same document on every sync until it publishes
-a new one).
+enrollment (or by a key that key endorsed when the control plane rotated it,
+which the node then pins), addressed to this node, and not older than what it
+already applied: a later epoch, or the same epoch at the same or a higher
+generation (see :class:`~edge_runtime.protocol.DesiredState`). The state on
+disk is held to the same floor at start-up. Anything else is refused: the
+node keeps serving what it has, logs the refusal, audits it once per refused
+document, and reports it as ``actual.refusing`` (and in its health) on every
+sync until it applies a state again.
 
 Failures (no connection, timeout, 5xx) are retried with exponential back-off
 and full jitter: ``uniform(0, min(cap, 1 s * 2**attempt))`` with the cap at
@@ -50,6 +53,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import TypeAdapter, ValidationError
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
@@ -62,6 +66,7 @@ from edge_runtime.protocol import (
     DesiredState,
     Hardware,
     Health,
+    KeyEndorsement,
     ModelStatus,
     Nudge,
     QueryRequest,
@@ -181,6 +186,17 @@ class ReportsModels(Protocol):
 
 
 @runtime_checkable
+class PinsKey(Protocol):
+    """A reconciler that verifies signatures with the control plane's key (model artifacts).
+
+    Told of a new key when the node pins one after a key rotation, before it
+    reconciles the first state that key signed.
+    """
+
+    def pin_key(self, public_key: Ed25519PublicKey) -> None: ...
+
+
+@runtime_checkable
 class AnswersQueries(Protocol):
     """A reconciler that answers federated queries (:class:`edge_runtime.queries.QueryService`).
 
@@ -247,6 +263,19 @@ class Agent:
             logger.info("no desired state on disk yet; waiting for the control plane")
             return
         signed, desired = loaded
+        older = self._below_floor(desired)
+        if older is not None:
+            # Held to the same floor as a network update: an older signed
+            # state copied onto disk is refused, never applied.
+            self.status.applied_generation = 0
+            self._refuse(generation=desired.generation, digest=document_digest(signed),
+                         reason=f"desired state on disk refused: {older}")
+            return
+        if signed.key_fingerprint != self.identity.signing_key_fingerprint:
+            # Stored, but the node stopped before it pinned the key that signed it.
+            path = signing.follow_key_chain(signed.key_chain, pinned_fingerprint=self.identity.signing_key_fingerprint,
+                                            pinned_key=self.public_key, target_fingerprint=signed.key_fingerprint)
+            self._pin(path[-1])
         await self._apply(signed, desired, persist=False)
         logger.info("loaded desired state generation=%d from disk", desired.generation)
 
@@ -257,10 +286,11 @@ class Agent:
             return False  # the state already applied, sent again
         claimed = claimed_generation(signed.payload)
         try:
-            desired = signing.verify_desired_state(signed, self.public_key)
+            desired, endorsement = signing.verify_with_chain(
+                signed, pinned_fingerprint=self.identity.signing_key_fingerprint, pinned_key=self.public_key)
         except signing.SignatureError as exc:
             reason = str(exc)
-            if signed.key_fingerprint != self.identity.signing_key_fingerprint:
+            if signed.key_fingerprint != self.identity.signing_key_fingerprint and "endorse" not in reason:
                 reason = (f"signed by key {signed.key_fingerprint[:16]}, not the pinned key "
                           f"{self.identity.signing_key_fingerprint[:16]} ({exc})")
             self._refuse(generation=claimed, reason=reason, digest=digest)
@@ -269,11 +299,12 @@ class Agent:
             self._refuse(generation=desired.generation, digest=digest,
                          reason=f"addressed to node {desired.node_id}, not this node {self.identity.node_id}")
             return False
-        floor = self.status.highest_generation
-        if desired.generation < floor:
-            self._refuse(generation=desired.generation, digest=digest, reason=f"lower than applied {floor}")
+        older = self._below_floor(desired)
+        if older is not None:
+            self._refuse(generation=desired.generation, digest=digest, reason=older)
             return False
-        if self.desired is not None and desired.generation == self.desired.generation:
+        if (self.desired is not None and desired.epoch == self.desired.epoch
+                and desired.generation == self.desired.generation):
             self._refuse(generation=desired.generation, digest=digest,
                          reason=f"generation {desired.generation} is already applied with different content")
             return False
@@ -285,19 +316,58 @@ class Agent:
             self._note_error(f"cannot store desired state generation={desired.generation}: {exc}")
             logger.error("cannot store desired state generation=%d: %s", desired.generation, _one_line(exc))
             return False
+        if endorsement is not None:
+            self._pin(endorsement)
         await self._apply(signed, desired, persist=True)
         logger.info("applied desired state generation=%d", desired.generation)
         return True
+
+    def _below_floor(self, desired: DesiredState) -> str | None:
+        """Why ``desired`` is older than what this node applied; None if it may be applied."""
+        status = self.status
+        if desired.epoch != status.epoch:
+            current, offered = status.epoch_started_at, desired.epoch_started_at
+            if current is not None and (offered is None or offered <= current):
+                return (f"epoch {desired.epoch or '(none)'} (started {offered.isoformat() if offered else 'never'}) "
+                        f"is older than epoch {status.epoch} in force since {current.isoformat()}")
+            return None
+        if desired.generation < status.highest_generation:
+            return (f"generation {desired.generation} is lower than applied {status.highest_generation} "
+                    f"in epoch {status.epoch or '(none)'}")
+        return None
+
+    def _pin(self, endorsement: KeyEndorsement) -> None:
+        """Pin the control plane's new signing key (its endorsement already verified)."""
+        previous = self.identity.signing_key_fingerprint
+        self.identity = self.identity.model_copy(update={"signing_public_key": endorsement.public_key,
+                                                         "signing_key_fingerprint": endorsement.fingerprint})
+        self.state.save_identity(self.identity)
+        self.public_key = self.identity.public_key()
+        for reconciler in self.reconcilers:
+            if isinstance(reconciler, PinsKey):
+                reconciler.pin_key(self.public_key)
+        logger.warning("pinned the control plane's new signing key %s (endorsed by the key pinned before, %s)",
+                       endorsement.fingerprint[:16], previous[:16])
 
     async def _apply(self, signed: SignedDesiredState, desired: DesiredState, *, persist: bool) -> None:
         self.signed, self.desired = signed, desired
         self.interval = desired.sync_interval_s
         self.problems.pop("desired_state_file", None)
-        self.detail = await self.reconcile(desired)
-        self.status.applied_generation = desired.generation
-        self.status.highest_generation = max(self.status.highest_generation, desired.generation)
         if persist:
-            self._save_status()
+            # A new state applied ends the refusal; the same state loaded from disk does not.
+            self.status.refusing = None
+        self.detail = await self.reconcile(desired)
+        status = self.status
+        status.applied_generation = desired.generation
+        if desired.epoch != status.epoch:
+            status.epoch, status.epoch_started_at = desired.epoch, desired.epoch_started_at
+            status.highest_generation = desired.generation
+            logger.info("now in epoch %s (started %s)", desired.epoch or "(none)",
+                        desired.epoch_started_at.isoformat() if desired.epoch_started_at else "never")
+        else:
+            status.highest_generation = max(status.highest_generation, desired.generation)
+        if persist:
+            self._save_status(durable=True)
 
     async def reconcile(self, desired: DesiredState) -> dict[str, Any]:
         """Bring the node in line with ``desired``; returns the actual state's detail.
@@ -322,12 +392,17 @@ class Agent:
         return detail
 
     def _refuse(self, *, generation: int, reason: str, digest: str) -> None:
-        if digest in self.status.refused_digests:
+        reason = _one_line(reason)
+        if digest in self.status.refused_digests and self.status.refusing is not None:
             logger.debug("refused desired state generation=%d again (already reported)", generation)
             return
-        reason = _one_line(reason)
-        logger.warning("refused desired state generation=%d: %s", generation, reason)
         refusal = Refusal(generation=generation, reason=reason[:500], at=dt.datetime.now(dt.UTC))
+        # Reported on every sync until a state is applied, and in health.
+        self.status.refusing = refusal
+        if digest in self.status.refused_digests:
+            self._save_status()
+            return
+        logger.warning("refused desired state generation=%d: %s", generation, reason)
         self.status.pending_refusals = [*self.status.pending_refusals, refusal][-MAX_PENDING_REFUSALS:]
         self.status.refused_digests = [*self.status.refused_digests, digest][-REMEMBERED_REFUSALS:]
         self._note_error(f"refused desired state generation={generation}: {reason}")
@@ -339,7 +414,8 @@ class Agent:
         return SyncRequest(
             runtime_version=__version__,
             hardware=self.hardware,
-            actual=ActualState(applied_generation=self.status.applied_generation, models=self.model_status(),
+            actual=ActualState(applied_generation=self.status.applied_generation, applied_epoch=self.status.epoch,
+                               refusing=self.status.refusing, models=self.model_status(),
                                detail={**self.detail, **{r.name: r.report() for r in self.reconcilers
                                                          if isinstance(r, AnswersQueries)}}),
             health=self.health(),
@@ -360,6 +436,9 @@ class Agent:
         problems = dict(self.problems)
         if self.status.pending_refusals:
             problems["refusals"] = f"{len(self.status.pending_refusals)} desired state(s) refused"
+        if self.status.refusing is not None:
+            problems["desired_state"] = (f"refusing generation {self.status.refusing.generation}: "
+                                         f"{self.status.refusing.reason}")
         return Health(
             status="degraded" if problems else "ok",
             uptime_s=round(time.monotonic() - self.started, 3),
@@ -554,9 +633,9 @@ class Agent:
         self.status.last_error = _one_line(message)[:500]
         self.status.last_error_at = dt.datetime.now(dt.UTC)
 
-    def _save_status(self) -> None:
+    def _save_status(self, *, durable: bool = False) -> None:
         try:
-            self.state.save_status(self.status)
+            self.state.save_status(self.status, durable=durable)
         except OSError as exc:
             # The report is lost, the node keeps running; the next write may succeed.
             logger.error("cannot write %s: %s", self.state.status_path, _one_line(exc))

@@ -350,6 +350,10 @@ class ModelReconciler:
         """What serves now (background retries and swaps included), for every sync."""
         return self.store.statuses()
 
+    def pin_key(self, public_key: Ed25519PublicKey) -> None:
+        """Artifacts of later desired states are signed by the control plane's new key."""
+        self.store.public_key = public_key
+
 
 def policy_bundle(policy: dict[str, Any]) -> PolicyBundle | str | None:
     """The bundle of a desired state; a string saying what is wrong if it does not validate; None if empty."""

@@ -2,9 +2,27 @@
 
 The node always dials out. Both sides import these models: the control plane
 to validate what nodes send and to shape what it answers, the node to validate
-what the control plane sends. Unknown fields are refused (``extra="forbid"``)
-so that a typo or a forged field is an error naming that field, not something
-silently ignored.
+what the control plane sends.
+
+Compatibility (protocol version 1):
+
+* What the control plane **accepts** is strict: an unknown field in what a
+  node sends (:class:`WireModel`, ``extra="forbid"``) is a 400 naming the
+  field, so a typo or a forged field is never silently ignored. A node may
+  therefore send a new field only to a control plane that knows it: upgrade
+  the control plane before the nodes.
+* What a node **receives** (:class:`Received`: enroll and sync answers, the
+  desired state and its models, stream messages) ignores fields it does not
+  know, so a newer control plane can add fields without breaking nodes not yet
+  upgraded. A signed document is verified over its exact bytes, unknown
+  fields included, before it is parsed.
+* A field may be added to version 1 when a node that ignores it still does the
+  right thing (it is informational, or it has a safe default). Anything that
+  restricts what a node may do is not such a field: policy bundles and query
+  specs are parsed strictly by the node, which refuses (and reports) one it
+  does not fully understand rather than enforce less than was asked. Renaming
+  or removing a field, changing its meaning, or adding a restriction an old
+  node would ignore needs protocol version 2 (a new ``/agent/v2/``).
 
 Endpoints (all JSON, all under ``/agent/v1/``):
 
@@ -53,7 +71,15 @@ NodeRole = Literal["device", "gateway", "server"]
 
 
 class WireModel(BaseModel):
+    """What the control plane accepts from a node: unknown fields are refused."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Received(BaseModel):
+    """What a node receives from the control plane: unknown fields are ignored (see the module docstring)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class Hardware(WireModel):
@@ -78,7 +104,7 @@ class EnrollRequest(WireModel):
     hardware: Hardware = Field(default_factory=Hardware)
 
 
-class EnrollResponse(WireModel):
+class EnrollResponse(Received):
     protocol: Literal[1] = PROTOCOL_VERSION
     node_id: str
     site: str
@@ -133,6 +159,11 @@ class ModelStatus(WireModel):
 
 class ActualState(WireModel):
     applied_generation: int = Field(default=0, ge=0)
+    # The epoch of the applied generation ("" before the node applied any epoch's state).
+    applied_epoch: str = Field(default="", max_length=64)
+    # The desired state the node refuses now, repeated on every sync until it
+    # applies one: a node that refuses is never silent about it.
+    refusing: Refusal | None = None
     models: list[ModelStatus] = Field(default_factory=list, max_length=500)
     # Free-form per-feature state (models loaded, datasets, ...). Later
     # features add typed fields; this keeps version 1 forwards compatible.
@@ -160,7 +191,7 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 
 
-class DesiredModel(WireModel):
+class DesiredModel(Received):
     """One model version a node should serve, and how."""
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
@@ -181,11 +212,23 @@ class DesiredModel(WireModel):
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
 
 
-class DesiredState(WireModel):
-    """What one node should be doing. Signed by the control plane."""
+class DesiredState(Received):
+    """What one node should be doing. Signed by the control plane.
+
+    Generations count up within an **epoch**. The control plane starts a new
+    epoch when its signing key changes, when it runs on another database, and
+    when an operator says so after restoring a backup (``manage.py
+    epoch_start``); a node orders epochs by ``epoch_started_at`` and accepts a
+    later epoch's state whatever its generation, so a control plane whose
+    generations went back can always reach its nodes again. Both fields are
+    inside the signed payload: an epoch change is as signed as the state.
+    """
 
     node_id: str
     generation: int = Field(ge=1)
+    # The epoch's id ("" from a control plane older than epochs) and when it started.
+    epoch: str = Field(default="", max_length=64)
+    epoch_started_at: dt.datetime | None = None
     issued_at: dt.datetime
     sync_interval_s: float = Field(gt=0)
     site: str
@@ -194,12 +237,30 @@ class DesiredState(WireModel):
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
-class SignedDesiredState(WireModel):
+class KeyEndorsement(Received):
+    """A new signing key, signed by the key before it: how a node learns of a key rotation.
+
+    ``signature`` is the previous key's Ed25519 signature over
+    :func:`edge_runtime.signing.endorsement_message` of the other fields. A
+    node that pinned ``previous_fingerprint`` verifies it and pins the new key.
+    """
+
+    public_key: str
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    previous_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    issued_at: dt.datetime
+    signature: str
+
+
+class SignedDesiredState(Received):
     # The desired state exactly as signed: canonical JSON of DesiredState.
     payload: str
     # Ed25519 signature over the payload's UTF-8 bytes, base64.
     signature: str
     key_fingerprint: str
+    # Every key rotation of this control plane, oldest first: the path from
+    # whatever key a node pinned to the key that signed this document.
+    key_chain: list[KeyEndorsement] = Field(default_factory=list, max_length=64)
 
 
 # A query's id: the control plane's uuid for the query at one site.
@@ -208,7 +269,7 @@ QUERY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 MAX_QUERY_RESULT_BYTES = 16 * 1024 * 1024
 
 
-class QueryRequest(WireModel):
+class QueryRequest(Received):
     """A federated query waiting for this node (see ``edge_runtime.data``)."""
 
     query_id: str = Field(pattern=QUERY_ID_PATTERN)
@@ -218,7 +279,7 @@ class QueryRequest(WireModel):
     deadline: dt.datetime | None = None
 
 
-class SyncResponse(WireModel):
+class SyncResponse(Received):
     protocol: Literal[1] = PROTOCOL_VERSION
     generation: int
     # Only present when the node's applied generation differs from ``generation``.
@@ -229,7 +290,7 @@ class SyncResponse(WireModel):
     queries: list[QueryRequest] = Field(default_factory=list, max_length=100)
 
 
-class Nudge(WireModel):
+class Nudge(Received):
     type: Literal["sync"] = "sync"
     generation: int = 0
 
@@ -336,14 +397,14 @@ class TelemetryFrame(WireModel):
         return self
 
 
-class TelemetryAck(WireModel):
+class TelemetryAck(Received):
     """Control plane to node: every item up to ``seq`` is committed; the node may forget them."""
 
     type: Literal["telemetry.ack"] = "telemetry.ack"
     seq: int = Field(ge=0)
 
 
-class StreamError(WireModel):
+class StreamError(Received):
     """Control plane to node: the last frame was refused, and why; the stream closes after it."""
 
     type: Literal["error"] = "error"

@@ -8,8 +8,10 @@ hex sha256 of the raw 32-byte public key.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from edge_runtime.protocol import DesiredState, SignedDesiredState
+from edge_runtime.protocol import DesiredState, KeyEndorsement, SignedDesiredState
 
 
 class SignatureError(Exception):
@@ -66,14 +68,84 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     return key
 
 
-def sign_desired_state(state: DesiredState, key: Ed25519PrivateKey) -> SignedDesiredState:
+def sign_desired_state(state: DesiredState, key: Ed25519PrivateKey,
+                       key_chain: Sequence[KeyEndorsement] = ()) -> SignedDesiredState:
     payload = canonical_json(state.model_dump(mode="json"))
     signature = key.sign(payload.encode())
     return SignedDesiredState(
         payload=payload,
         signature=base64.b64encode(signature).decode(),
         key_fingerprint=fingerprint(public_key_raw(key.public_key())),
+        key_chain=list(key_chain),
     )
+
+
+# What an endorsement signature covers; the prefix keeps it from passing for any other signed thing.
+ENDORSEMENT_CONTEXT = b"edgewise-key-endorsement-v1\x00"
+
+
+def endorsement_message(*, public_key: str, fingerprint: str, previous_fingerprint: str,
+                        issued_at: dt.datetime) -> bytes:
+    body = canonical_json({"public_key": public_key, "fingerprint": fingerprint,
+                           "previous_fingerprint": previous_fingerprint,
+                           "issued_at": issued_at.astimezone(dt.UTC).isoformat()})
+    return ENDORSEMENT_CONTEXT + body.encode()
+
+
+def endorse_key(new_key: Ed25519PublicKey, previous: Ed25519PrivateKey, *,
+                issued_at: dt.datetime) -> KeyEndorsement:
+    """The previous key's signed statement that ``new_key`` succeeds it."""
+    public_b64 = base64.b64encode(public_key_raw(new_key)).decode()
+    new_fp = fingerprint(public_key_raw(new_key))
+    previous_fp = fingerprint(public_key_raw(previous.public_key()))
+    signature = previous.sign(endorsement_message(public_key=public_b64, fingerprint=new_fp,
+                                                  previous_fingerprint=previous_fp, issued_at=issued_at))
+    return KeyEndorsement(public_key=public_b64, fingerprint=new_fp, previous_fingerprint=previous_fp,
+                          issued_at=issued_at, signature=base64.b64encode(signature).decode())
+
+
+def follow_key_chain(chain: Sequence[KeyEndorsement], *, pinned_fingerprint: str, pinned_key: Ed25519PublicKey,
+                     target_fingerprint: str) -> list[KeyEndorsement]:
+    """The endorsements leading from the pinned key to ``target_fingerprint``, each verified.
+
+    Empty when the target is the pinned key. Raises SignatureError when no
+    verified path exists: an endorsement that does not verify is never followed.
+    """
+    path: list[KeyEndorsement] = []
+    current_fp, current_key = pinned_fingerprint, pinned_key
+    by_previous = {e.previous_fingerprint: e for e in chain}
+    while current_fp != target_fingerprint:
+        step = by_previous.get(current_fp)
+        if step is None or len(path) >= len(chain):
+            raise SignatureError(f"signed by key {target_fingerprint[:16]}, not the pinned key "
+                                 f"{pinned_fingerprint[:16]}, and no endorsement leads there from it")
+        try:
+            raw_signature = base64.b64decode(step.signature, validate=True)
+            current_key.verify(raw_signature, endorsement_message(
+                public_key=step.public_key, fingerprint=step.fingerprint,
+                previous_fingerprint=step.previous_fingerprint, issued_at=step.issued_at))
+        except (ValueError, InvalidSignature) as exc:
+            raise SignatureError(f"the endorsement of key {step.fingerprint[:16]} by key {current_fp[:16]} "
+                                 "does not verify") from exc
+        next_key = public_key_from_b64(step.public_key)
+        if fingerprint(public_key_raw(next_key)) != step.fingerprint:
+            raise SignatureError(f"the endorsed key does not have the fingerprint {step.fingerprint[:16]} it claims")
+        path.append(step)
+        current_fp, current_key = step.fingerprint, next_key
+    return path
+
+
+def verify_with_chain(signed: SignedDesiredState, *, pinned_fingerprint: str, pinned_key: Ed25519PublicKey,
+                      ) -> tuple[DesiredState, KeyEndorsement | None]:
+    """Verify ``signed`` with the pinned key or a key the pinned key endorsed (through rotations).
+
+    Returns the desired state and, when it was signed by a newer key, the
+    last endorsement followed: the key the node pins once it applies the state.
+    """
+    path = follow_key_chain(signed.key_chain, pinned_fingerprint=pinned_fingerprint, pinned_key=pinned_key,
+                            target_fingerprint=signed.key_fingerprint)
+    key = public_key_from_b64(path[-1].public_key) if path else pinned_key
+    return verify_desired_state(signed, key), (path[-1] if path else None)
 
 
 def verify_desired_state(signed: SignedDesiredState, public_key: Ed25519PublicKey) -> DesiredState:

@@ -69,9 +69,15 @@ class Status(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     applied_generation: int = 0
-    # The highest generation ever applied. Survives a desired-state file that
-    # fails verification, so that refusing it cannot open the door to an older one.
+    # The floor a desired state must reach, from the network or from disk: the
+    # highest generation applied in the epoch in force, and that epoch. It
+    # survives a desired-state file that fails verification or is older, so
+    # refusing one cannot open the door to an older one.
     highest_generation: int = 0
+    epoch: str = ""
+    epoch_started_at: dt.datetime | None = None
+    # The desired state refused last, until one is applied: reported on every sync.
+    refusing: Refusal | None = None
     last_sync_at: dt.datetime | None = None
     last_attempt_at: dt.datetime | None = None
     consecutive_failures: int = 0
@@ -189,7 +195,8 @@ class StateDir:
         except ValidationError as exc:
             raise StateError(f"{self.desired_path} is not a signed desired state: {_first_error(exc)}") from exc
         try:
-            desired = signing.verify_desired_state(signed, identity.public_key())
+            desired, _ = signing.verify_with_chain(signed, pinned_fingerprint=identity.signing_key_fingerprint,
+                                                   pinned_key=identity.public_key())
         except signing.SignatureError as exc:
             raise StateError(f"{self.desired_path} failed verification: {exc}") from exc
         if desired.node_id != identity.node_id:
@@ -212,11 +219,15 @@ class StateDir:
         except (OSError, ValidationError):
             return Status()
 
-    def save_status(self, status: Status) -> None:
+    def save_status(self, status: Status, *, durable: bool = False) -> None:
+        """Write the status; ``durable`` when the floor moved (a new state was applied).
+
+        Rewritten on every sync; not worth an fsync each time (a lost update
+        is rewritten on the next sync, a damaged file reads as a fresh one).
+        The floor is written durably, so a power cut cannot lower it.
+        """
         status.updated_at = dt.datetime.now(dt.UTC)
-        # Rewritten on every sync; not worth an fsync each time (a lost update
-        # is rewritten on the next sync, a damaged file reads as a fresh one).
-        write_atomic(self.status_path, _dump(status), mode=0o600, durable=False)
+        write_atomic(self.status_path, _dump(status), mode=0o600, durable=durable)
 
     @contextlib.contextmanager
     def agent_lock(self) -> Iterator[None]:

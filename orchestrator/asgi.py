@@ -23,8 +23,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path, re_path  # noqa: E402
 
+from orchestrator import keys  # noqa: E402
 from orchestrator.asgi_limits import BodyLimits  # noqa: E402
 from orchestrator.routing import agent_websocket_urlpatterns, browser_websocket_urlpatterns  # noqa: E402
+
+# A missing or foreign signing key stops the server here, naming the file,
+# rather than at the first node that syncs.
+keys.check_at_startup()
 
 application = ProtocolTypeRouter(
     {

@@ -1,57 +1,368 @@
-"""The control plane's Ed25519 signing key.
+"""The control plane's Ed25519 signing key, its rotations, and the epochs generations count in.
 
-Kept as a PEM file (``EDGEWISE_SIGNING_KEY_PATH``), created on first use with
-owner-only permissions. Nodes pin its public key at enrollment; installers
-carry its fingerprint, so a node refuses a control plane that holds another key.
+What this module guarantees:
+
+* **A key is never recreated silently.** The private key is a PEM file
+  (``EDGEWISE_SIGNING_KEY_PATH``, owner-only). The database remembers every
+  key it has signed with (:class:`~orchestrator.models.SigningKey`). A first
+  start creates the file and says so; a missing file on a control plane that
+  has already signed, or a file holding another key, is an error naming the
+  file, at start-up (:func:`check_at_startup`) and at the first signature.
+* **Rotation nodes follow.** :func:`signing_key_rotate` makes a new key and has
+  the old one sign an endorsement of it; every signed desired state carries
+  the chain of endorsements, so a node that pinned any earlier key verifies
+  its way to the new one and pins it. Artifacts are signed again with the new
+  key in the same transaction.
+* **Epochs.** Generations count up within an :class:`~orchestrator.models.Epoch`.
+  A new epoch starts with the first signature on a database (so a control
+  plane rebuilt on an empty database reaches its nodes again), on every
+  rotation, and with :func:`epoch_start` (``manage.py epoch_start``) after a
+  database was restored from a backup. Nodes accept a later epoch whatever its
+  generation; the state is signed, so an epoch change is as signed as any.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime as dt
+import logging
 import os
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
+from django.utils import timezone
 
-from edge_runtime import signing
+from edge_runtime import protocol, signing
 
-_cache: dict[tuple[str, int], Ed25519PrivateKey] = {}
+if TYPE_CHECKING:
+    from audit.services import Actor
+    from orchestrator.models import Epoch, SigningKey
 
+logger = logging.getLogger("edgewise.keys")
 
-def signing_key() -> Ed25519PrivateKey:
-    path = Path(settings.SIGNING_KEY_PATH)
-    if not path.exists():
-        _create(path)
-    stamp = (str(path), path.stat().st_mtime_ns)
-    key = _cache.get(stamp)
-    if key is None:
-        key = signing.private_key_from_pem(path.read_bytes())
-        _cache.clear()
-        _cache[stamp] = key
-    return key
+# How long a process trusts its cached view of the current key and epoch: a
+# rotation or a new epoch made by another process is picked up within this.
+TRUST_TTL_S = 2.0
+
+_key_cache: dict[tuple[str, int], Ed25519PrivateKey] = {}
 
 
-def _create(path: Path) -> None:
+class SigningKeyError(ImproperlyConfigured):
+    """The signing key file is missing or is not the key this control plane signs with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """What a signature needs: the key, the epoch in force and the endorsement chain."""
+
+    key: Ed25519PrivateKey
+    fingerprint: str
+    epoch: str
+    epoch_started_at: str
+    chain: tuple[protocol.KeyEndorsement, ...]
+
+
+_trust: tuple[float, Trust] | None = None
+_trust_lock = threading.Lock()
+
+
+def _path() -> Path:
+    return Path(settings.SIGNING_KEY_PATH)
+
+
+def _next_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.next")
+
+
+def _fingerprint(key: Ed25519PrivateKey) -> str:
+    return signing.fingerprint(signing.public_key_raw(key.public_key()))
+
+
+def write_key_file(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write ``key`` to a new file at ``path`` (0600, durable); fails if the file exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = signing.private_key_to_pem(signing.generate_private_key())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+        fh.write(signing.private_key_to_pem(key))
+        fh.flush()
+        os.fsync(fh.fileno())
     try:
-        # link() fails if another process created the key first: both then use theirs.
+        # link() fails if another process created the file first: both then use that one.
         os.link(tmp, path)
-    except FileExistsError:
-        pass
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _read(path: Path) -> Ed25519PrivateKey:
+    stamp = (str(path), path.stat().st_mtime_ns)
+    key = _key_cache.get(stamp)
+    if key is None:
+        try:
+            key = signing.private_key_from_pem(path.read_bytes())
+        except (ValueError, signing.SignatureError) as exc:
+            raise SigningKeyError(f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) cannot be read: {exc}") from exc
+        _key_cache.clear()
+        _key_cache[stamp] = key
+    return key
+
+
+def signing_key() -> Ed25519PrivateKey:
+    """The key to sign with now. Creates it only on a control plane that never signed."""
+    return current().key
+
+
 def public_key_b64() -> str:
-    raw = signing.public_key_raw(signing_key().public_key())
-    return base64.b64encode(raw).decode()
+    return base64.b64encode(signing.public_key_raw(signing_key().public_key())).decode()
 
 
 def public_key_fingerprint() -> str:
-    return signing.fingerprint(signing.public_key_raw(signing_key().public_key()))
+    return current().fingerprint
+
+
+def current(*, fresh: bool = False) -> Trust:
+    """The key, epoch and chain in force (cached for :data:`TRUST_TTL_S`); see the module docstring."""
+    global _trust
+    with _trust_lock:
+        if not fresh and _trust is not None and time.monotonic() - _trust[0] < TRUST_TTL_S:
+            return _trust[1]
+        trust = _establish()
+        _trust = (time.monotonic(), trust)
+        return trust
+
+
+def forget() -> None:
+    """Drop the cached trust (after a rotation or a new epoch in this process, and in tests)."""
+    global _trust
+    with _trust_lock:
+        _trust = None
+
+
+def _establish() -> Trust:
+    from orchestrator.models import Epoch, SigningKey
+
+    path = _path()
+    known = list(SigningKey.objects.order_by("created_at", "pk"))
+    epoch = Epoch.objects.order_by("-started_at", "-pk").first()
+    active = next((k for k in known if k.retired_at is None), None)
+    consistent = (active is not None and epoch is not None and path.exists() and not _next_path(path).exists()
+                  and _fingerprint(_read(path)) == active.fingerprint == epoch.key_fingerprint)
+    if not consistent:
+        # Something to create, finish or refuse: one process at a time decides.
+        with transaction.atomic():
+            _lock()
+            known = list(SigningKey.objects.order_by("created_at", "pk"))
+            active = next((k for k in known if k.retired_at is None), None)
+            _finish_rotation(path, active)
+            active = _key_row(path, active, known)
+            epoch = Epoch.objects.order_by("-started_at", "-pk").first()
+            if epoch is None or epoch.key_fingerprint != active.fingerprint:
+                epoch = _new_epoch(active.fingerprint, "first signature on this database" if epoch is None
+                                   else "the signing key changed")
+    assert active is not None and epoch is not None  # noqa: S101 - established above
+    chain = tuple(protocol.KeyEndorsement.model_validate(k.endorsement) for k in known if k.endorsement)
+    return Trust(key=_read(path), fingerprint=active.fingerprint, epoch=str(epoch.uuid),
+                 epoch_started_at=epoch.started_at.isoformat(), chain=chain)
+
+
+def _lock() -> None:
+    """Serialise key and epoch decisions across processes until the transaction ends."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            # An arbitrary constant: the lock's name among this database's advisory locks.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [0x6564676577697365])
+    # SQLite (embedded) has one writer at a time already.
+
+
+def _key_row(path: Path, active: SigningKey | None, known: list[SigningKey]) -> SigningKey:
+    """The row of the key in ``path``, creating the file on a control plane that never signed."""
+    from orchestrator.models import SigningKey
+
+    if not path.exists():
+        if active is not None:
+            raise SigningKeyError(
+                f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) is missing, but this control plane has "
+                f"signed with key {active.fingerprint[:16]} since {active.created_at:%Y-%m-%d}: restore the file "
+                "from a backup (nodes refuse any other key); only manage.py signing_key_rotate makes a new key, "
+                "and it needs the old one")
+        write_key_file(path, signing.generate_private_key())
+        logger.warning("created a new signing key at %s (fingerprint %s); nodes pin it when they enroll",
+                       path, _fingerprint(_read(path))[:16])
+    key = _read(path)
+    fingerprint = _fingerprint(key)
+    if active is None:
+        row = SigningKey.objects.create(
+            fingerprint=fingerprint, public_key=base64.b64encode(signing.public_key_raw(key.public_key())).decode(),
+            created_at=timezone.now())
+        known.append(row)
+        return row
+    if active.fingerprint != fingerprint:
+        retired = any(k.fingerprint == fingerprint for k in known)
+        what = f"the retired key {fingerprint[:16]}" if retired else f"an unknown key {fingerprint[:16]}"
+        raise SigningKeyError(
+            f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) holds {what}, but this control plane signs "
+            f"with key {active.fingerprint[:16]}: restore that key's file")
+    return active
+
+
+def _new_epoch(fingerprint: str, reason: str) -> Epoch:
+    from orchestrator.models import Epoch
+
+    # Strictly later than the epoch before, whatever the clock did: nodes order epochs by this time.
+    latest = Epoch.objects.order_by("-started_at").values_list("started_at", flat=True).first()
+    started = timezone.now()
+    if latest is not None and started <= latest:
+        started = latest + dt.timedelta(microseconds=1)
+    epoch = Epoch.objects.create(started_at=started, key_fingerprint=fingerprint, reason=reason[:200])
+    logger.warning("started epoch %s: %s", epoch.uuid, reason)
+    return epoch
+
+
+def _finish_rotation(path: Path, active: SigningKey | None) -> None:
+    """Complete a rotation that committed but stopped before its key file moved into place."""
+    pending = _next_path(path)
+    if not pending.exists() or active is None:
+        return
+    new = _read(pending)
+    if _fingerprint(new) != active.fingerprint:
+        return  # the rotation did not commit: the new key was never used
+    if path.exists():
+        old = _read(path)
+        os.replace(path, path.with_name(f"{path.name}.retired-{_fingerprint(old)[:16]}"))
+    os.replace(pending, path)
+    logger.warning("finished the rotation to signing key %s", _fingerprint(new)[:16])
+
+
+def check_at_startup() -> Trust:
+    """Called as a control-plane process starts: raises SigningKeyError naming the file if the key is wrong.
+
+    Runs in a thread of its own, so it works from inside a running event loop
+    (uvicorn imports the application there) as well as from a worker.
+    """
+    result: list[Trust | BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(current(fresh=True))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            result.append(exc)
+        finally:
+            from django.db import connection
+
+            connection.close()
+
+    thread = threading.Thread(target=run, name="signing-key-check")
+    thread.start()
+    thread.join()
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    logger.info("signing with key %s in epoch %s", outcome.fingerprint[:16], outcome.epoch)
+    return outcome
+
+
+def epoch_start(*, actor: Actor, reason: str) -> str:
+    """Start a new epoch and republish every node in it; returns the epoch's id.
+
+    What an operator runs after restoring the database from a backup: the
+    restored generations may be lower than what nodes applied, and a later
+    epoch is accepted whatever its generation.
+    """
+    from audit.services import audit_record
+
+    if not reason.strip():
+        raise ValueError("say why a new epoch starts (for example: restored from the backup of <date>)")
+    trust = current(fresh=True)
+    with transaction.atomic():
+        epoch = _new_epoch(trust.fingerprint, reason.strip())
+        audit_record(actor=actor, action="epoch.start", object_repr=f"epoch {epoch.uuid}",
+                     after={"epoch": str(epoch.uuid), "reason": reason.strip(), "key": trust.fingerprint})
+    forget()
+    republish_all(actor=actor)
+    return str(epoch.uuid)
+
+
+def signing_key_rotate(*, actor: Actor) -> str:
+    """Replace the signing key with a new one that the old one endorses; returns the new fingerprint.
+
+    Safe against a stop at any point: the new key is written beside the old
+    one first, the database switches in one transaction (new key row,
+    endorsement, artifacts signed again, new epoch, audit event), and the file
+    moves into place after the commit; a start after a stop in between
+    finishes the move (:func:`_finish_rotation`).
+    """
+    from audit.services import audit_record
+    from orchestrator.models import SigningKey
+
+    old_trust = current(fresh=True)
+    old = old_trust.key
+    path = _path()
+    pending = _next_path(path)
+    pending.unlink(missing_ok=True)
+    new = signing.generate_private_key()
+    write_key_file(pending, new)
+    new_fp = _fingerprint(new)
+    now = timezone.now()
+    endorsement = signing.endorse_key(new.public_key(), old, issued_at=now)
+    try:
+        with transaction.atomic():
+            active = SigningKey.objects.select_for_update().get(retired_at__isnull=True)
+            if active.fingerprint != old_trust.fingerprint:
+                raise SigningKeyError("another rotation changed the signing key meanwhile; nothing was changed")
+            active.retired_at = now
+            active.save(update_fields=["retired_at"])
+            SigningKey.objects.create(fingerprint=new_fp, public_key=endorsement.public_key,
+                                      endorsement=endorsement.model_dump(mode="json"), created_at=now)
+            resigned = _resign_artifacts(new)
+            epoch = _new_epoch(new_fp, "signing key rotated")
+            audit_record(actor=actor, action="signing_key.rotate", object_repr=f"signing key {new_fp[:16]}",
+                         before={"key": old_trust.fingerprint},
+                         after={"key": new_fp, "epoch": str(epoch.uuid), "artifacts_signed": resigned})
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    with transaction.atomic():
+        # Under the lock, as a starting process would: whoever comes first moves the files.
+        _lock()
+        _finish_rotation(path, SigningKey.objects.get(fingerprint=new_fp))
+    forget()
+    logger.warning("rotated the signing key: %s -> %s", old_trust.fingerprint[:16], new_fp[:16])
+    republish_all(actor=actor)
+    return new_fp
+
+
+def _resign_artifacts(key: Ed25519PrivateKey) -> int:
+    from models_registry.models import ModelVariant, ModelVersion
+
+    count = 0
+    for version in ModelVersion.objects.select_for_update().exclude(signature=""):
+        version.signature = signing.sign_artifact(version.sha256, key)
+        version.save(update_fields=["signature"])
+        count += 1
+    for variant in ModelVariant.objects.select_for_update().all():
+        variant.signature = signing.sign_artifact(variant.sha256, key)
+        variant.save(update_fields=["signature"])
+        count += 1
+    return count
+
+
+def republish_all(*, actor: Actor, batch: int = 500) -> int:
+    """Publish every enrolled node's desired state again (a new epoch or key changes every one)."""
+    from sites.models import Node
+    from sites.services import desired_state_publish_many
+
+    ids = list(Node.objects.filter(revoked_at__isnull=True).order_by("pk").values_list("pk", flat=True))
+    for start in range(0, len(ids), batch):
+        nodes = list(Node.objects.filter(pk__in=ids[start:start + batch]).select_related("site"))
+        desired_state_publish_many(nodes=nodes, actor=actor)
+    return len(ids)

@@ -178,3 +178,49 @@ class HealthSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node_id} {self.model}@{self.version} {self.requests}/{self.errors} at {self.at}"
+
+
+# -- trust: the signing keys and the epochs their generations count in ------------------
+
+
+class SigningKey(models.Model):
+    """Every key this control plane has signed with, in order: the current one has no ``retired_at``.
+
+    The private key lives in a file (``EDGEWISE_SIGNING_KEY_PATH``), never
+    here. A row is the proof that the control plane already signed with a key,
+    so a missing file is an error rather than a new key nodes would refuse.
+    ``endorsement`` is the previous key's signed statement of this one
+    (``edge_runtime.protocol.KeyEndorsement``), empty for the first key.
+    """
+
+    fingerprint = models.CharField(max_length=64, unique=True)
+    public_key = models.CharField(max_length=64)
+    endorsement = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.fingerprint[:16]}{' (retired)' if self.retired_at else ''}"
+
+
+class Epoch(models.Model):
+    """A span in which desired-state generations only rise (see ``edge_runtime.protocol.DesiredState``).
+
+    A new one starts with the first signature on a database, on every key
+    rotation, and when an operator starts one after restoring a backup; nodes
+    accept a later epoch's state whatever its generation.
+    """
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    started_at = models.DateTimeField()
+    key_fingerprint = models.CharField(max_length=64)
+    reason = models.CharField(max_length=200)
+
+    class Meta:
+        ordering = ["-started_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"epoch {self.uuid} since {self.started_at:%Y-%m-%d %H:%M:%S} ({self.reason})"

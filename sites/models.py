@@ -157,6 +157,8 @@ class DesiredState(models.Model):
     payload = models.TextField()
     signature = models.CharField(max_length=200)
     key_fingerprint = models.CharField(max_length=64)
+    # The epoch (orchestrator.models.Epoch uuid) the generation counts in; "" before epochs.
+    epoch = models.CharField(max_length=64, blank=True, default="")
     published_at = models.DateTimeField()
 
     def __str__(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,10 @@ from sites.models import DesiredState, EnrollmentToken, Node, NodeStatus, Region
 TOKEN_PREFIX = "ewt_"
 CREDENTIAL_PREFIX = "ewn_"
 MAX_TOKEN_LIFETIME = dt.timedelta(days=30)
+# The largest generation the desired-state column holds (PositiveIntegerField).
+GENERATION_MAX = 2**31 - 1
+
+logger = logging.getLogger("edgewise.sites")
 
 
 class SitesError(Exception):
@@ -271,43 +276,52 @@ def _site_policy_bundle(site: Site) -> dict[str, Any]:
     return {**policy_bundle_for_site(site), "data": data_bundle_for_site(site)}
 
 
-def desired_state_publish(*, node: Node, actor: Actor) -> DesiredState:
+def desired_state_publish(*, node: Node, actor: Actor, above: int = 0) -> DesiredState:
     """Sign and store the node's desired state if its content changed.
 
     Publishing identical content is a no-op (the generation stays), so this is
-    safe to call after any change that might affect a node.
+    safe to call after any change that might affect a node. ``above``: the
+    generation must end up higher than this (a node that applied more in this
+    epoch than the database remembers, after a restore).
     """
-    return desired_state_publish_many(nodes=[node], actor=actor)[node.pk]
+    return desired_state_publish_many(nodes=[node], actor=actor, above={node.pk: above} if above else None)[node.pk]
 
 
-def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor) -> dict[int, DesiredState]:
+def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor,
+                               above: dict[int, int] | None = None) -> dict[int, DesiredState]:
     """:func:`desired_state_publish` for many nodes in one transaction, by node pk.
 
     What the nodes share is worked out once: each site's policy bundle, the
     lock on their desired-state rows, the nudges (sent together after commit).
     Each node whose state moved still gets its own signature and audit event.
+    The state is signed in the epoch in force (:mod:`orchestrator.keys`): a new
+    epoch changes the content, so every node's generation moves.
     """
     published: dict[int, DesiredState] = {}
     nudges: list[tuple[str, str, dict[str, Any]]] = []
-    key = keys.signing_key()
+    trust = keys.current()
+    floors = above or {}
     with transaction.atomic():
         ids = [n.pk for n in nodes]
         current_by_node = {d.node_id: d for d in DesiredState.objects.select_for_update().filter(node_id__in=ids)}
         bundles: dict[int, dict[str, Any]] = {}
         now = timezone.now()
         for node in nodes:
-            content = desired_state_content(node, site_bundles=bundles)
+            content = {**desired_state_content(node, site_bundles=bundles),
+                       "epoch": trust.epoch, "epoch_started_at": trust.epoch_started_at}
             content_hash = hashlib.sha256(signing.canonical_json(content).encode()).hexdigest()
             current = current_by_node.get(node.pk)
-            if current is not None and current.content_hash == content_hash:
+            floor = floors.get(node.pk, 0)
+            if current is not None and current.content_hash == content_hash and current.generation > floor:
                 published[node.pk] = current
                 continue
-            generation = (current.generation if current else 0) + 1
+            generation = max(current.generation if current else 0, floor) + 1
             state = protocol.DesiredState(generation=generation, issued_at=now, **content)
-            signed = signing.sign_desired_state(state, key)
+            signed = signing.sign_desired_state(state, trust.key)
             if current is None:
                 current = DesiredState(node=node)
             current.generation = generation
+            current.epoch = trust.epoch
             current.content_hash = content_hash
             current.payload = signed.payload
             current.signature = signed.signature
@@ -316,7 +330,7 @@ def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor) -> dict[i
             current.save()
             audit_record(
                 actor=actor, action="desired_state.publish", obj=node, site_uuid=node.site.uuid,
-                after={"generation": generation, "content_hash": content_hash},
+                after={"generation": generation, "epoch": trust.epoch, "content_hash": content_hash},
             )
             nudges.append((node_group(node.uuid), "node.nudge", {"generation": generation}))
             published[node.pk] = current
@@ -325,8 +339,10 @@ def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor) -> dict[i
 
 
 def signed_desired_state(state: DesiredState) -> protocol.SignedDesiredState:
+    """The stored state as sent, with every key endorsement: a node that pinned an older key follows them."""
     return protocol.SignedDesiredState(
-        payload=state.payload, signature=state.signature, key_fingerprint=state.key_fingerprint
+        payload=state.payload, signature=state.signature, key_fingerprint=state.key_fingerprint,
+        key_chain=list(keys.current().chain),
     )
 
 
@@ -390,10 +406,18 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
                 after={"generation": refusal.generation, "reason": refusal.reason, "at": refusal.at.isoformat()},
             )
         desired: DesiredState | None = getattr(node, "desired", None)
-        if desired is None or "hardware" in changes:
-            # Placement depends on the hardware a node reports: republish (a
-            # no-op when the content comes out the same).
-            desired = desired_state_publish(node=node, actor=Actor.system("sync"))
+        # The node applied more in this epoch than the database remembers (it
+        # was restored from a backup): publish above what the node holds, or
+        # the node would refuse every later state as older.
+        ahead = (desired is not None and request.actual.applied_epoch == desired.epoch
+                 and applied > desired.generation and applied < GENERATION_MAX)
+        if ahead:
+            logger.warning("node %s applied generation %d, above the %d this database holds: publishing above it",
+                           node.uuid, applied, desired.generation if desired else 0)
+        if desired is None or "hardware" in changes or ahead or desired.epoch != keys.current().epoch:
+            # Placement depends on the hardware a node reports, and a new epoch
+            # changes every state: republish (a no-op when the content is the same).
+            desired = desired_state_publish(node=node, actor=Actor.system("sync"), above=applied if ahead else 0)
             audited = True
         # Marks new ones sent (an event row each): a query delivered is not lost to a commit that was not durable.
         queries = query_deliveries(node=node)

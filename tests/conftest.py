@@ -10,3 +10,14 @@ committed and visible to those processes.
 from __future__ import annotations
 
 pytest_plugins = ["tests.fixtures.personas", "tests.fixtures.processes", "tests.fixtures.workers"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trust() -> None:
+    """Each test sees the signing key and epoch of its own database, not a cache from the test before."""
+    from orchestrator import keys
+
+    keys.forget()

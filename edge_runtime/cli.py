@@ -2,13 +2,18 @@
 
 ::
 
-    edge-runtime enroll --url URL --token TOKEN [--fingerprint HEX] [--name NAME]
-                        [--role device|gateway|server] [--state-dir DIR] [--force]
+    edge-runtime enroll --url URL [--token-stdin | --token TOKEN] [--fingerprint HEX]
+                        [--name NAME] [--role device|gateway|server] [--state-dir DIR] [--force]
     edge-runtime run [--state-dir DIR] [--log-level LEVEL]
                      [--telemetry-interval SECONDS] [--telemetry-budget SIZE]
                      [--datasets FILE] [--query-workers N]
     edge-runtime status [--state-dir DIR] [--json]
 
+The enrollment token comes from exactly one of: ``$EDGEWISE_ENROLLMENT_TOKEN``,
+``--token-stdin`` (read from standard input, as ``docker login
+--password-stdin`` does), or ``--token TOKEN``. Only the first two keep it out
+of process listings: a command line is readable by every local user (``ps``,
+``/proc/<pid>/cmdline``), a process's environment only by its own user and root.
 The state directory defaults to ``$EDGEWISE_STATE_DIR``, else
 ``/var/lib/edgewise`` when run as root, else ``~/.local/share/edgewise``.
 Telemetry (``run``): a point every ``--telemetry-interval`` seconds
@@ -40,9 +45,9 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -107,8 +112,40 @@ def default_node_name() -> str:
 # enroll -------------------------------------------------------------------------
 
 
+TOKEN_ENV = "EDGEWISE_ENROLLMENT_TOKEN"
+TOKEN_SOURCES = f"${TOKEN_ENV}, --token-stdin or --token"
+
+
+def enrollment_token(args: argparse.Namespace, environ: Mapping[str, str], stdin: TextIO) -> tuple[str, str]:
+    """The token and the name of where it came from; exactly one source may be given."""
+    given = [name for name, present in ((f"${TOKEN_ENV}", TOKEN_ENV in environ),
+                                        ("--token-stdin", args.token_stdin),
+                                        ("--token", args.token is not None)) if present]
+    if not given:
+        raise CliError(f"no enrollment token: give it in {TOKEN_SOURCES}", 2)
+    if len(given) > 1:
+        raise CliError(f"the enrollment token was given more than once ({' and '.join(given)}); "
+                       f"use exactly one of {TOKEN_SOURCES}", 2)
+    source = given[0]
+    if source == "--token-stdin":
+        # Like `docker login --password-stdin`: the whole input, without the line end a pipe adds.
+        value = stdin.read().strip()
+        if not value:
+            raise CliError("--token-stdin: standard input held no enrollment token", 2)
+    elif source == "--token":
+        value = args.token.strip()
+        if not value:
+            raise CliError("--token: the enrollment token is empty", 2)
+    else:
+        value = environ[TOKEN_ENV].strip()
+        if not value:
+            raise CliError(f"${TOKEN_ENV} is set but empty; set it to the enrollment token or unset it", 2)
+    return value, source
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     url = normalize_url(args.url)
+    token, token_source = enrollment_token(args, os.environ, sys.stdin)
     expected = normalize_fingerprint(args.fingerprint) if args.fingerprint else None
     state = StateDir(args.state_dir)
     if state.has_identity() and not args.force:
@@ -120,12 +157,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise CliError(f"{state.path} already holds the identity of {who}; pass --force to enroll again")
     try:
         request = EnrollRequest(
-            token=args.token, name=args.name or default_node_name(), role=args.role,
+            token=token, name=args.name or default_node_name(), role=args.role,
             runtime_version=__version__, hardware=detect_hardware(),
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        option = {"token": "--token", "name": "--name", "role": "--role"}.get(str(first["loc"][0]), "request")
+        option = {"token": token_source, "name": "--name", "role": "--role"}.get(str(first["loc"][0]), "request")
         raise CliError(f"invalid {option}: {first['msg']}", 2) from exc
 
     if expected is not None:
@@ -505,7 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     enroll = sub.add_parser("enroll", help="enroll this machine as a node of a site")
     enroll.add_argument("--url", required=True, help="the control plane's URL, e.g. https://edgewise.example.org")
-    enroll.add_argument("--token", required=True, help="the site's enrollment token")
+    # Not an argparse exclusive group: one check (enrollment_token) names every source, also the variable.
+    enroll.add_argument("--token-stdin", action="store_true",
+                        help=f"read the site's enrollment token from standard input (or set ${TOKEN_ENV})")
+    enroll.add_argument("--token", help="the site's enrollment token; visible to every local user in process "
+                                        f"listings, so prefer --token-stdin or ${TOKEN_ENV}")
     enroll.add_argument("--fingerprint", help="sha256 fingerprint (hex) the control plane's signing key must have")
     enroll.add_argument("--name", help="the node's name at its site (default: this host's name)")
     enroll.add_argument("--role", choices=["device", "gateway", "server"], default="device")

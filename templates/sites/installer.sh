@@ -107,8 +107,14 @@ else
     # `edge-runtime enroll --fingerprint` first has the control plane prove it
     # holds the signing key this installer was issued with, and only then
     # lets the one-time token leave this machine.
+    # The token goes in on stdin, never as an argument: every local user can
+    # read a command line (ps, /proc/<pid>/cmdline). printf is the shell's
+    # builtin, so no process is started with the token in its arguments, and
+    # the variable is not exported, so no process has it in its environment.
+    # One inherited from the environment would be a second token (refused).
+    unset EDGEWISE_ENROLLMENT_TOKEN
     say "enrolling node $node_name ($node_role) at site $SITE"
-    "$runtime" enroll --url "$CONTROL_PLANE_URL" --token "$ENROLLMENT_TOKEN" \
+    printf '%s\n' "$ENROLLMENT_TOKEN" | "$runtime" enroll --url "$CONTROL_PLANE_URL" --token-stdin \
         --fingerprint "$SIGNING_KEY_FINGERPRINT" --name "$node_name" --role "$node_role" \
         --state-dir "$state_dir" || die "enrollment failed (see the message above); nothing was started"
 fi

@@ -19,9 +19,9 @@ from tests.fixtures.processes import BIN, ControlPlane, EdgeNode, process_env, w
 pytestmark = [pytest.mark.process, pytest.mark.django_db(transaction=True)]
 
 
-def edge_runtime(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "edge-runtime"), *args], env=process_env(), capture_output=True, text=True,
-                          timeout=60)
+def edge_runtime(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "edge-runtime"), *args], env=process_env(**env), capture_output=True, text=True,
+                          timeout=60, input=stdin if stdin is not None else "")
 
 
 def token(site: Site) -> str:
@@ -43,6 +43,63 @@ def test_it_enrolls_when_the_fingerprint_matches_and_pins_the_key(
     assert identity["signing_key_fingerprint"] == fingerprint and identity["node_id"] == str(node.uuid)
     assert identity["url"] == live_control_plane.url
     assert (state_dir / "identity.json").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("source", ["env", "stdin"])
+def test_it_enrolls_with_a_token_that_is_not_on_its_command_line(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path, source: str
+) -> None:
+    value = token(site_berlin)
+    options = ["enroll", "--url", live_control_plane.url, "--name", "pos-1", "--state-dir", str(tmp_path / "n")]
+    if source == "env":
+        result = edge_runtime(*options, EDGEWISE_ENROLLMENT_TOKEN=value)
+    else:
+        # A pipe adds a line end; the token is the input without it.
+        result = edge_runtime(*options, "--token-stdin", stdin=f"{value}\n")
+    assert result.returncode == 0, result.stderr
+    node = Node.objects.get(name="pos-1")
+    assert f"enrolled node {node.uuid} (pos-1, device) at site plant-berlin" in result.stdout
+    assert EnrollmentToken.objects.get(site=site_berlin).uses == 1
+    assert value not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "says"),
+    [
+        ([], {}, "no enrollment token: give it in $EDGEWISE_ENROLLMENT_TOKEN, --token-stdin or --token"),
+        (["--token", "ewt_a"], {"EDGEWISE_ENROLLMENT_TOKEN": "ewt_b"},
+         "the enrollment token was given more than once ($EDGEWISE_ENROLLMENT_TOKEN and --token); "
+         "use exactly one of $EDGEWISE_ENROLLMENT_TOKEN, --token-stdin or --token"),
+        (["--token", "ewt_a", "--token-stdin"], {},
+         "the enrollment token was given more than once (--token-stdin and --token)"),
+        (["--token-stdin"], {"EDGEWISE_ENROLLMENT_TOKEN": "ewt_b"},
+         "the enrollment token was given more than once ($EDGEWISE_ENROLLMENT_TOKEN and --token-stdin)"),
+        (["--token-stdin"], {}, "--token-stdin: standard input held no enrollment token"),
+        ([], {"EDGEWISE_ENROLLMENT_TOKEN": ""}, "$EDGEWISE_ENROLLMENT_TOKEN is set but empty"),
+        (["--token", ""], {}, "--token: the enrollment token is empty"),
+    ],
+)
+def test_it_takes_the_token_from_exactly_one_source(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path, options: list[str], env: dict[str, str],
+    says: str,
+) -> None:
+    # The one stdin input: empty for --token-stdin's own case, a valid token for the others.
+    stdin = "" if options == ["--token-stdin"] and not env else token(site_berlin)
+    result = edge_runtime("enroll", "--url", live_control_plane.url, *options, "--state-dir", str(tmp_path / "n"),
+                          stdin=f"{stdin}\n" if stdin else "  \n", **env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"edge-runtime enroll: {says}" in result.stderr
+    assert not Node.objects.exists()
+    assert not (tmp_path / "n" / "identity.json").exists()
+
+
+def test_it_names_the_token_source_of_a_malformed_token(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    result = edge_runtime("enroll", "--url", live_control_plane.url, "--token-stdin",
+                          "--state-dir", str(tmp_path / "n"), stdin="x" * 5000)
+    assert result.returncode == 2
+    assert "invalid --token-stdin:" in result.stderr
 
 
 def test_it_refuses_a_control_plane_with_another_key_and_writes_nothing(

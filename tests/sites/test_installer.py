@@ -185,6 +185,63 @@ def test_it_installs_enrolls_and_starts_a_node_that_syncs(
     assert token_row.uses == 1
 
 
+def _processes_holding(secret: str, state_dir: Path) -> tuple[list[list[str]], list[str]]:
+    """The running enroll command lines for ``state_dir``, and each process whose command line or environment
+    holds ``secret`` (both unique to one test, whatever else runs on the machine)."""
+    enrolls: list[list[str]] = []
+    leaks: list[str] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone since the listing
+            continue
+        args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+        if "enroll" in args and str(state_dir) in args:
+            enrolls.append(args)
+        for where, text in (("cmdline", cmdline), ("environ", environ)):
+            if secret.encode() in text:
+                leaks.append(f"pid {entry.name} {where}: {' '.join(args)}")
+    return enrolls, leaks
+
+
+@pytest.mark.process
+def test_it_never_puts_the_token_on_a_command_line_or_in_an_environment(
+    live_control_plane: ControlPlane, site_berlin: Site, wheelhouse: Path, prefix: Path, tmp_path: Path,
+) -> None:
+    _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    script = render_installer(url=live_control_plane.url, token=token, fingerprint=keys.public_key_fingerprint(),
+                              site=site_berlin)
+    path = tmp_path / "edgewise-install.sh"
+    path.write_text(script)
+    state_dir = tmp_path / "state"
+    env = {**_install_env(prefix, state_dir, "gw-9"), "EDGEWISE_START": "0"}
+    installer = subprocess.Popen(["sh", str(path)], env=process_env(**env), cwd=tmp_path, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    enrolls: list[list[str]] = []
+    leaks: list[str] = []
+    try:
+        # Polled while the installer runs: enrollment takes a Python start and two requests, many sweeps.
+        while installer.poll() is None:
+            seen, leaked = _processes_holding(token, state_dir)
+            enrolls += seen
+            leaks += leaked
+            time.sleep(0.005)
+        stdout, stderr = installer.communicate(timeout=10)
+    finally:
+        if installer.poll() is None:
+            installer.kill()
+    assert installer.returncode == 0, stdout + stderr
+    assert Node.objects.filter(site=site_berlin, name="gw-9").exists()
+    # The sweep did see the enrollment run, with its token on stdin.
+    assert enrolls, "no sweep saw `edge-runtime enroll` running"
+    assert all("--token-stdin" in args and "--token" not in args for args in enrolls), enrolls
+    assert leaks == []
+    assert token not in stdout + stderr
+
+
 @pytest.mark.process
 def test_it_refuses_a_control_plane_with_another_key_without_spending_the_token(
     live_control_plane: ControlPlane, site_ohio: Site, wheelhouse: Path, prefix: Path, tmp_path: Path,

@@ -636,3 +636,50 @@ def test_it_refuses_a_limit_that_is_not_one() -> None:
         asyncio.run(start(header_timeout_s=0))
     with pytest.raises(ServerError, match="max_connections must be at least 1, not 0"):
         asyncio.run(start(max_connections=0))
+
+
+def test_it_cuts_off_a_client_that_reads_none_of_its_answers(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="edge_runtime.serving")
+    body_timeout = 1.0
+    srv = om.ServerUnderTest(body_timeout_s=body_timeout)
+    try:
+        sock = socket.socket()
+        # A small receive buffer, so that the answers back up into the server's own buffer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.handle.port))
+        sock.setblocking(False)
+        requests = request("GET", "/v2") * 200_000
+        sent = 0
+        # Pipelined requests, never a byte read back, until the server stops taking them (it stops reading).
+        stalled_since = time.monotonic()
+        while time.monotonic() - stalled_since < 0.5:
+            try:
+                n = sock.send(requests[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            sent += n
+            stalled_since = time.monotonic()
+        assert sent < len(requests), "the server read everything: its answers never backed up"
+        # Still reading nothing, past the body timeout and the sweep's slack.
+        time.sleep(body_timeout * 1.5 + 0.5)
+        deadline = time.monotonic() + 5.0
+        # Now read: what the server had sent, then the end, because it cut the connection off.
+        sock.setblocking(True)
+        sock.settimeout(1.0)
+        while True:
+            assert time.monotonic() < deadline, "the connection was still open long after the body timeout"
+            try:
+                data = sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                break
+            if not data:
+                break
+        sock.close()
+        assert timeout_lines(caplog, "read nothing of its answers") == [
+            f"closed 1 connection(s) whose client read nothing of its answers for {body_timeout:g} s "
+            f"(the body timeout)"]
+    finally:
+        srv.close()

@@ -15,10 +15,11 @@ the console's escaping must hold on its own (the policy, tested in
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
 from tests.browser.hostile import Estate, console_pages
 from tests.browser.support import log_in
@@ -98,4 +99,42 @@ def test_it_runs_no_script_from_any_name_on_any_page(
         page.locator(".leaflet-popup-close-button").click()
         expect(popup).to_have_count(0)
     assert errors == [], errors
+    context.close()
+
+
+def test_it_links_a_map_popup_only_to_a_page_of_the_console(
+    live_control_plane: ControlPlane, hostile: Estate, browser: Browser
+) -> None:
+    """Should the map's data ever carry a site URL that is not a path of this console (a javascript: URL,
+    another origin), the popup shows the site's name unlinked."""
+    cp, estate = live_control_plane, hostile
+    context = browser.new_context(bypass_csp=True, viewport={"width": 1360, "height": 900})
+    calls: list[str] = []
+    context.expose_function("xss", lambda tag="": calls.append(str(tag)))
+    forged = ["javascript:xss(`url`)", "https://elsewhere.example/sites/plant-berlin/", "//elsewhere.example/"]
+
+    def forge(route: Route) -> None:
+        response = route.fetch()
+        data = response.json()
+        for i, site in enumerate(data["sites"]):
+            site["url"] = forged[i % len(forged)]
+        route.fulfill(response=response, body=json.dumps(data), content_type="application/json")
+
+    context.route("**/map/sites.json", forge)
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    log_in(page, cp, "ada", "/map/")
+    expect(page).to_have_url(f"{cp.url}/map/")
+    # The map's reload (every 5 s) brings the forged URLs.
+    with page.expect_response(re.compile(r"/map/sites\.json$"), timeout=15_000):
+        pass
+    page.wait_for_timeout(300)
+    for site in (estate.site, estate.second):
+        page.locator(f'.site-marker[data-site="{site.slug}"]').click()
+        popup = page.locator(".leaflet-popup-content")
+        expect(popup.locator("strong")).to_have_text(site.name)
+        expect(popup.locator("a")).to_have_count(0)
+        page.locator(".leaflet-popup-close-button").click()
+        expect(popup).to_have_count(0)
+    assert calls == []
     context.close()

@@ -58,7 +58,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROTOCOL_VERSION: Final = 1
 API_PREFIX = "/agent/v1"
@@ -66,6 +66,22 @@ API_PREFIX = "/agent/v1"
 # Largest body an agent endpoint accepts. Sync and enroll bodies are small
 # (hardware profile, actual state); anything larger is refused with 413.
 MAX_AGENT_BODY_BYTES = 256 * 1024
+# JSON a node sends is nested at most this deep (a dataset's column in a sync body sits 8 deep).
+MAX_JSON_DEPTH = 32
+
+# What a node reports lands in PostgreSQL columns: an integer is bounded by the
+# column it is written to (bigint, integer), so that a hostile value is a 400
+# naming the field rather than an overflow in the database.
+INT64_MAX: Final = 2**63 - 1
+INT32_MAX: Final = 2**31 - 1
+# PostgreSQL text cannot hold NUL: strings that are stored refuse it.
+NO_NUL: Final = r"^[^\x00]*$"
+# Times a node reports: any plausible node clock, and far enough from datetime's
+# limits that no UTC offset can carry them out of range.
+TIME_MIN: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+TIME_MAX: Final = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+# The largest figure (a latency, megabytes, a load) a node reports: sums of many stay finite.
+MAX_FIGURE: Final = 1e15
 
 NodeRole = Literal["device", "gateway", "server"]
 
@@ -87,7 +103,7 @@ class Hardware(WireModel):
 
     cpu_model: str = Field(default="", max_length=200)
     cpu_cores: int = Field(default=1, ge=1, le=4096)
-    memory_mb: int = Field(default=0, ge=0)
+    memory_mb: int = Field(default=0, ge=0, le=INT64_MAX)
     accelerators: list[str] = Field(default_factory=list, max_length=64)
     execution_providers: list[str] = Field(default_factory=list, max_length=64)
     os: str = Field(default="", max_length=100)
@@ -119,7 +135,7 @@ class EnrollResponse(Received):
 class Refusal(WireModel):
     """Something the node refused to apply, reported on its next sync."""
 
-    generation: int
+    generation: int = Field(ge=0, le=INT64_MAX)
     reason: str = Field(max_length=500)
     at: dt.datetime
 
@@ -132,12 +148,13 @@ class ModelStats(WireModel):
     rollout health gates compare them between versions.
     """
 
-    requests: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
+    # Stored in bigint columns (orchestrator.models.HealthSample).
+    requests: int = Field(default=0, ge=0, le=INT64_MAX)
+    errors: int = Field(default=0, ge=0, le=INT64_MAX)
     # Upper bounds in seconds; ``latency_counts`` has one more slot, for everything above the last.
-    latency_bounds: list[float] = Field(default_factory=list, max_length=64)
-    latency_counts: list[int] = Field(default_factory=list, max_length=65)
-    latency_sum_s: float = Field(default=0.0, ge=0)
+    latency_bounds: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=list, max_length=64)
+    latency_counts: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(default_factory=list, max_length=65)
+    latency_sum_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class ModelStatus(WireModel):
@@ -157,8 +174,41 @@ class ModelStatus(WireModel):
     stats: ModelStats | None = None
 
 
+class DatasetEntry(BaseModel):
+    """One dataset of a node's datasets report, as far as the control plane's catalog columns need it.
+
+    The rest of the schema is checked by ``policies.queries`` (an entry it
+    cannot read is skipped there); unknown keys are kept for later runtimes.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=NO_NUL)
+    row_count: int = Field(default=0, ge=0, le=INT64_MAX)
+
+
+class DatasetsReport(BaseModel):
+    """``actual.detail["datasets"]``: what a node's data engine reports (``edge_runtime.queries``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    datasets: list[DatasetEntry] = Field(default_factory=list, max_length=1000)
+    # Datasets the node could not read: their names and why.
+    errors: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)],
+                 Annotated[str, Field(pattern=NO_NUL)]] = Field(default_factory=dict, max_length=1000)
+
+
+class ActualDetail(BaseModel):
+    """The keys of ``ActualState.detail`` that the control plane reads, typed; the others stay free-form."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    datasets: DatasetsReport | None = None
+
+
 class ActualState(WireModel):
-    applied_generation: int = Field(default=0, ge=0)
+    # The node's applied generation is stored in an integer column (sites.models.Node).
+    applied_generation: int = Field(default=0, ge=0, le=INT32_MAX)
     # The epoch of the applied generation ("" before the node applied any epoch's state).
     applied_epoch: str = Field(default="", max_length=64)
     # The desired state the node refuses now, repeated on every sync until it
@@ -169,12 +219,19 @@ class ActualState(WireModel):
     # features add typed fields; this keeps version 1 forwards compatible.
     detail: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("detail")
+    @classmethod
+    def _typed_detail(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked, not converted: the report is stored as the node sent it.
+        ActualDetail.model_validate(value)
+        return value
+
 
 class Health(WireModel):
     status: Literal["ok", "degraded", "failing"] = "ok"
     uptime_s: float = Field(default=0.0, ge=0)
     # Syncs that failed since the last one that succeeded (the link's health).
-    failed_syncs: int = Field(default=0, ge=0)
+    failed_syncs: int = Field(default=0, ge=0, le=INT64_MAX)
     message: str = Field(default="", max_length=500)
 
 
@@ -309,44 +366,48 @@ MAX_TELEMETRY_FRAME_BYTES = 1024 * 1024
 
 
 class ModelTelemetry(WireModel):
-    """One model version's figures over one telemetry interval (deltas, not totals)."""
+    """One model version's figures over one telemetry interval (deltas, not totals).
 
-    model: str = Field(max_length=100)
-    version: str = Field(max_length=50)
-    requests: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
+    Bounded so that the history's sums stay inside their columns: counters
+    per interval fit an integer (summed into bigint), figures are finite.
+    """
+
+    model: str = Field(max_length=100, pattern=NO_NUL)
+    version: str = Field(max_length=50, pattern=NO_NUL)
+    requests: int = Field(default=0, ge=0, le=INT32_MAX)
+    errors: int = Field(default=0, ge=0, le=INT32_MAX)
     # From the latency histogram's buckets in this interval; None when nothing was served.
-    latency_p50_ms: float | None = Field(default=None, ge=0)
-    latency_p95_ms: float | None = Field(default=None, ge=0)
-    batches: int = Field(default=0, ge=0)
-    batch_size_mean: float | None = Field(default=None, ge=0)
+    latency_p50_ms: float | None = Field(default=None, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
+    latency_p95_ms: float | None = Field(default=None, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
+    batches: int = Field(default=0, ge=0, le=INT32_MAX)
+    batch_size_mean: float | None = Field(default=None, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
     # Requests waiting for the model's next batch at the end of the interval.
-    queue_depth: int = Field(default=0, ge=0)
+    queue_depth: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class NodeResources(WireModel):
     """The node's machine at the end of one telemetry interval."""
 
     # All cores together, 0-100.
-    cpu_percent: float = Field(default=0.0, ge=0, le=100)
-    load1: float = Field(default=0.0, ge=0)
-    memory_used_mb: float = Field(default=0.0, ge=0)
-    memory_total_mb: float = Field(default=0.0, ge=0)
+    cpu_percent: float = Field(default=0.0, ge=0, le=100, allow_inf_nan=False)
+    load1: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
+    memory_used_mb: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
+    memory_total_mb: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
     # The file system that holds the node's state directory.
-    disk_used_mb: float = Field(default=0.0, ge=0)
-    disk_total_mb: float = Field(default=0.0, ge=0)
+    disk_used_mb: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
+    disk_total_mb: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
     # Requests waiting in every model's batcher.
-    inference_queue_depth: int = Field(default=0, ge=0)
+    inference_queue_depth: int = Field(default=0, ge=0, le=INT32_MAX)
     # Telemetry points waiting in the node's store-and-forward queue.
-    telemetry_backlog: int = Field(default=0, ge=0)
+    telemetry_backlog: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class TelemetryPoint(WireModel):
     kind: Literal["point"] = "point"
     # Assigned by the node, one higher for every point it ever produced.
-    seq: int = Field(ge=1)
-    at: dt.datetime
-    interval_s: float = Field(gt=0, le=3600)
+    seq: int = Field(ge=1, le=INT64_MAX)
+    at: AwareDatetime = Field(ge=TIME_MIN, le=TIME_MAX)
+    interval_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
     resources: NodeResources
     models: list[ModelTelemetry] = Field(default_factory=list, max_length=200)
 
@@ -360,12 +421,12 @@ class TelemetryGap(WireModel):
 
     kind: Literal["gap"] = "gap"
     # The first and last sequence numbers lost; every number in between was lost too.
-    seq: int = Field(ge=1)
-    last_seq: int = Field(ge=1)
-    count: int = Field(ge=1)
+    seq: int = Field(ge=1, le=INT64_MAX)
+    last_seq: int = Field(ge=1, le=INT64_MAX)
+    count: int = Field(ge=1, le=INT64_MAX)
     # When the first and the last lost point were taken.
-    start: dt.datetime
-    end: dt.datetime
+    start: AwareDatetime = Field(ge=TIME_MIN, le=TIME_MAX)
+    end: AwareDatetime = Field(ge=TIME_MIN, le=TIME_MAX)
     reason: Literal["disk_budget"] = "disk_budget"
 
     @model_validator(mode="after")

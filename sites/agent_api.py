@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from django.db import DataError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -28,6 +32,13 @@ from sites.models import DesiredState, Node
 W = TypeVar("W", bound=BaseModel)
 View = Callable[..., HttpResponse]
 
+logger = logging.getLogger("edgewise.agent_api")
+
+# PostgreSQL cannot store NUL, and a lone surrogate cannot be encoded as UTF-8 at all.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# More digits than any int64 has: kept as text by the reader, refused with its path by the walk.
+_INT_DIGITS = 20
+
 
 def error(message: str, status: int, field: str | None = None) -> JsonResponse:
     body: dict[str, Any] = {"error": message}
@@ -39,6 +50,84 @@ def error(message: str, status: int, field: str | None = None) -> JsonResponse:
 class BadRequest(Exception):
     def __init__(self, response: JsonResponse) -> None:
         self.response = response
+
+
+class _Number(str):
+    """A number JSON cannot carry into the database (NaN, Infinity, an integer past int64), as the node wrote it."""
+
+
+def _read_float(text: str) -> float | _Number:
+    value = float(text)
+    return value if math.isfinite(value) else _Number(text)
+
+
+def _read_int(text: str) -> int | _Number:
+    return int(text) if len(text.lstrip("-")) <= _INT_DIGITS else _Number(text)
+
+
+def _refuse(message: str, field: str, status: int = 400) -> BadRequest:
+    return BadRequest(error(message, status, field))
+
+
+def _check_values(data: Any) -> None:
+    """Refuse what no column can store, naming where it is: nesting past MAX_JSON_DEPTH, NUL and lone
+    surrogates in strings (keys too), integers outside int64, NaN and infinities.
+
+    Iterative, so hostile nesting costs no Python stack; every value is seen once.
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict | list):
+            if len(path) >= protocol.MAX_JSON_DEPTH:
+                raise _refuse(f"{_dotted(path)}: nested deeper than {protocol.MAX_JSON_DEPTH} levels", _dotted(path))
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if _UNSTORABLE.search(key):
+                        raise _refuse(f"{_dotted((*path, key))}: a key holds a NUL or an unpaired surrogate",
+                                      _dotted(path) or "body")
+                    stack.append((item, (*path, key)))
+            else:
+                stack.extend((item, (*path, i)) for i, item in enumerate(value))
+        elif isinstance(value, _Number):
+            raise _refuse(f"{_dotted(path)}: {value[:40]} is not a number that can be stored "
+                          f"(finite, integers within ±2^63)", _dotted(path))
+        elif isinstance(value, str):
+            if _UNSTORABLE.search(value):
+                raise _refuse(f"{_dotted(path)}: text holds a NUL or an unpaired surrogate", _dotted(path))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -protocol.INT64_MAX - 1 <= value <= protocol.INT64_MAX:
+                raise _refuse(f"{_dotted(path)}: {value} is outside the range of a 64-bit integer", _dotted(path))
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def read_json(body: bytes) -> Any:
+    """A node's JSON body, or BadRequest naming what cannot be read (never an exception of the parser)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _refuse(f"request body is not UTF-8: {exc.reason} at byte {exc.start}", "body") from None
+    try:
+        data = json.loads(text, parse_float=_read_float, parse_int=_read_int, parse_constant=_Number)
+    except json.JSONDecodeError as exc:
+        raise _refuse(f"request body is not valid JSON: {exc}", "body") from None
+    except RecursionError:
+        raise _refuse(f"request body is not valid JSON: nested deeper than {protocol.MAX_JSON_DEPTH} levels",
+                      "body") from None
+    except ValueError as exc:
+        raise _refuse(f"request body is not valid JSON: {exc}", "body") from None
+    _check_values(data)
+    return data
+
+
+def validation_error(exc: ValidationError) -> BadRequest:
+    """The first error pydantic found, as a 400 naming its field (``body`` when it is the whole document)."""
+    first = exc.errors(include_url=False)[0]
+    field = _dotted(tuple(first["loc"])) or "body"
+    return _refuse(f"{field}: {first['msg']}", field)
 
 
 def parse_body(request: HttpRequest, model: type[W]) -> W:
@@ -56,18 +145,13 @@ def parse_body(request: HttpRequest, model: type[W]) -> W:
     content_type = request.content_type or ""
     if content_type != "application/json":
         raise BadRequest(error(f"content type must be application/json, not {content_type or 'none'}", 415))
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(error(f"request body is not valid JSON: {exc}", 400)) from exc
+    data = read_json(body)
     if not isinstance(data, dict):
-        raise BadRequest(error("request body must be a JSON object", 400))
+        raise _refuse("request body must be a JSON object", "body")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise BadRequest(error(f"{field or 'body'}: {first['msg']}", 400, field)) from exc
+        raise validation_error(exc) from exc
 
 
 def node_view(view: View) -> View:
@@ -99,6 +183,11 @@ def _handle(fn: Callable[[], HttpResponse]) -> HttpResponse:
         return exc.response
     except services.SitesError as exc:
         return error(exc.message, exc.status, exc.field)
+    except DataError as exc:
+        # A value the wire models let through that a column still refused: the node's input, not our
+        # fault, so a 400; logged, because the wire model should have named the field.
+        logger.exception("a node's request held a value the database refused")
+        return error(f"a value in the request cannot be stored: {str(exc).splitlines()[0][:200]}", 400, "body")
 
 
 @csrf_exempt

@@ -110,12 +110,17 @@ class NodeStreamConsumer(LiveConsumer):
                                f"{protocol.MAX_TELEMETRY_FRAME_BYTES} bytes")
             return
         try:
+            # Pydantic's JSON reader: bounded nesting, no unpaired surrogates; the wire model bounds every
+            # value by the column it is committed to, so one node's frame cannot fail a commit shared with others.
             frame = protocol.TelemetryFrame.model_validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
+            first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
             await self._refuse(f"invalid telemetry frame: {where}: {first['msg']}" if where
                                else f"invalid telemetry frame: {first['msg']}")
+            return
+        except (ValueError, RecursionError) as exc:
+            await self._refuse(f"invalid telemetry frame: {type(exc).__name__}: {exc}")
             return
         submission = Submission(node_id=self.node.pk, node_uuid=str(self.node.uuid),
                                 site_uuid=str(self.node.site.uuid), frame=frame)

@@ -38,11 +38,11 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from edge_runtime.data.catalog import ColumnType
+from edge_runtime.protocol import INT32_MAX, INT64_MAX, MAX_FIGURE, NO_NUL, WireModel
 
 # The request travels in the agent protocol's sync answer, so it is defined there; re-exported here.
 from edge_runtime.protocol import QUERY_ID_PATTERN as QUERY_ID_PATTERN
 from edge_runtime.protocol import QueryRequest as QueryRequest
-from edge_runtime.protocol import WireModel
 
 QueryStatus = Literal["answered", "refused", "error"]
 
@@ -94,27 +94,29 @@ class RowsOutput(DataWire):
 
 
 class Suppressed(DataWire):
-    cells: int = Field(default=0, ge=0)
+    # Both are stored in integer columns (policies.queries.models.QuerySite).
+    cells: int = Field(default=0, ge=0, le=INT32_MAX)
     # None: the suppressed cells held fewer than k rows in total, so their count is withheld too.
-    rows: int | None = Field(default=0, ge=0)
+    rows: int | None = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class QueryResult(DataWire):
     query_id: str = ""
     site: str = ""
     status: QueryStatus
-    reason: str = Field(default="", max_length=1000)
+    # These three are stored as text (which cannot hold NUL).
+    reason: str = Field(default="", max_length=1000, pattern=NO_NUL)
     # refused: the policy rule that refused (None for a spec error) and the spec field concerned.
-    rule: str | None = None
-    field: str | None = None
+    rule: str | None = Field(default=None, pattern=NO_NUL)
+    field: str | None = Field(default=None, pattern=NO_NUL)
     partials: Partials | None = None
     rows: RowsOutput | None = None
     suppressed: Suppressed = Field(default_factory=Suppressed)
     # Rows of the dataset the query ran over (before filters): filtered counts would reveal
     # what k-suppression hides.
-    rows_scanned: int = Field(default=0, ge=0)
-    elapsed_ms: float = Field(default=0.0, ge=0)
+    rows_scanned: int = Field(default=0, ge=0, le=INT64_MAX)
+    elapsed_ms: float = Field(default=0.0, ge=0, le=MAX_FIGURE, allow_inf_nan=False)
     # sha256 of the canonical spec JSON: ties the answer to the node's audit record.
     spec_digest: str = ""
     # The audit record of the decision on the node (its seq in the node's chain).
-    audit_seq: int | None = None
+    audit_seq: int | None = Field(default=None, ge=0, le=INT64_MAX)

@@ -17,7 +17,7 @@ from audit.services import Actor, client_ip
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.protocol import MAX_QUERY_RESULT_BYTES
 from policies.queries import services
-from sites.agent_api import error, node_view
+from sites.agent_api import error, node_view, validation_error
 from sites.models import Node
 
 
@@ -37,12 +37,11 @@ def query_result(request: HttpRequest, node: Node, query_id: str) -> HttpRespons
     if (request.content_type or "") != "application/json":
         return error(f"content type must be application/json, not {request.content_type or 'none'}", 415)
     try:
-        # Pydantic's own JSON reader: the NaN and Infinity constants of a partial come through.
+        # Pydantic's own JSON reader: the NaN and Infinity constants of a partial come through, and it
+        # refuses invalid UTF-8, unpaired surrogates and nesting past its recursion limit as invalid JSON.
         result = QueryResult.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        return error(f"{where or 'body'}: {first['msg']}", 400, where)
+        return validation_error(exc).response
     if result.query_id and result.query_id != query_id:
         return error(f"query_id: the answer is for {result.query_id!r}, not {query_id!r}", 400, "query_id")
     try:

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from audit.services import Actor, audit_record
 from edge_runtime.data.catalog import DatasetSchema as WireSchema
 from edge_runtime.data.engine import spec_digest
-from edge_runtime.data.merge import merge_results
+from edge_runtime.data.merge import MergedResult, merge_results
 from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, bind, parse_spec
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.protocol import QueryRequest
@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 MAX_SITES = 500
 MIN_DEADLINE_S = 1
 MAX_DEADLINE_S = 7 * 86_400
+# The catalog's name column (policies.queries.models.DatasetSchema).
+MAX_DATASET_NAME = 64
 # Where several nodes of a site report the dataset, the biggest role answers (the site's own data lives there).
 ROLE_PREFERENCE = {"server": 0, "gateway": 1, "device": 2}
 
@@ -110,15 +112,23 @@ def dataset_catalog_report(*, node: Node, report: Any, actor: Actor) -> bool:
     schemas: dict[str, WireSchema] = {}
     errors: dict[str, str] = {}
     if isinstance(report, dict):
-        for entry in report.get("datasets") or []:
+        # The sync's wire model has checked these shapes (edge_runtime.protocol.DatasetsReport); a caller
+        # passing anything else gets an empty catalog rather than an exception.
+        entries = report.get("datasets")
+        reported_errors = report.get("errors")
+        for entry in entries if isinstance(entries, list) else []:
             try:
                 schema = WireSchema.model_validate(entry)
             except ValidationError as exc:
                 logger.warning("node %s reported a dataset schema that is not valid: %s", node.uuid,
                                exc.errors()[0]["msg"])
                 continue
+            if len(schema.name) > MAX_DATASET_NAME:
+                logger.warning("node %s reported a dataset name longer than %d characters", node.uuid,
+                               MAX_DATASET_NAME)
+                continue
             schemas[schema.name] = schema
-        for name, message in (report.get("errors") or {}).items():
+        for name, message in (reported_errors if isinstance(reported_errors, dict) else {}).items():
             if isinstance(name, str) and name not in schemas:
                 errors[name[:64]] = str(message)[:500]
     now = timezone.now()
@@ -301,6 +311,8 @@ def query_result_record(*, node: Node, query_id: str, result: QueryResult, actor
     found = QuerySite.objects.filter(query__uuid=query_uuid, node=node).values_list("pk", "query_id").first()
     if found is None:
         raise QueryNotFound("no such query for this node")
+    if result.status == "answered":
+        _check_mergeable(FederatedQuery.objects.values_list("spec", flat=True).get(pk=found[1]), result)
     with transaction.atomic():
         query = FederatedQuery.objects.select_for_update().get(pk=found[1])
         row = QuerySite.objects.select_for_update().select_related("site").get(pk=found[0])
@@ -336,6 +348,44 @@ def query_result_record(*, node: Node, query_id: str, result: QueryResult, actor
                                                      "node": str(node.uuid), **detail})
         _finish_if_final(query)
     return row, True
+
+
+# What merging values of the wrong kind raises (pandas and numpy included): a node's answer, not a bug here.
+MERGE_FAILURES = (ArithmeticError, LookupError, TypeError, ValueError)
+
+
+def _check_mergeable(spec: dict[str, Any], result: QueryResult) -> None:
+    """QueriesError (400) if ``result`` cannot be merged on its own: values that do not fit their declared types,
+    counts past int64, ... A node's answer that would break the merge of every site is refused when it arrives."""
+    try:
+        merge_results(spec, [result])
+    except MERGE_FAILURES as exc:
+        where = "rows" if result.rows is not None and result.partials is None else "partials"
+        raise QueriesError(f"{where}: the answer cannot be merged: {type(exc).__name__}: {str(exc)[:300]}",
+                           field=where) from None
+
+
+def _merge_tolerant(spec: dict[str, Any], results: list[QueryResult], *, query_id: str) -> MergedResult:
+    """merge_results, leaving out (as errors) the answers that cannot be merged with the ones before them.
+
+    Each answer merged on its own when it arrived; answers that do not fit one another (the same key typed
+    differently by two sites) are only found here. The common case costs one merge.
+    """
+    try:
+        return merge_results(spec, results, query_id=query_id)
+    except MERGE_FAILURES:
+        logger.warning("query %s: the sites' answers do not merge together; leaving out those that do not fit",
+                       query_id, exc_info=True)
+    kept: list[QueryResult] = []
+    for result in results:
+        try:
+            merge_results(spec, [*kept, result], query_id=query_id)
+        except MERGE_FAILURES as exc:
+            result = result.model_copy(update={
+                "status": "error", "partials": None, "rows": None,
+                "reason": f"its answer cannot be merged with the other sites': {type(exc).__name__}"[:1000]})
+        kept.append(result)
+    return merge_results(spec, kept, query_id=query_id)
 
 
 def query_expire(*, now: dt.datetime | None = None) -> int:
@@ -390,7 +440,7 @@ def _finish_if_final(query: FederatedQuery) -> None:
                                        status="refused" if row.state == SiteState.REFUSED else "error",
                                        reason=(row.reason or row.get_state_display())[:1000],
                                        rule=row.rule or None, field=row.field or None))
-    merged = merge_results(query.spec, results, query_id=str(query.uuid))
+    merged = _merge_tolerant(query.spec, results, query_id=str(query.uuid))
     answered = sum(1 for s in merged.sites if s.status == "answered")
     previous = query.state
     query.state = (QueryState.COMPLETE if answered == len(rows) else

@@ -356,13 +356,15 @@ class OIPApp:
             if datatype != spec.datatype:
                 raise BadRequest(f"input '{name}': datatype {datatype!r} does not match the model's {spec.datatype}")
             try:
-                shape = _check_shape(name, tensor.get("shape"), spec.shape)
-                parameters = tensor.get("parameters") or {}
-                size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+                shape = _check_shape(name, tensor.get("shape"), spec.shape, len(body))
+                parameters = tensor.get("parameters")
+                if parameters is not None and not isinstance(parameters, dict):
+                    raise BadRequest(f"input '{name}': parameters must be an object, got {_json_type(parameters)}")
+                size = parameters.get("binary_data_size") if parameters else None
                 if size is not None:
                     if "data" in tensor:
                         raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
-                    if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                    if type(size) is not int or size < 0 or offset + size > len(binary):
                         raise BadRequest(f"input '{name}': binary_data_size {size!r} runs past the end of the body")
                     feeds[name] = from_binary(name, datatype, shape, binary[offset:offset + size])
                     offset += size
@@ -476,13 +478,21 @@ class OIPApp:
                      (b"inference-header-content-length", str(len(head)).encode())], b"".join([head, *blobs])
 
 
-def _check_shape(name: str, shape: Any, expected: tuple[int, ...]) -> list[int]:
-    # A plain loop: this runs for every input of every request.
+def _check_shape(name: str, shape: Any, expected: tuple[int, ...], body_size: int) -> list[int]:
+    # A plain loop: this runs for every input of every request (that no plan covers).
     if type(shape) is not list:
-        raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {_clip(shape)}")
+    span = 1
     for d in shape:
         if type(d) is not int or d < 0:
-            raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+            raise BadRequest(f"input '{name}': shape must be a list of non-negative integers, got {_clip(shape)}")
+        span *= d or 1
+    # Every element takes at least a byte of the body, so a real tensor's dimensions multiply to at most its
+    # size; only a zero dimension could make the others larger, and a tensor of no elements with a dimension
+    # of 2^40 would have the model allocate outputs of that many rows.
+    if span > body_size:
+        raise BadRequest(f"input '{name}': shape {_clip(shape)} has dimensions larger than the request "
+                         f"({body_size} bytes) can carry")
     if len(shape) != len(expected):
         raise BadRequest(f"input '{name}': shape {shape} does not match the model's {list(expected)} "
                          f"(-1 is any size)")
@@ -491,6 +501,17 @@ def _check_shape(name: str, shape: Any, expected: tuple[int, ...]) -> list[int]:
             raise BadRequest(f"input '{name}': shape {shape} does not match the model's {list(expected)} "
                              f"(-1 is any size)")
     return shape
+
+
+def _clip(value: Any) -> str:
+    """``repr(value)`` cut short: error messages quote the client's input, not megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -512,6 +533,8 @@ def _loads(head: bytes | memoryview) -> Any:
         return json.loads(bytes(head))
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is not valid JSON: it is nested too deeply") from None
 
 
 def _error_body(message: str) -> bytes:

@@ -98,15 +98,17 @@ def check_shape(name: str, shape: Any) -> list[int]:
     return shape
 
 
-def _flatten(data: Any) -> Any:
+def _flatten(name: str, data: Any) -> Any:
     # Nested lists are allowed by the protocol; flatten one level at a time
     # only when needed so that the common flat case costs nothing.
-    if data and isinstance(data[0], list):
+    if data and type(data[0]) is list:
         flat: list[Any] = []
         stack = [data]
         while stack:
             item = stack.pop()
-            if item and isinstance(item[0], list):
+            if type(item) is not list:
+                raise TensorError(f"input '{name}': nested data mixes lists and values at the same level")
+            if item and type(item[0]) is list:
                 stack.extend(reversed(item))
             else:
                 flat.extend(item)
@@ -128,13 +130,20 @@ def from_json(name: str, datatype: str, shape: list[int], data: Any) -> Array:
         raise TensorError(f"input '{name}': unknown datatype {datatype!r}")
     if not isinstance(data, list):
         data = [data]
-    flat = _flatten(data)
+    flat = _flatten(name, data)
     expected = _element_count(shape)
     if len(flat) != expected:
         raise TensorError(f"input '{name}': shape {shape} needs {expected} elements, data has {len(flat)}")
     if datatype == "BYTES":
+        items = [_to_bytes_element(name, v) for v in flat]
+        try:
+            # One pass in C: an unpaired surrogate (which JSON's \u escapes can write) is not UTF-8 text.
+            "".join(items).encode()
+        except UnicodeEncodeError:
+            raise TensorError(f"input '{name}': BYTES elements must be UTF-8 text (one holds an unpaired "
+                              "surrogate)") from None
         array = np.empty(len(flat), dtype=object)
-        array[:] = [_to_bytes_element(name, v) for v in flat]
+        array[:] = items
         return array.reshape(shape)
     try:
         if datatype == "BOOL":
@@ -147,11 +156,16 @@ def from_json(name: str, datatype: str, shape: list[int], data: Any) -> Array:
             array = np.fromiter(flat, dtype=dtype, count=len(flat))
             if dtype.kind in "iu" and any(isinstance(v, float) for v in flat):
                 raise TensorError(f"input '{name}': {datatype} data must be integers")
+        return array.reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, TensorError):
             raise
-        raise TensorError(f"input '{name}': data is not {datatype}: {exc}") from None
-    return array.reshape(shape)
+        raise TensorError(f"input '{name}': data is not {datatype}: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def from_binary(name: str, datatype: str, shape: list[int], raw: bytes | memoryview) -> Array:

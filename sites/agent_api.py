@@ -84,8 +84,8 @@ def _check_values(data: Any) -> None:
             if isinstance(value, dict):
                 for key, item in value.items():
                     if _UNSTORABLE.search(key):
-                        raise _refuse(f"{_dotted((*path, key))}: a key holds a NUL or an unpaired surrogate",
-                                      _dotted(path) or "body")
+                        raise _refuse(f"{_dotted(path)}: a key holds a NUL or an unpaired surrogate",
+                                      _dotted(path))
                     stack.append((item, (*path, key)))
             else:
                 stack.extend((item, (*path, i)) for i, item in enumerate(value))
@@ -101,7 +101,8 @@ def _check_values(data: Any) -> None:
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(p) for p in path)
+    """The field a path names, as the error bodies write it: ``body`` for the whole document."""
+    return ".".join(str(p) for p in path) or "body"
 
 
 def read_json(body: bytes) -> Any:
@@ -126,7 +127,7 @@ def read_json(body: bytes) -> Any:
 def validation_error(exc: ValidationError) -> BadRequest:
     """The first error pydantic found, as a 400 naming its field (``body`` when it is the whole document)."""
     first = exc.errors(include_url=False)[0]
-    field = _dotted(tuple(first["loc"])) or "body"
+    field = _dotted(tuple(first["loc"]))
     return _refuse(f"{field}: {first['msg']}", field)
 
 

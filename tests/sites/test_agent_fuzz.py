@@ -18,7 +18,7 @@ import httpx
 import pytest
 import websockets
 from django.test import Client
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from audit.models import AuditEvent
@@ -91,14 +91,31 @@ def _replaced(body: dict[str, Any], path: tuple[str | int, ...], value: Any) -> 
     return copy
 
 
+def _like(value: Any) -> st.SearchStrategy[Any]:
+    """Values of the same JSON type as ``value``: what passes a type check and tests the bounds behind it."""
+    if isinstance(value, bool):
+        return st.booleans()
+    if isinstance(value, int):
+        return st.integers() | st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, -1])
+    if isinstance(value, float):
+        return st.floats()
+    if isinstance(value, str):
+        return st.text(max_size=8) | st.text(min_size=40, max_size=120) | st.sampled_from(["\x00", "\ud800"])
+    return json_value
+
+
 @st.composite
 def hostile_sync(draw: st.DrawFn) -> dict[str, Any]:
-    """A valid sync with one to three fields (anywhere in it) replaced by hostile or random JSON."""
+    """A valid sync with one to three fields (anywhere in it) replaced by a value of the same type (often
+    out of bounds) or by hostile or random JSON."""
     body = valid_sync()
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(SYNC_PATHS))
         try:
-            body = _replaced(body, path, draw(json_value))
+            original = body
+            for part in path:
+                original = original[part]
+            body = _replaced(body, path, draw(_like(original) if draw(st.booleans()) else json_value))
         except (KeyError, IndexError, TypeError):
             continue  # an earlier replacement removed this path
     if draw(st.booleans()):
@@ -111,6 +128,7 @@ def _encode(body: Any) -> bytes:
 
 
 def assert_no_5xx_and_names_the_field(response: Any) -> None:
+    event(f"status {response.status_code}")
     assert response.status_code < 500, response.content[:500]
     if response.status_code == 400:
         answer = response.json()

@@ -1,8 +1,9 @@
 """The registry in the Django admin.
 
-Artifacts and validation results are read-only here; a model created or a
-version uploaded through the admin goes through the same services as the
-console (stored, audited, validated by a worker).
+Artifacts and validation results are read-only here; a model created or
+changed, or a version uploaded, through the admin goes through the same
+services as the console (stored, audited, validated by a worker; a new
+classification republishes the nodes' desired states).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin
 
-from audit.admin import AuditedAdminMixin
+from audit.admin import AuditedAdminMixin, NotFoundAdminMixin
 from audit.services import Actor
 from models_registry import services
 from models_registry.forms import VersionUploadForm
@@ -27,7 +28,7 @@ VERSION_READONLY = [
 ]
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
         return False
 
@@ -39,7 +40,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Model)
-class ModelAdmin(AuditedAdminMixin, admin.ModelAdmin):
+class ModelAdmin(AuditedAdminMixin, NotFoundAdminMixin, admin.ModelAdmin):
     list_display = ["slug", "name", "classification", "created_at"]
     search_fields = ["slug", "name"]
     readonly_fields = ["uuid", "created_by", "created_at"]
@@ -50,7 +51,9 @@ class ModelAdmin(AuditedAdminMixin, admin.ModelAdmin):
 
     def save_model(self, request: Any, obj: Model, form: Any, change: bool) -> None:
         if change:
-            super().save_model(request, obj, form, change)
+            # model_update audits, and a new classification republishes where the model may run.
+            services.model_update(actor=Actor.from_request(request), model=obj,
+                                  **{name: form.cleaned_data[name] for name in form.changed_data})
             return
         created = services.model_create(actor=Actor.from_request(request), slug=obj.slug, name=obj.name,
                                         description=obj.description, classification=obj.classification)
@@ -78,7 +81,7 @@ class VersionAddForm(VersionUploadForm, forms.ModelForm):  # type: ignore[misc]
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     list_display = ["__str__", "status", "size", "opset", "created_at"]
     list_filter = ["status", "model"]
     search_fields = ["model__slug", "version", "sha256"]

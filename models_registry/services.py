@@ -382,3 +382,39 @@ def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus],
                                     "sha256": status.sha256, "error": status.error})
                 recorded += 1
     return recorded
+
+
+MODEL_UPDATABLE = ("name", "description", "classification")
+
+
+def model_update(*, actor: Actor, model: Model, **fields: Any) -> Model:
+    """Change a model's name, description or data classification, audited.
+
+    The slug is not among them: nodes serve a model under it. A new
+    classification changes where the model may run, so every active node's
+    desired state is recomputed (a no-op for the nodes it does not move); the
+    placement policy then withdraws it from sites whose clearance is too low.
+    """
+    unknown = sorted(set(fields) - set(MODEL_UPDATABLE))
+    if unknown:
+        raise RegistryError(f"{unknown[0]}: a model's {unknown[0]} cannot be changed", field=unknown[0])
+    with transaction.atomic():
+        model = Model.objects.select_for_update().get(pk=model.pk)
+        before = {name: getattr(model, name) for name in MODEL_UPDATABLE}
+        for name, value in fields.items():
+            setattr(model, name, value)
+        try:
+            model.full_clean()
+        except ValidationError as exc:
+            message, field = _first_error(exc)
+            raise RegistryError(message, field=field) from exc
+        model.save()
+        after = {name: getattr(model, name) for name in MODEL_UPDATABLE}
+        if after != before:
+            changed = [name for name in MODEL_UPDATABLE if after[name] != before[name]]
+            audit_record(actor=actor, action="model.update", obj=model,
+                         before={k: before[k] for k in changed}, after={k: after[k] for k in changed})
+            if "classification" in changed:
+                nodes = Node.objects.filter(revoked_at__isnull=True).select_related("site")
+                desired_state_publish_many(nodes=list(nodes), actor=actor)
+    return model

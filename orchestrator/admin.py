@@ -6,10 +6,11 @@ from typing import Any
 
 from django.contrib import admin
 
+from audit.admin import NotFoundAdminMixin
 from orchestrator.models import Rollout, RolloutEvent
 
 
-class ReadOnly(admin.ModelAdmin):
+class ReadOnly(NotFoundAdminMixin, admin.ModelAdmin):
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
         return False
 

@@ -3,6 +3,10 @@
 A policy version is written through ``policies.services.policy_update`` here
 as in the console (validated, versioned, audited, pushed to nodes); versions
 and approvals are never edited or deleted.
+
+Users and groups are Django's own admin pages, audited here: a role is a
+group (``policies.permissions``), so who joins or leaves one, and who becomes
+a superuser or staff, is a change of permissions the audit trail must show.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin
+from django.contrib.auth import admin as auth_admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 
-from audit.services import Actor
+from audit.admin import NotFoundAdminMixin
+from audit.services import Actor, audit_record
 from policies import services
 from policies.models import Approval, Policy, PolicyKind, PolicyVersion
 
@@ -38,7 +46,7 @@ class PolicyVersionForm(forms.ModelForm):
 
 
 @admin.register(PolicyVersion)
-class PolicyVersionAdmin(admin.ModelAdmin):
+class PolicyVersionAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     list_display = ["policy", "number", "created_by", "created_at", "comment"]
     list_filter = ["policy__kind"]
     readonly_fields = ["policy", "number", "document_json", "sha256", "comment", "created_by", "created_at"]
@@ -71,7 +79,7 @@ class PolicyVersionAdmin(admin.ModelAdmin):
 
 
 @admin.register(Policy)
-class PolicyAdmin(admin.ModelAdmin):
+class PolicyAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     list_display = ["kind", "created_at"]
 
     def has_add_permission(self, request: Any) -> bool:
@@ -85,7 +93,7 @@ class PolicyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Approval)
-class ApprovalAdmin(admin.ModelAdmin):
+class ApprovalAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     list_display = ["subject_type", "subject_uuid", "decision", "user", "role", "decided_at", "expires_at"]
     list_filter = ["decision", "role"]
 
@@ -97,3 +105,74 @@ class ApprovalAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
         return False
+
+
+def _user_roles(user: Any) -> dict[str, Any]:
+    if user.pk is None:
+        return {}
+    fresh = type(user).objects.get(pk=user.pk)
+    return {"username": fresh.username, "is_active": fresh.is_active, "is_staff": fresh.is_staff,
+            "is_superuser": fresh.is_superuser, "groups": sorted(fresh.groups.values_list("name", flat=True)),
+            "permissions": sorted(fresh.user_permissions.values_list("codename", flat=True))}
+
+
+def _group_roles(group: Group) -> dict[str, Any]:
+    if group.pk is None:
+        return {}
+    fresh = Group.objects.get(pk=group.pk)
+    return {"name": fresh.name, "permissions": sorted(fresh.permissions.values_list("codename", flat=True)),
+            "members": sorted(fresh.user_set.values_list("username", flat=True))}
+
+
+class AuditedPrincipalAdmin(NotFoundAdminMixin):
+    """Audits a user's or group's permissions before and after a change (their many-to-many fields included).
+
+    The admin saves the row, then its many-to-many fields, in one transaction;
+    the before is taken ahead of both, the after once both are saved.
+    """
+
+    entity = ""
+
+    def _roles(self, obj: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_model(self, request: Any, obj: Any, form: Any, change: bool) -> None:
+        form.audit_before = self._roles(obj) if change else None
+        super().save_model(request, obj, form, change)  # type: ignore[misc]
+
+    def save_related(self, request: Any, form: Any, formsets: Any, change: bool) -> None:
+        super().save_related(request, form, formsets, change)  # type: ignore[misc]
+        before, after = getattr(form, "audit_before", None), self._roles(form.instance)
+        if before != after:
+            audit_record(actor=Actor.from_request(request), action=f"{self.entity}.{'update' if change else 'create'}",
+                         obj=form.instance, before=before, after=after)
+
+    def delete_model(self, request: Any, obj: Any) -> None:
+        audit_record(actor=Actor.from_request(request), action=f"{self.entity}.delete", obj=obj,
+                     before=self._roles(obj))
+        super().delete_model(request, obj)  # type: ignore[misc]
+
+    def delete_queryset(self, request: Any, queryset: Any) -> None:
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
+User = get_user_model()
+admin.site.unregister(User)
+admin.site.unregister(Group)
+
+
+@admin.register(User)
+class UserAdmin(AuditedPrincipalAdmin, auth_admin.UserAdmin):
+    entity = "user"
+
+    def _roles(self, obj: Any) -> dict[str, Any]:
+        return _user_roles(obj)
+
+
+@admin.register(Group)
+class GroupAdmin(AuditedPrincipalAdmin, auth_admin.GroupAdmin):
+    entity = "group"
+
+    def _roles(self, obj: Any) -> dict[str, Any]:
+        return _group_roles(obj)

@@ -466,3 +466,27 @@ def node_liveness_sweep(*, now: dt.datetime | None = None) -> int:
             broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
             changed += 1
     return changed
+
+
+def _region_fields(region: Region) -> dict[str, Any]:
+    return {"slug": region.slug, "name": region.name, "description": region.description}
+
+
+def region_update(*, actor: Actor, region: Region, **fields: Any) -> Region:
+    """Change a region's attributes; the nodes of its sites get a new desired state if it changed.
+
+    The region's slug is one of the site facts in every node's signed policy.
+    """
+    with transaction.atomic():
+        region = Region.objects.select_for_update().get(pk=region.pk)
+        before = _region_fields(region)
+        for name, value in fields.items():
+            setattr(region, name, value)
+        region.full_clean()
+        region.save()
+        after = _region_fields(region)
+        if after != before:
+            audit_record(actor=actor, action="region.update", obj=region, before=before, after=after)
+            nodes = Node.objects.filter(site__region=region, revoked_at__isnull=True).select_related("site")
+            desired_state_publish_many(nodes=list(nodes), actor=actor)
+    return region

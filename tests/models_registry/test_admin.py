@@ -57,3 +57,42 @@ def test_it_shows_artifacts_read_only(admin_client_: Client) -> None:
         assert admin_client_.get(f"/admin/models_registry/{path}/").status_code == 200
     page = admin_client_.get(f"/admin/models_registry/modelversion/{version.pk}/change/").content.decode()
     assert version.sha256 in page and 'name="sha256"' not in page
+
+
+def test_it_withdraws_a_model_whose_classification_the_admin_raises_above_a_sites_clearance(
+    admin_client_: Client, site_berlin: Any
+) -> None:
+    from models_registry import services
+    from sites.models import Clearance, DesiredState
+    from sites.services import desired_state_publish
+    from tests.models_registry.helpers import ACTOR, make_node
+    from tests.models_registry.test_deployment import _desired
+
+    node, _ = make_node(site_berlin, "gw-1")
+    model = make_model("detector", classification=Clearance.INTERNAL)
+    services.deployment_create(actor=ACTOR, version=valid_version(model), sites=[site_berlin])
+    desired_state_publish(node=node, actor=ACTOR)
+    before = _desired(node)
+    assert [m.name for m in before.models] == ["detector"]
+
+    response = admin_client_.post(f"/admin/models_registry/model/{model.pk}/change/", {
+        "name": model.name, "description": model.description, "classification": str(Clearance.SECRET),
+        "_save": "Save"})
+    assert response.status_code == 302, response.content.decode()[:3000]
+    model.refresh_from_db()
+    assert model.classification == Clearance.SECRET
+    after = _desired(node)
+    assert after.generation == before.generation + 1 and after.models == []
+    (event,) = AuditEvent.objects.filter(action="model.update", object_id=str(model.uuid))
+    assert event.before == {"classification": Clearance.INTERNAL}
+    assert event.after == {"classification": Clearance.SECRET}
+    assert DesiredState.objects.count() == 1
+
+
+def test_it_writes_no_model_event_for_an_unchanged_save(admin_client_: Client) -> None:
+    model = make_model("detector")
+    response = admin_client_.post(f"/admin/models_registry/model/{model.pk}/change/", {
+        "name": model.name, "description": model.description, "classification": str(model.classification),
+        "_save": "Save"})
+    assert response.status_code == 302
+    assert not AuditEvent.objects.filter(action="model.update", object_id=str(model.uuid)).exists()

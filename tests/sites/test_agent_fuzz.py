@@ -417,3 +417,28 @@ def test_it_answers_every_hostile_telemetry_frame_with_a_stream_error(live_contr
     assert results[-1][1] == {"type": "telemetry.ack", "seq": 5}
     assert TelemetryStream.objects.get(node__uuid=node["node_id"]).last_seq == 5
     assert "Traceback" not in live_control_plane.log.read_bytes()[log_start:].decode(errors="replace")
+
+
+def test_it_leaves_out_an_answer_that_does_not_merge_with_the_others(client: Client, estate: Estate,  # noqa: F811
+                                                                    admin_user: Any) -> None:
+    from tests.queries.test_agent_endpoint import _answer
+
+    query = create(admin_user, [estate.berlin, estate.ohio])
+    berlin = json.loads(_answer(estate, query).model_dump_json())
+    # Ohio's answer merges on its own, but says its minimum is text where Berlin's is a number.
+    ohio = json.loads(json.dumps({**berlin, "site": "plant-ohio"}))
+    minimum = next(a for a in ohio["partials"]["aggregates"] if a["op"] == "min")
+    minimum["type"], minimum["min"] = "string", ["low"] * len(minimum["min"])
+    for node, credential, body in ((estate.berlin_node, estate.berlin_credential, berlin),
+                                   (estate.ohio_node, estate.ohio_credential, ohio)):
+        response = client.post(f"/agent/v1/nodes/{node.uuid}/queries/{query.uuid}/result", json.dumps(body),
+                               content_type="application/json", headers={"Authorization": f"Bearer {credential}"})
+        assert response.status_code == 201, response.content
+    query.refresh_from_db()
+    merged = json.loads(query.result_json)
+    assert query.state == "partial"
+    sites = {s["site"]: s for s in merged["sites"]}
+    assert sites["plant-berlin"]["status"] == "answered"
+    assert sites["plant-ohio"]["status"] == "error" and "cannot be merged" in sites["plant-ohio"]["reason"]
+    assert merged["rows"] and all(row[merged["columns"].index("min_temperature")] is not None
+                                  for row in merged["rows"])

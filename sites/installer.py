@@ -4,7 +4,9 @@ A site technician runs it on a Linux box with Python 3.11+. It creates a
 virtual environment, installs the ``edge-runtime`` wheel from this control
 plane (pinned by sha256, so the code is exactly what this control plane
 serves, never a same-named package from elsewhere), enrolls the node with
-the control plane's key fingerprint pinned, and starts it (systemd when
+the control plane's key fingerprint pinned (the token goes to ``edge-runtime
+enroll --token-stdin`` on a pipe from the shell's builtin ``printf``, so it is
+on no process's command line or environment), and starts it (systemd when
 there is one and it runs as root). The script is ``templates/sites/
 installer.sh``; every value put into it goes through ``shlex.quote``, so
 nothing from a site's name or a URL can turn into shell code.

@@ -2,7 +2,12 @@
 
 Plain JSON views: bodies are validated with the shared wire models, errors are
 ``{"error": ..., "field": ...}`` with a 4xx status, and nothing is written
-unless the whole request is valid. A node is authenticated by its bearer
+unless the whole request is valid. Whatever a node sends is answered with a
+4xx naming the field (``body`` for the document as a whole), never a 5xx: a
+body is read as strict UTF-8 JSON (:func:`read_json`), and what no column or
+later JSON could hold (nesting past ``MAX_JSON_DEPTH``, integers outside int64,
+NaN and infinities, NUL and unpaired surrogates) is refused with its path
+before the wire models bound each field by the column it is written to. A node is authenticated by its bearer
 credential and reaches only its own resources: any other node's URL answers
 404 exactly as an unknown one does.
 """

@@ -18,7 +18,11 @@ another server. Errors are
 ``{"error": "..."}``: 400 for a request the model cannot take (naming the
 input and the problem), 404 for an unknown model or version, 405 for a wrong
 method, 413 for a body over the limit, 500 when the model itself fails. An
-error answers one request; the server carries on serving everyone.
+error answers one request; the server carries on serving everyone. Nothing a
+client sends is a 500 by itself: JSON nested past what the readers take, data
+that does not convert to the input's datatype, text that is not UTF-8, and
+dimensions larger than the body could carry (a zero dimension beside 2^40 rows)
+are refused before the model sees them.
 
 Binary tensor data extension: a request whose JSON header is followed by raw
 tensor bytes says so with ``Inference-Header-Content-Length``; each binary

@@ -404,6 +404,9 @@ def status_report(state: StateDir) -> dict[str, Any]:
         "url": identity.url,
         "signing_key_fingerprint": identity.signing_key_fingerprint,
         "applied_generation": status.applied_generation,
+        "epoch": status.epoch,
+        "epoch_started_at": status.epoch_started_at.isoformat() if status.epoch_started_at else None,
+        "refusing": status.refusing.model_dump(mode="json") if status.refusing else None,
         "last_sync_at": status.last_sync_at.isoformat() if status.last_sync_at else None,
         "last_attempt_at": status.last_attempt_at.isoformat() if status.last_attempt_at else None,
         "consecutive_failures": status.consecutive_failures,
@@ -432,7 +435,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("site", report["site"]),
         ("control plane", report["url"]),
         ("key fingerprint", report["signing_key_fingerprint"]),
-        ("applied generation", str(report["applied_generation"])),
+        ("applied generation", f"{report['applied_generation']} in epoch {report['epoch'] or '(none)'}"),
+        ("refusing", f"generation {report['refusing']['generation']}: {report['refusing']['reason']}"
+         if report["refusing"] else "nothing"),
         ("desired state on disk", f"generation {desired['generation']}, verified" if desired["verified"]
          else f"REFUSED: {desired['error']}"),
         ("last sync", report["last_sync_at"] or "never"),

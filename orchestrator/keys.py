@@ -29,7 +29,6 @@ import datetime as dt
 import logging
 import os
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,10 +46,6 @@ if TYPE_CHECKING:
     from orchestrator.models import Epoch, SigningKey
 
 logger = logging.getLogger("edgewise.keys")
-
-# How long a process trusts its cached view of the current key and epoch: a
-# rotation or a new epoch made by another process is picked up within this.
-TRUST_TTL_S = 2.0
 
 _key_cache: dict[tuple[str, int], Ed25519PrivateKey] = {}
 
@@ -129,14 +124,31 @@ def public_key_fingerprint() -> str:
 
 
 def current(*, fresh: bool = False) -> Trust:
-    """The key, epoch and chain in force (cached for :data:`TRUST_TTL_S`); see the module docstring."""
+    """The key, epoch and chain in force; see the module docstring.
+
+    Costs one indexed read (the latest epoch) when nothing changed, so that a
+    new epoch or key another process made is seen at once: a process never
+    signs in an epoch older than one that already started.
+    """
     global _trust
+    from orchestrator.models import Epoch
+
+    latest = Epoch.objects.order_by("-started_at", "-pk").values_list("uuid", flat=True).first()
+    path = _path()
     with _trust_lock:
-        if not fresh and _trust is not None and time.monotonic() - _trust[0] < TRUST_TTL_S:
+        if (not fresh and _trust is not None and latest is not None and str(latest) == _trust[1].epoch
+                and _trust[0] == _stamp(path)):
             return _trust[1]
         trust = _establish()
-        _trust = (time.monotonic(), trust)
+        _trust = (_stamp(path), trust)
         return trust
+
+
+def _stamp(path: Path) -> float:
+    try:
+        return float(path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        return -1.0
 
 
 def forget() -> None:

@@ -429,7 +429,9 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
     return protocol.SyncResponse(
         generation=desired.generation,
-        desired=signed_desired_state(desired) if applied != desired.generation else None,
+        # A generation counts within its epoch: the same number in another epoch is another state.
+        desired=(signed_desired_state(desired)
+                 if applied != desired.generation or request.actual.applied_epoch != desired.epoch else None),
         sync_interval_s=settings.SYNC_INTERVAL_S,
         queries=queries,
     )

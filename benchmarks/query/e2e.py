@@ -124,7 +124,7 @@ async def _fleet(fleet: Fleet) -> None:
             request = protocol.SyncRequest(
                 runtime_version="0.1.0-bench", hardware=self.hardware,
                 actual=protocol.ActualState(applied_generation=self.applied_generation,
-                                            detail={"datasets": self.report}),
+                                            applied_epoch=self.applied_epoch, detail={"datasets": self.report}),
                 health=protocol.Health(status="ok"))
             return request.model_dump_json().encode()
 

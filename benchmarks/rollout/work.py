@@ -73,23 +73,23 @@ def setup(nodes: int, sites: int) -> dict[str, Any]:
     v1, v2 = _version(model, "1.0.0"), _version(model, "2.0.0")
     Deployment.objects.bulk_create([Deployment(version=v1, site=site) for site in site_rows])
     # The desired states a deployment would have published, written in bulk: setup is not what is measured.
-    key = keys.signing_key()
+    trust = keys.current()
     states = []
     with placement_policy_pinned():
         for node in Node.objects.select_related("site__region"):
-            content = desired_state_content(node)
+            content = {**desired_state_content(node), "epoch": trust.epoch, "epoch_started_at": trust.epoch_started_at}
             content_hash = hashlib.sha256(signing.canonical_json(content).encode()).hexdigest()
             signed = signing.sign_desired_state(
-                protocol.DesiredState(generation=1, issued_at=now, **content), key)
+                protocol.DesiredState(generation=1, issued_at=now, **content), trust.key)
             states.append(DesiredState(node=node, generation=1, content_hash=content_hash, payload=signed.payload,
                                        signature=signed.signature, key_fingerprint=signed.key_fingerprint,
-                                       published_at=now))
+                                       epoch=trust.epoch, published_at=now))
     DesiredState.objects.bulk_create(states, batch_size=1000)
     # Every node reports it applied its desired state and serves 1.0.0.
     reported = list(Node.objects.select_related("desired"))
     for node in reported:
         node.applied_generation = node.desired.generation
-        node.actual_state = {"applied_generation": node.applied_generation, "models": [
+        node.actual_state = {"applied_generation": node.applied_generation, "applied_epoch": trust.epoch, "models": [
             {"name": "bench-model", "version": "1.0.0", "state": "serving", "variant": "original"}]}
     Node.objects.bulk_update(reported, ["applied_generation", "actual_state"], batch_size=2000)
     return {"nodes": nodes, "sites": sites, "version": str(v2.uuid), "setup_s": round(time.perf_counter() - started, 2)}

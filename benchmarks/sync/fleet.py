@@ -63,6 +63,7 @@ class SimNode:
     fingerprint: str = ""
     public_key: Ed25519PublicKey | None = None
     applied_generation: int = 0
+    applied_epoch: str = ""
     started: float = field(default_factory=time.monotonic)
     syncs: int = 0
     desired_received: int = 0
@@ -99,7 +100,8 @@ class SimNode:
             runtime_version=RUNTIME_VERSION,
             hardware=self.hardware,
             actual=protocol.ActualState(
-                applied_generation=self.applied_generation, detail={"models": [], "datasets": []}
+                applied_generation=self.applied_generation, applied_epoch=self.applied_epoch,
+                detail={"models": []},
             ),
             health=protocol.Health(status="ok", uptime_s=round(time.monotonic() - self.started, 3)),
         )
@@ -130,7 +132,7 @@ class SimNode:
             raise RequestFailed("desired state signature", str(exc)) from exc
         if state.node_id != self.node_id:
             raise RequestFailed("desired state for another node", state.node_id)
-        self.applied_generation = state.generation
+        self.applied_generation, self.applied_epoch = state.generation, state.epoch
         self.desired_received += 1
 
 

@@ -6,12 +6,11 @@ cap is 6 s; every wait is bounded by ``wait_until``.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
 from orchestrator import keys
+from orchestrator.models import Epoch, SigningKey
 from sites import services
 from sites.models import DesiredState, Node, NodeStatus, Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
@@ -55,26 +55,21 @@ def refusals(node: EdgeNode) -> list[dict[str, Any]]:
     return [e.after for e in AuditEvent.objects.filter(action="node.desired_state_refused", object_id=node_id(node))]
 
 
-@pytest.fixture
-def other_signing_key() -> Iterator[Callable[[], None]]:
-    """Swap the control plane's signing key for another one; the original is always put back."""
-    path = Path(settings.SIGNING_KEY_PATH)
-    keys.signing_key()  # make sure the key exists before saving it
-    original = path.read_bytes()
+def offer(node: EdgeNode, state: protocol.DesiredState, key: Any) -> None:
+    """Put ``state``, signed with ``key``, in the node's desired-state row, as a forged or restored row would be."""
+    signed = signing.sign_desired_state(state, key)
+    DesiredState.objects.filter(node=row(node)).update(
+        generation=state.generation, payload=signed.payload, signature=signed.signature,
+        key_fingerprint=signed.key_fingerprint, epoch=state.epoch, content_hash="offered-by-the-test")
 
-    def replace(data: bytes) -> None:
-        tmp = path.with_name(path.name + ".swap")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
 
-    def swap() -> None:
-        replace(signing.private_key_to_pem(signing.generate_private_key()))
-        assert keys.public_key_fingerprint() != signing.fingerprint(
-            signing.public_key_raw(signing.private_key_from_pem(original).public_key()))
-
-    yield swap
-    replace(original)
-    assert keys.signing_key().private_bytes_raw() == signing.private_key_from_pem(original).private_bytes_raw()
+def state_for(node: EdgeNode, generation: int, *, epoch: str | None = None, started: str | None = None,
+              **labels: str) -> protocol.DesiredState:
+    trust = keys.current()
+    content = {**services.desired_state_content(row(node)), "labels": labels,
+               "epoch": trust.epoch if epoch is None else epoch,
+               "epoch_started_at": trust.epoch_started_at if started is None else started}
+    return protocol.DesiredState(generation=generation, issued_at=timezone.now(), **content)
 
 
 def test_it_enrolls_runs_and_comes_online_with_the_published_generation(
@@ -108,24 +103,23 @@ def test_it_applies_a_site_change_at_once_when_nudged(
     assert "applied desired state generation=2" in node.log_text()
 
 
-def test_it_refuses_a_desired_state_signed_with_another_key_and_reports_it(
-    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site,
-    other_signing_key: Callable[[], None],
+def test_it_refuses_a_desired_state_signed_with_another_key_and_reports_it_on_every_sync(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
 ) -> None:
     node = edge_node(site_berlin, "gw-1")
     wait_applied(node, 1)
-    other_signing_key()
-    services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"owner": "mallory"})
-    assert published(node) == 2
+    offer(node, state_for(node, 2, owner="mallory"), signing.generate_private_key())
     wait_until(lambda: refusals(node), what=f"the refusal in the audit trail\n{node.log_text()}")
     [refusal] = refusals(node)
     assert refusal["generation"] == 2 and "not the pinned key" in refusal["reason"]
     assert re.search(r"refused desired state generation=2: signed by key \w+, not the pinned key", node.log_text())
-    # It keeps what it had, and reports the refusal once although the document is offered on every sync.
-    wait_until(lambda: row(node).last_seen_at and node.status()["pending_refusals"] == [],
-               what="the refusal to be reported")
-    seen = row(node).last_seen_at
-    wait_until(lambda: row(node).last_seen_at > seen, what="another sync")
+    # It keeps what it had, audits the refusal once, and says it refuses on every sync, not only the first.
+    for _ in range(3):
+        seen = row(node).last_seen_at
+        wait_until(lambda seen=seen: row(node).last_seen_at > seen, what="another sync")
+        db = row(node)
+        assert db.actual_state["refusing"]["generation"] == 2 and db.health["status"] == "degraded"
+        assert "refusing generation 2" in db.health["message"]
     status = node.status()
     assert status["applied_generation"] == 1 and status["desired_state"]["generation"] == 1
     assert status["desired_state"]["labels"] == {}
@@ -134,44 +128,92 @@ def test_it_refuses_a_desired_state_signed_with_another_key_and_reports_it(
 
 
 def test_it_accepts_the_next_state_signed_with_the_pinned_key_again(
-    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site,
-    other_signing_key: Callable[[], None],
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
 ) -> None:
     node = edge_node(site_berlin, "gw-1")
     wait_applied(node, 1)
-    path = Path(settings.SIGNING_KEY_PATH)
-    original = path.read_bytes()
-    other_signing_key()
-    services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"owner": "mallory"})
+    offer(node, state_for(node, 2, owner="mallory"), signing.generate_private_key())
     wait_until(lambda: refusals(node), what="the refusal in the audit trail")
-    tmp = path.with_name(path.name + ".back")
-    tmp.write_bytes(original)
-    os.replace(tmp, path)
     services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"owner": "ops"})
     status = wait_applied(node, 3)
     assert status["desired_state"]["labels"] == {"owner": "ops"}
+    wait_until(lambda: row(node).actual_state.get("refusing") is None, what="the refusal to end")
+    assert row(node).health["status"] == "ok"
 
 
-def test_it_refuses_a_lower_generation_as_after_a_database_restore(
+def test_it_recovers_when_a_restored_database_holds_a_lower_generation(
     live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
 ) -> None:
     node = edge_node(site_berlin, "gw-1")
     services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"line": "1"})
-    wait_applied(node, 2)
-    # The control plane's row goes back to generation 1, validly signed: a restored backup.
-    db = row(node)
-    old = protocol.DesiredState(generation=1, issued_at=timezone.now() - dt.timedelta(days=1),
-                                **services.desired_state_content(db))
-    signed = signing.sign_desired_state(old, keys.signing_key())
-    DesiredState.objects.filter(node=db).update(generation=1, payload=signed.payload, signature=signed.signature,
-                                                key_fingerprint=signed.key_fingerprint)
-    wait_until(lambda: refusals(node), what=f"the refusal in the audit trail\n{node.log_text()}")
-    [refusal] = refusals(node)
-    assert refusal == {"generation": 1, "reason": "lower than applied 2", "at": refusal["at"]}
-    assert "refused desired state generation=1: lower than applied 2" in node.log_text()
-    status = node.status()
-    assert status["applied_generation"] == 2 and status["desired_state"]["labels"] == {"line": "1"}
-    assert row(node).applied_generation == 2
+    services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"line": "2"})
+    wait_applied(node, 3)
+    # The database is restored from a backup taken at generation 1 (same epoch, validly signed).
+    offer(node, state_for(node, 1), keys.signing_key())
+    # The node reports generation 3; the control plane publishes above it instead of offering 1.
+    wait_until(lambda: published(node) == 4, what=f"a state above the node's generation\n{node.log_text()}")
+    wait_applied(node, 4)
+    assert refusals(node) == []
+    assert node.status()["desired_state"]["labels"] == {"line": "2"}
+
+
+def test_it_follows_a_new_epoch_after_a_restore_and_refuses_the_older_one_meanwhile(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
+) -> None:
+    node = edge_node(site_berlin, "gw-1")
+    wait_applied(node, 1)
+    before = keys.current()
+    backup = DesiredState.objects.get(node=row(node))
+    keys.epoch_start(actor=Actor.system("test"), reason="an epoch the backup does not know")
+    wait_until(lambda: node.status().get("epoch") == keys.current().epoch, what=f"the new epoch\n{node.log_text()}")
+    # Restore the backup: the later epoch is gone from the database, the row is the old one.
+    Epoch.objects.exclude(uuid=before.epoch).delete()
+    DesiredState.objects.filter(pk=backup.pk).update(generation=backup.generation, payload=backup.payload,
+                                                     signature=backup.signature, epoch=backup.epoch,
+                                                     content_hash=backup.content_hash)
+    wait_until(lambda: refusals(node), timeout=20, what=f"the older epoch refused\n{node.log_text()}")
+    assert "older than epoch" in refusals(node)[0]["reason"]
+    wait_until(lambda: (row(node).actual_state.get("refusing") or {}).get("generation") == backup.generation,
+               what="the refusal reported")
+    # What the operator does after a restore: a new epoch, which the node accepts whatever its generation.
+    keys.forget()
+    after = keys.epoch_start(actor=Actor.system("test"), reason="restored the backup")
+    wait_until(lambda: node.status().get("epoch") == after, what=f"the node in the operator's epoch\n{node.log_text()}")
+    wait_until(lambda: row(node).actual_state.get("refusing") is None, what="the refusal to end")
+
+
+def test_it_follows_a_key_rotation_and_serves_on(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
+) -> None:
+    node = edge_node(site_berlin, "gw-1")
+    wait_applied(node, 1)
+    old = keys.current().fingerprint
+    try:
+        new = keys.signing_key_rotate(actor=Actor.system("test"))
+        wait_until(lambda: node.status()["signing_key_fingerprint"] == new, timeout=20,
+                   what=f"the node to pin the new key\n{node.log_text()}")
+        assert f"pinned the control plane's new signing key {new[:16]}" in node.log_text()
+        services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"after": "rotation"})
+        status = wait_applied(node, published(node))
+        assert status["desired_state"]["labels"] == {"after": "rotation"} and refusals(node) == []
+        # Restarted, it verifies its state with the key it pinned.
+        node.stop()
+        node.start()
+        wait_until(lambda: "loaded desired state generation" in node.log_text(), what="the restarted node")
+        assert node.status()["desired_state"]["verified"] is True
+    finally:
+        _put_back_key(old)
+
+
+def _put_back_key(fingerprint: str) -> None:
+    """Put the session's original key file back: the control plane of later tests signs with it."""
+    path = Path(settings.SIGNING_KEY_PATH)
+    retired = path.with_name(f"{path.name}.retired-{fingerprint[:16]}")
+    if retired.exists():
+        os.replace(retired, path)
+    SigningKey.objects.all().delete()
+    Epoch.objects.all().delete()
+    keys.forget()
 
 
 def test_it_carries_on_while_the_control_plane_is_down_and_resyncs_when_it_returns(

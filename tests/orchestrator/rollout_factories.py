@@ -47,6 +47,7 @@ def report(node: Node, *statuses: ModelStatus, applied: int | None = None) -> No
     node = Node.objects.select_related("desired").get(pk=node.pk)
     generation = node.desired.generation if applied is None else applied
     node_sync(node=node, request=SyncRequest(actual=ActualState(applied_generation=generation,
+                                                                applied_epoch=node.desired.epoch,
                                                                 models=list(statuses))), ip=None)
 
 

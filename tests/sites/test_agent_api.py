@@ -131,8 +131,13 @@ def test_it_sends_the_signed_desired_state_only_when_the_generation_moved(client
     state = signing.verify_desired_state(answer.desired, public)
     assert state.node_id == body["node_id"] and state.generation == answer.generation == 1
 
-    again = sync(client, body["node_id"], body["credential"], {"actual": {"applied_generation": 1}})
+    again = sync(client, body["node_id"], body["credential"],
+                 {"actual": {"applied_generation": 1, "applied_epoch": state.epoch}})
     assert again.json()["desired"] is None
+    # Generation 1 of another epoch is another state: it is sent.
+    other = sync(client, body["node_id"], body["credential"],
+                 {"actual": {"applied_generation": 1, "applied_epoch": "an-older-epoch"}})
+    assert other.json()["desired"] is not None
 
     services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"line": "3"})
     moved = protocol.SyncResponse.model_validate(

@@ -71,7 +71,9 @@ Every variable:
                                 must overwrite what clients send
 ``EDGEWISE_DATA_DIR``           where the embedded database, signing key and
                                 artifacts live; default ``./var``
-``EDGEWISE_SIGNING_KEY_PATH``   Ed25519 PEM; created on first use if missing
+``EDGEWISE_SIGNING_KEY_PATH``   Ed25519 PEM; created by the first start of a
+                                control plane that never signed; missing
+                                after that, start-up fails naming it
 ``EDGEWISE_PUBLIC_URL``         the http(s) URL nodes dial (written into
                                 installers); default: taken from the request
 ``EDGEWISE_WHEELHOUSE``         folder of extra ``.whl`` files (the edge

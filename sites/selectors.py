@@ -49,7 +49,14 @@ class NodeRow:
 
     @property
     def in_sync(self) -> bool:
-        return self.desired_generation is not None and self.node.applied_generation == self.desired_generation
+        return (self.desired_generation is not None and self.node.applied_generation == self.desired_generation
+                and not self.refusing)
+
+    @property
+    def refusing(self) -> dict[str, Any] | None:
+        """The desired state the node says it refuses now (generation, reason, at), reported on every sync."""
+        refusing = (self.node.actual_state or {}).get("refusing")
+        return refusing if isinstance(refusing, dict) else None
 
 
 @dataclasses.dataclass(frozen=True)

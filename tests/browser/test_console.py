@@ -85,7 +85,7 @@ def test_it_takes_an_operator_from_login_to_a_downloaded_installer(
     expect(value_el).to_have_text(re.compile(r"^ewt_[\w-]+$"))
     value = value_el.inner_text()
     expect(page.locator("#enroll-command")).to_have_text(
-        f"edge-runtime enroll --url {live_control_plane.url} --token {value}")
+        f"printf '%s\\n' '{value}' | edge-runtime enroll --url {live_control_plane.url} --token-stdin")
     expect(page.locator("#tokens-table")).to_contain_text("line 3 boxes")
     snap(page, "site")
     token = EnrollmentToken.objects.get(note="line 3 boxes")

@@ -278,6 +278,17 @@ def test_it_marks_a_node_that_has_not_applied_its_desired_state(client: Client, 
     assert "applied 0 / desired 1" in page and "(in sync)" not in page and "status-pending" in page
 
 
+def test_it_shows_what_a_node_refuses(client: Client, viewer: Any, world: World) -> None:
+    node = world.node_berlin
+    refusal = protocol.Refusal(generation=1, reason="epoch x is older than epoch y in force", at=timezone.now())
+    services.node_sync(node=node, request=protocol.SyncRequest(actual=protocol.ActualState(
+        applied_generation=1, refusing=refusal)), ip="10.0.0.6")
+    client.force_login(viewer)
+    page = client.get(f"/nodes/{node.uuid}/").content.decode()
+    assert "refusing</span> generation 1: epoch x is older than epoch y in force" in page
+    assert "(in sync)" not in page
+
+
 # -- tokens ------------------------------------------------------------------------
 
 
@@ -293,7 +304,8 @@ def test_it_shows_a_new_token_once_and_stores_only_its_hash(client: Client, oper
     assert abs((token.expires_at - timezone.now()) - dt.timedelta(hours=48)) < dt.timedelta(minutes=1)
     assert token.token_hash == services.secret_hash(value) and value.startswith(token.prefix)
     assert value not in json.dumps(list(EnrollmentToken.objects.values()), default=str)
-    assert f"edge-runtime enroll --url http://testserver --token {value}" in page
+    # printf is a shell builtin: the token is on no process's command line.
+    assert f"printf '%s\\n' '{value}' | edge-runtime enroll --url http://testserver --token-stdin" in page
     # The installer form carries the token in its body, never in its URL.
     assert f'<form method="post" action="/sites/{world.berlin.slug}/installer">' in page
     assert f'<input type="hidden" name="token" value="{value}">' in page

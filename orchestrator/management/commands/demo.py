@@ -389,10 +389,11 @@ class Command(BaseCommand):
         _marker(state_dir).unlink(missing_ok=True)
         state_dir.parent.mkdir(parents=True, exist_ok=True)
         token = demo.enrollment_token(site)
-        argv = [*exe, "enroll", "--url", url, "--token", token, "--fingerprint", fingerprint, "--name", spec.name,
+        # The token goes in on stdin: it is on no process's command line.
+        argv = [*exe, "enroll", "--url", url, "--token-stdin", "--fingerprint", fingerprint, "--name", spec.name,
                 "--role", spec.role, "--state-dir", str(state_dir)]
-        result = subprocess.run(argv, cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120,
-                                check=False)
+        result = subprocess.run(argv, cwd=settings.BASE_DIR, env=env, input=f"{token}\n", capture_output=True,
+                                text=True, timeout=120, check=False)
         node = demo.node_active(site, spec.name)
         if result.returncode != 0 or node is None:
             # One node that fails to enroll should not take the demo down; say why.

@@ -283,7 +283,9 @@ class Agent:
         """Apply ``signed`` if it is acceptable, else record a refusal. True if applied."""
         digest = document_digest(signed)
         if self.signed is not None and document_digest(self.signed) == digest:
-            return False  # the state already applied, sent again
+            # The state already applied, sent again: whatever was refused before is no longer offered.
+            self._offered_applied()
+            return False
         claimed = claimed_generation(signed.payload)
         try:
             desired, endorsement = signing.verify_with_chain(
@@ -321,6 +323,13 @@ class Agent:
         await self._apply(signed, desired, persist=True)
         logger.info("applied desired state generation=%d", desired.generation)
         return True
+
+    def _offered_applied(self) -> None:
+        if self.status.refusing is not None:
+            logger.info("no longer offered the refused generation %d; the state applied is current again",
+                        self.status.refusing.generation)
+            self.status.refusing = None
+            self._save_status()
 
     def _below_floor(self, desired: DesiredState) -> str | None:
         """Why ``desired`` is older than what this node applied; None if it may be applied."""
@@ -478,6 +487,9 @@ class Agent:
         applied = False
         if answer.desired is not None:
             applied = await self.consider(answer.desired)
+        elif self.desired is not None and answer.generation == self.desired.generation:
+            # The control plane holds what this node applied: nothing refused is on offer any more.
+            self._offered_applied()
         # After the desired state: a query runs under the data policy that came with it.
         for reconciler in self.reconcilers:
             if isinstance(reconciler, AnswersQueries):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import threading
@@ -196,11 +197,24 @@ def _lock() -> None:
     # SQLite (embedded) has one writer at a time already.
 
 
+def _signed_before() -> str | None:
+    """The key fingerprint of states this database signed before keys were recorded (an upgrade), if any."""
+    from sites.models import DesiredState
+
+    return DesiredState.objects.exclude(key_fingerprint="").values_list("key_fingerprint", flat=True).first()
+
+
 def _key_row(path: Path, active: SigningKey | None, known: list[SigningKey]) -> SigningKey:
     """The row of the key in ``path``, creating the file on a control plane that never signed."""
     from orchestrator.models import SigningKey
 
+    signed_with = _signed_before() if active is None else None
     if not path.exists():
+        if signed_with is not None:
+            raise SigningKeyError(
+                f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) is missing, but this database holds desired "
+                f"states signed with key {signed_with[:16]}: restore the file from a backup (nodes refuse any "
+                "other key)")
         if active is not None:
             raise SigningKeyError(
                 f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) is missing, but this control plane has "
@@ -213,18 +227,75 @@ def _key_row(path: Path, active: SigningKey | None, known: list[SigningKey]) -> 
     key = _read(path)
     fingerprint = _fingerprint(key)
     if active is None:
+        if signed_with is not None and signed_with != fingerprint:
+            raise SigningKeyError(
+                f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) holds key {fingerprint[:16]}, but this "
+                f"database holds desired states signed with key {signed_with[:16]}: restore that key's file")
         row = SigningKey.objects.create(
             fingerprint=fingerprint, public_key=base64.b64encode(signing.public_key_raw(key.public_key())).decode(),
             created_at=timezone.now())
         known.append(row)
         return row
     if active.fingerprint != fingerprint:
+        adopted = _adopt(path, key, active, known)
+        if adopted is not None:
+            return adopted
         retired = any(k.fingerprint == fingerprint for k in known)
         what = f"the retired key {fingerprint[:16]}" if retired else f"an unknown key {fingerprint[:16]}"
         raise SigningKeyError(
             f"the signing key {path} (EDGEWISE_SIGNING_KEY_PATH) holds {what}, but this control plane signs "
             f"with key {active.fingerprint[:16]}: restore that key's file")
     return active
+
+
+def _chain_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.endorsements.json")
+
+
+def _write_chain(path: Path) -> None:
+    """Keep every endorsement beside the key file: a database restored from before a rotation can follow them."""
+    from orchestrator.models import SigningKey
+
+    chain = [k.endorsement for k in SigningKey.objects.order_by("created_at", "pk") if k.endorsement]
+    tmp = _chain_path(path).with_name(f".{_chain_path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(chain, indent=1))
+    os.replace(tmp, _chain_path(path))
+
+
+def _adopt(path: Path, key: Ed25519PrivateKey, active: SigningKey, known: list[SigningKey]) -> SigningKey | None:
+    """The key in ``path`` if endorsements kept beside it lead there from the database's key; else None.
+
+    This is the database of a backup taken before a rotation: the nodes
+    already pinned the newer key in the file, so the control plane takes it
+    on (rows, artifacts signed again, a new epoch) instead of refusing to start.
+    """
+    from orchestrator.models import SigningKey
+
+    try:
+        chain = [protocol.KeyEndorsement.model_validate(e) for e in json.loads(_chain_path(path).read_text())]
+    except (OSError, ValueError):
+        return None
+    target = _fingerprint(key)
+    try:
+        steps = signing.follow_key_chain(chain, pinned_fingerprint=active.fingerprint,
+                                         pinned_key=signing.public_key_from_b64(active.public_key),
+                                         target_fingerprint=target)
+    except signing.SignatureError:
+        return None
+    now = timezone.now()
+    SigningKey.objects.filter(retired_at__isnull=True).update(retired_at=now)
+    row = active
+    for step in steps:
+        row, _ = SigningKey.objects.update_or_create(
+            fingerprint=step.fingerprint,
+            defaults={"public_key": step.public_key, "endorsement": step.model_dump(mode="json"),
+                      "created_at": step.issued_at, "retired_at": None if step.fingerprint == target else now})
+        known.append(row)
+    _resign_artifacts(key)
+    logger.warning("took on the signing key %s of %s: endorsements beside it lead there from key %s, which this "
+                   "database signed with (a database restored from before a rotation)", target[:16], path,
+                   active.fingerprint[:16])
+    return row
 
 
 def _new_epoch(fingerprint: str, reason: str) -> Epoch:
@@ -252,6 +323,7 @@ def _finish_rotation(path: Path, active: SigningKey | None) -> None:
         old = _read(path)
         os.replace(path, path.with_name(f"{path.name}.retired-{_fingerprint(old)[:16]}"))
     os.replace(pending, path)
+    _write_chain(path)
     logger.warning("finished the rotation to signing key %s", _fingerprint(new)[:16])
 
 

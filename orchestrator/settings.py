@@ -254,6 +254,9 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "orchestrator.urls"
 ASGI_APPLICATION = "orchestrator.asgi.application"
+# Messages live in the server-side session, never in a cookie: some carry a
+# secret shown once (an enrollment token made in the admin).
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 WSGI_APPLICATION = "orchestrator.wsgi.application"
 
 TEMPLATES = [

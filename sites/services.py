@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -27,6 +28,10 @@ CREDENTIAL_PREFIX = "ewn_"
 MAX_TOKEN_LIFETIME = dt.timedelta(days=30)
 # The largest generation the desired-state column holds (PositiveIntegerField).
 GENERATION_MAX = 2**31 - 1
+# How far a node may claim to be ahead of the database (after a restore) and be
+# believed: a node's claim is not signed, and one that claimed the column's
+# limit would leave no generation for its next state.
+MAX_AHEAD = 1_000_000
 
 logger = logging.getLogger("edgewise.sites")
 
@@ -316,6 +321,13 @@ def desired_state_publish_many(*, nodes: Sequence[Node], actor: Actor,
                 published[node.pk] = current
                 continue
             generation = max(current.generation if current else 0, floor) + 1
+            if generation > GENERATION_MAX:
+                # One node out of generations must not fail the publish of every other node in the batch.
+                logger.error("node %s has no generation left (%d > %d); its desired state was not published",
+                             node.uuid, generation, GENERATION_MAX)
+                if current is not None:
+                    published[node.pk] = current
+                continue
             state = protocol.DesiredState(generation=generation, issued_at=now, **content)
             signed = signing.sign_desired_state(state, trust.key)
             if current is None:
@@ -410,10 +422,12 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         # was restored from a backup): publish above what the node holds, or
         # the node would refuse every later state as older.
         ahead = (desired is not None and request.actual.applied_epoch == desired.epoch
-                 and applied > desired.generation and applied < GENERATION_MAX)
+                 and desired.generation < applied <= desired.generation + MAX_AHEAD)
         if ahead:
             logger.warning("node %s applied generation %d, above the %d this database holds: publishing above it",
                            node.uuid, applied, desired.generation if desired else 0)
+        if request.actual.refusing is not None and request.actual.applied_epoch:
+            _note_unknown_epoch(node, request.actual.applied_epoch)
         if desired is None or "hardware" in changes or ahead or desired.epoch != keys.current().epoch:
             # Placement depends on the hardware a node reports, and a new epoch
             # changes every state: republish (a no-op when the content is the same).
@@ -435,6 +449,20 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         sync_interval_s=settings.SYNC_INTERVAL_S,
         queries=queries,
     )
+
+
+def _note_unknown_epoch(node: Node, epoch: str) -> None:
+    """Say what to do when a refusing node is in an epoch this database never started (a restored backup)."""
+    from orchestrator.models import Epoch
+
+    try:
+        known = Epoch.objects.filter(uuid=epoch).exists()
+    except ValidationError:
+        known = False
+    if not known:
+        logger.error("node %s refuses its desired state and is in epoch %s, which this database does not know: "
+                     "it was restored from a backup taken before that epoch; run manage.py epoch_start", node.uuid,
+                     epoch)
 
 
 def node_liveness_sweep(*, now: dt.datetime | None = None) -> int:

@@ -92,3 +92,29 @@ def test_it_refuses_an_artifact_altered_in_transit_and_keeps_serving_the_previou
     wait_until(lambda: AuditEvent.objects.filter(action__in=["model.refused", "model.failed"],
                                                  after__version="2.0.0").exists(),
                what="the refusal to reach the audit trail")
+
+
+def test_it_keeps_serving_across_a_key_rotation_and_verifies_new_artifacts_with_the_new_key(
+    live_control_plane: ControlPlane, edge_node, site_berlin: Site, rotate_signing_key
+) -> None:
+    node = edge_node(site_berlin, "srv-3", role="server")
+    wait_until(lambda: node.status()["model_server_url"], what="the node's model server")
+    url = node.status()["model_server_url"]
+    model = make_model("gauge")
+    v1 = valid_version(model, onnx_factory.linear(seed=6), version="1.0.0")
+    registry.deployment_create(actor=Actor.system("test"), version=v1, sites=[site_berlin])
+    wait_until(lambda: _served("srv-3").get("gauge", {}).get("state") == "serving", timeout=60,
+               what="the first version to serve")
+    new = rotate_signing_key()
+    wait_until(lambda: node.status()["signing_key_fingerprint"] == new, timeout=30,
+               what=f"the node to pin the new key\n{node.log_text()}")
+    rows = np.zeros((1, 32), dtype=np.float32)
+    assert _infer(url, "gauge", rows)[0] == "1.0.0"
+    # A version validated after the rotation is signed by the new key only; the node verifies it with that key.
+    v2 = valid_version(model, onnx_factory.linear(seed=7), version="2.0.0")
+    registry.deployment_create(actor=Actor.system("test"), version=v2, sites=[site_berlin])
+    wait_until(lambda: _served("srv-3")["gauge"]["version"] == "2.0.0"
+               and _served("srv-3")["gauge"]["state"] == "serving", timeout=60,
+               what=f"the swap to 2.0.0 under the new key\n{node.log_text()}")
+    assert _infer(url, "gauge", rows)[0] == "2.0.0"
+    assert not AuditEvent.objects.filter(action="node.desired_state_refused").exists()

@@ -7,22 +7,19 @@ cap is 6 s; every wait is bounded by ``wait_until``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
 from orchestrator import keys
-from orchestrator.models import Epoch, SigningKey
+from orchestrator.models import Epoch
 from sites import services
 from sites.models import DesiredState, Node, NodeStatus, Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
@@ -182,38 +179,24 @@ def test_it_follows_a_new_epoch_after_a_restore_and_refuses_the_older_one_meanwh
     wait_until(lambda: row(node).actual_state.get("refusing") is None, what="the refusal to end")
 
 
-def test_it_follows_a_key_rotation_and_serves_on(
-    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site
+def test_it_follows_a_key_rotation(
+    live_control_plane: ControlPlane, edge_node: Callable[..., EdgeNode], site_berlin: Site,
+    rotate_signing_key: Callable[[], str],
 ) -> None:
     node = edge_node(site_berlin, "gw-1")
     wait_applied(node, 1)
-    old = keys.current().fingerprint
-    try:
-        new = keys.signing_key_rotate(actor=Actor.system("test"))
-        wait_until(lambda: node.status()["signing_key_fingerprint"] == new, timeout=20,
-                   what=f"the node to pin the new key\n{node.log_text()}")
-        assert f"pinned the control plane's new signing key {new[:16]}" in node.log_text()
-        services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"after": "rotation"})
-        status = wait_applied(node, published(node))
-        assert status["desired_state"]["labels"] == {"after": "rotation"} and refusals(node) == []
-        # Restarted, it verifies its state with the key it pinned.
-        node.stop()
-        node.start()
-        wait_until(lambda: "loaded desired state generation" in node.log_text(), what="the restarted node")
-        assert node.status()["desired_state"]["verified"] is True
-    finally:
-        _put_back_key(old)
-
-
-def _put_back_key(fingerprint: str) -> None:
-    """Put the session's original key file back: the control plane of later tests signs with it."""
-    path = Path(settings.SIGNING_KEY_PATH)
-    retired = path.with_name(f"{path.name}.retired-{fingerprint[:16]}")
-    if retired.exists():
-        os.replace(retired, path)
-    SigningKey.objects.all().delete()
-    Epoch.objects.all().delete()
-    keys.forget()
+    new = rotate_signing_key()
+    wait_until(lambda: node.status()["signing_key_fingerprint"] == new, timeout=20,
+               what=f"the node to pin the new key\n{node.log_text()}")
+    assert f"pinned the control plane's new signing key {new[:16]}" in node.log_text()
+    services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"after": "rotation"})
+    status = wait_applied(node, published(node))
+    assert status["desired_state"]["labels"] == {"after": "rotation"} and refusals(node) == []
+    # Restarted, it verifies its state with the key it pinned.
+    node.stop()
+    node.start()
+    wait_until(lambda: "loaded desired state generation" in node.log_text(), what="the restarted node")
+    assert node.status()["desired_state"]["verified"] is True
 
 
 def test_it_carries_on_while_the_control_plane_is_down_and_resyncs_when_it_returns(

@@ -108,6 +108,18 @@ def test_it_reports_a_refusal_on_every_sync_until_a_state_applies(state: StateDi
     assert again.sync_request().actual.refusing is None and "refusing" not in again.health().message
 
 
+def test_it_ends_a_refusal_when_the_control_plane_offers_the_applied_state_again(state: StateDir,
+                                                                                 key: Ed25519PrivateKey) -> None:
+    agent = Agent(state)
+    applied = signing.sign_desired_state(in_epoch(4, "e1", T0), key)
+    assert consider(agent, applied)
+    assert not consider(agent, signing.sign_desired_state(in_epoch(5, "e1", T0), signing.generate_private_key()))
+    assert agent.sync_request().actual.refusing is not None
+    # The forged offer is gone: the control plane offers what the node holds.
+    assert not consider(agent, applied)
+    assert agent.sync_request().actual.refusing is None and state.load_status().refusing is None
+
+
 def test_it_refuses_an_older_signed_state_copied_onto_disk_at_start(state: StateDir, key: Ed25519PrivateKey) -> None:
     old = signing.sign_desired_state(in_epoch(3, "e1", T0, old="yes"), key)
     agent = Agent(state)

@@ -173,6 +173,9 @@ def test_it_creates_and_revokes_tokens_through_their_services(admin_client_: Cli
     shown = [str(m) for m in response.context["messages"]]
     value = next(m.split(": ", 1)[1].split(" ", 1)[0] for m in shown if "enrollment token for" in m)
     assert services.token_check(site=site_berlin, value=value) == token
+    # Shown once in the page, never carried in a cookie (messages live in the server-side session).
+    cookies = [v.OutputString() for v in admin_client_.cookies.values()]
+    assert cookies and not any(value in c for c in cookies)
     assert token.max_uses == 2 and token.note == "line 3"
     assert AuditEvent.objects.filter(action="token.create", object_id=str(token.uuid), actor="admin").count() == 1
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from django.test import Client
 from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
+from models_registry.models import ModelVersion
 from orchestrator import keys
 from orchestrator.models import Epoch, SigningKey
 from sites import services
@@ -220,3 +223,77 @@ def test_it_stops_a_control_plane_process_whose_key_is_missing(node: tuple[Node,
         assert done.returncode != 0, what
         assert f"signing key {tmp_path / 'gone.pem'} (EDGEWISE_SIGNING_KEY_PATH) is missing" in done.stderr, what
     assert not (tmp_path / "gone.pem").exists()
+
+
+def test_it_refuses_to_make_a_key_on_an_upgraded_database_that_already_signed(key_path: Path,
+                                                                             node: tuple[Node, str]) -> None:
+    services.desired_state_publish(node=node[0], actor=Actor.system("test"))
+    # A control plane from before keys were recorded: signed states, no key rows, and the file lost.
+    SigningKey.objects.all().delete()
+    Epoch.objects.all().delete()
+    key_path.unlink()
+    keys.forget()
+    with pytest.raises(keys.SigningKeyError, match=f"{key_path} .* is missing, but this database holds desired"):
+        keys.current()
+    assert not key_path.exists()
+    # Nor does it take on another key in its place.
+    keys.write_key_file(key_path, signing.generate_private_key())
+    with pytest.raises(keys.SigningKeyError, match="holds desired states signed with key"):
+        keys.current()
+
+
+def test_it_takes_on_the_rotated_key_when_the_database_is_restored_from_before_the_rotation(
+    key_path: Path, node: tuple[Node, str]
+) -> None:
+    db, credential = node
+    old = keys.current()
+    version = valid_version()
+    keys.signing_key_rotate(actor=Actor.system("test"))
+    new = keys.current()
+    # The backup knew only the old key (the file beside it holds the new one, which nodes pinned).
+    SigningKey.objects.filter(fingerprint=new.fingerprint).delete()
+    SigningKey.objects.filter(fingerprint=old.fingerprint).update(retired_at=None)
+    Epoch.objects.exclude(key_fingerprint=old.fingerprint).delete()
+    ModelVersion.objects.filter(pk=version.pk).update(signature=signing.sign_artifact(version.sha256, old.key))
+    keys.forget()
+    trust = keys.current()
+    assert trust.fingerprint == new.fingerprint and trust.epoch != old.epoch
+    assert SigningKey.objects.get(retired_at__isnull=True).fingerprint == new.fingerprint
+    version.refresh_from_db()
+    signing.verify_artifact(version.sha256, version.signature, signing.public_key_from_b64(keys.public_key_b64()))
+    # A node that pinned the new key gets states it verifies with that key.
+    answer = protocol.SignedDesiredState.model_validate(sync(credential, db)["desired"])
+    assert answer.key_fingerprint == new.fingerprint
+
+
+def test_it_believes_a_node_ahead_of_the_database_only_within_bounds(node: tuple[Node, str]) -> None:
+    db, credential = node
+    sync(credential, db)
+    epoch = keys.current().epoch
+    claim = 1 + services.MAX_AHEAD + 1
+    assert sync(credential, db, applied_generation=claim, applied_epoch=epoch)["generation"] == 1
+
+
+def test_it_publishes_the_other_nodes_when_one_has_no_generation_left(site_berlin: Site,
+                                                                      node: tuple[Node, str]) -> None:
+    db, _ = node
+    _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    other, _ = services.node_enroll(request=protocol.EnrollRequest(token=token, name="gw-2"), ip=None)
+    services.desired_state_publish(node=db, actor=Actor.system("test"))
+    DesiredState.objects.filter(node=db).update(generation=services.GENERATION_MAX)
+    before = DesiredState.objects.get(node=other).generation
+    services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"line": "9"})
+    assert DesiredState.objects.get(node=other).generation == before + 1
+    assert DesiredState.objects.get(node=db).generation == services.GENERATION_MAX
+
+
+def test_it_says_what_to_do_when_a_refusing_node_is_in_an_epoch_it_does_not_know(
+    node: tuple[Node, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    db, credential = node
+    refusal = protocol.Refusal(generation=1, reason="older than epoch", at=dt.datetime.now(dt.UTC))
+    with caplog.at_level(logging.ERROR, logger="edgewise.sites"):
+        sync(credential, db, applied_generation=7, applied_epoch=keys.current().epoch, refusing=refusal)
+        assert "does not know" not in caplog.text
+        sync(credential, db, applied_generation=7, applied_epoch=str(uuid.uuid4()), refusing=refusal)
+    assert "which this database does not know" in caplog.text and "manage.py epoch_start" in caplog.text

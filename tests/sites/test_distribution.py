@@ -304,6 +304,7 @@ def test_it_parses_a_range_against_the_file_size() -> None:
 # -- the signing key's proof ---------------------------------------------------
 
 
+@pytest.mark.django_db
 def test_it_proves_it_holds_the_signing_key_for_a_challenge(client: Client) -> None:
     challenge = secrets.token_hex(32)
     response = client.get("/agent/v1/signing-key", {"challenge": challenge})

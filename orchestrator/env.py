@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -82,6 +83,10 @@ def secret_key_ensure(path: Path) -> str:
             except OSError as exc:
                 raise ConfigError(f"{what} cannot be created ({exc}); set EDGEWISE_SECRET_KEY or "
                                   "EDGEWISE_SECRET_KEY_FILE") from exc
+            else:
+                # Said once, by the process that made it: where the key is, and how to set one instead.
+                print(f"edgewise: generated a secret key in {path} (kept for later runs; set EDGEWISE_SECRET_KEY "
+                      "or EDGEWISE_SECRET_KEY_FILE to use your own)", file=sys.stderr)
         finally:
             os.unlink(tmp)
     try:

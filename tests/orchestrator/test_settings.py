@@ -290,12 +290,16 @@ def test_it_refuses_a_secret_file_it_cannot_read_naming_the_variable_and_the_pat
         env_secret("EDGEWISE_X")
 
 
-def test_it_keeps_one_generated_key_owner_only_across_runs(tmp_path: Path) -> None:
+def test_it_keeps_one_generated_key_owner_only_across_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
     path = tmp_path / "var" / "secret_key"
     first = secret_key_ensure(path)
     assert len(first) >= 50
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Making it is said, with where it is; reusing it is not.
+    assert f"generated a secret key in {path}" in capsys.readouterr().err
     assert secret_key_ensure(path) == first
+    assert "generated" not in capsys.readouterr().err
     # Another install gets a key of its own: nothing built in.
     assert secret_key_ensure(tmp_path / "other" / "secret_key") != first
 

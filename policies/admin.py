@@ -134,7 +134,8 @@ class AuditedPrincipalAdmin(NotFoundAdminMixin):
     entity = ""
 
     def _roles(self, obj: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        """What is audited of ``obj``: each subclass (users, groups) says which of its fields count."""
+        raise NotImplementedError(f"{type(self).__name__} must say what of a {self.entity or 'principal'} is audited")
 
     def save_model(self, request: Any, obj: Any, form: Any, change: bool) -> None:
         form.audit_before = self._roles(obj) if change else None

@@ -29,11 +29,6 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return signing.generate_private_key()
-
-
-@pytest.fixture
 def state(tmp_path: Path, key: Ed25519PrivateKey) -> StateDir:
     state = StateDir(tmp_path / "node")
     state.save_identity(identity_for(key))

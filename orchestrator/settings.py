@@ -237,6 +237,7 @@ INSTALLED_APPS = [
     "sites",
     "models_registry",
     "policies.queries",
+    "demo",
 ]
 
 MIDDLEWARE = [

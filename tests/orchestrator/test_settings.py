@@ -328,7 +328,7 @@ def test_it_runs_embedded_with_a_generated_key_that_the_next_run_and_the_demo_ch
 import django, subprocess, sys
 django.setup()
 from django.conf import settings
-from orchestrator.management.commands.demo import Command
+from demo.management.commands.demo import Command
 env = Command().child_env("http://127.0.0.1:8000")
 child = subprocess.run([sys.executable, "-c", {PROBE!r}], env=env, capture_output=True, text=True, check=True)
 print(child.stdout.strip().splitlines()[-1])

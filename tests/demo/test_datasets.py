@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from demo import datasets, fleet, training
 from edge_runtime.data.catalog import Catalog
-from orchestrator import demo
 from policies.models import PolicyVersion
 from tests.models_registry.helpers import make_node
 from tests.queries.helpers import answer_locally, create, register_catalog
@@ -19,24 +19,24 @@ from tests.queries.helpers import answer_locally, create, register_catalog
 def test_it_writes_each_sites_datasets_in_every_kind_and_queries_answer_over_them(
     tmp_path: Path, admin_user: Any
 ) -> None:
-    demo.sites_ensure()
-    demo.data_policy_ensure()
-    demo.data_policy_ensure()
+    fleet.sites_ensure()
+    datasets.data_policy_ensure()
+    datasets.data_policy_ensure()
     assert PolicyVersion.objects.filter(policy__kind="data").count() == 1
     nodes: dict[str, Any] = {}
     kinds: dict[str, set[str]] = {}
     means: dict[str, float] = {}
-    for slug, (name, _) in demo.DATA_NODES.items():
+    for slug, (name, _) in datasets.DATA_NODES.items():
         folder = tmp_path / slug
-        assert demo.node_datasets_ensure(folder, slug, name) == ["sensor_readings", "production", "defects"]
-        assert demo.node_datasets_ensure(folder, slug, name) == []  # written once
-        assert demo.node_datasets_ensure(tmp_path / "other", slug, "line-3") == []  # only the keeper has data
+        assert datasets.node_datasets_ensure(folder, slug, name) == ["sensor_readings", "production", "defects"]
+        assert datasets.node_datasets_ensure(folder, slug, name) == []  # written once
+        assert datasets.node_datasets_ensure(tmp_path / "other", slug, "line-3") == []  # only the keeper has data
         schemas = {s.name: s for s in Catalog.from_state_dir(folder).check()}
-        assert schemas["sensor_readings"].row_count == demo.DEMO_READINGS
+        assert schemas["sensor_readings"].row_count == datasets.DEMO_READINGS
         assert schemas["production"].row_count > 300 and schemas["defects"].row_count >= 200
-        assert schemas["sensor_readings"].column_names[3:] == list(demo.FEATURES)
+        assert schemas["sensor_readings"].column_names[3:] == list(training.FEATURES)
         kinds[slug] = {s.kind for s in schemas.values()}
-        frame = demo.plant_datasets(slug)["sensor_readings"][0]
+        frame = datasets.plant_datasets(slug)["sensor_readings"][0]
         means[slug] = float(frame["temperature_c"].mean())
         from sites.models import Site
 
@@ -49,14 +49,14 @@ def test_it_writes_each_sites_datasets_in_every_kind_and_queries_answer_over_the
 
     from sites.models import Site
 
-    sites = list(Site.objects.filter(slug__in=demo.DATA_NODES))
+    sites = list(Site.objects.filter(slug__in=datasets.DATA_NODES))
     by_line = create(admin_user, sites, {"dataset": "sensor_readings", "group_by": ["line"],
                                          "time_bucket": {"column": "ts", "interval": "day"},
                                          "aggregates": [{"op": "count"}, {"op": "mean", "column": "temperature_c"}]})
     answer_locally(by_line, nodes)
     by_line.refresh_from_db()
-    lines = sum(len(p.lines) for p in demo.PLANTS.values())
-    assert by_line.state == "complete" and len(by_line.merged()["rows"]) == lines * demo.DEMO_DAYS
+    lines = sum(len(p.lines) for p in datasets.PLANTS.values())
+    assert by_line.state == "complete" and len(by_line.merged()["rows"]) == lines * datasets.DEMO_DAYS
     # The hospital's rule keeps machines out of its defect groups: it refuses, the others answer.
     by_machine = create(admin_user, sites, {"dataset": "defects", "group_by": ["machine"],
                                             "aggregates": [{"op": "count"}]})

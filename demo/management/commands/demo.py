@@ -1,41 +1,33 @@
 """``manage.py demo``: the control plane and a small fleet of real edge runtimes on loopback.
 
 It migrates, resets the ``admin`` password, makes sure the demo regions and
-sites exist and the demo models are trained, valid and deployed
-(``orchestrator.demo``), then starts as child processes the
-control plane (uvicorn), a Celery worker and beat, and for each demo site one
-or two ``edge-runtime`` processes, each enrolled with a fresh one-use token and
-kept in ``DATA_DIR/demo-nodes/<site>/<node>`` so that the next run reuses it
-(with the site's demo datasets and ``datasets.json`` written there for the
-node that keeps its data, see ``orchestrator.demo.node_datasets_ensure``),
-and prints each node's inference URL and a ``curl`` command that calls a
-demo model on one of them. Without ``EDGEWISE_SECRET_KEY`` the children get
-the key the settings generated in ``DATA_DIR/secret_key``, the same on every
-run. Then it supervises until Ctrl-C or SIGTERM and
-stops every child it started.
-
-Children run in sessions of their own, so a Ctrl-C in the terminal reaches
-only this process, which stops the nodes first and the control plane last.
-On Linux each child also gets SIGTERM if this process dies without cleaning
-up (``PR_SET_PDEATHSIG``), so a killed demo leaves nothing running.
+sites exist (``demo.fleet``) and the demo models are trained, valid and
+deployed (``demo.training``), then starts as child processes
+(``demo.processes``) the control plane (uvicorn), a Celery worker and beat,
+and for each demo site one or two ``edge-runtime`` processes, each enrolled
+with a fresh one-use token and kept in ``DATA_DIR/demo-nodes/<site>/<node>``
+so that the next run reuses it (with the site's demo datasets and
+``datasets.json`` written there for the node that keeps its data, see
+``demo.datasets.node_datasets_ensure``), and prints each node's inference URL
+and a ``curl`` command that calls a demo model on one of them. Without
+``EDGEWISE_SECRET_KEY`` the children get the key the settings generated in
+``DATA_DIR/secret_key``, the same on every run. Then it supervises until
+Ctrl-C or SIGTERM and stops every child it started: the nodes first, the
+control plane last.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -44,97 +36,14 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
-from orchestrator import demo, keys
+from demo import datasets, fleet, training
+from demo.processes import Child, Stop, free_port_from, port_free, raise_stop, stop_all
+from orchestrator import keys
 from sites.models import Site
 
 DEMO_SYNC_INTERVAL_S = "5"
 DEMO_SWEEP_INTERVAL_S = "5"
-STOP_TIMEOUT_S = 15.0
 HEALTH_TIMEOUT_S = 60.0
-
-
-class Stop(Exception):
-    """Raised by the signal handler: leave the supervision loop and clean up."""
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    raise Stop(signal.Signals(signum).name)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to send SIGTERM
-    # when the demo process goes away, even by SIGKILL.
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    log: Path
-    core: bool  # a core child's death ends the demo; a node's does not
-    inference_url: str = ""  # a node's Open Inference Protocol API
-    site: str = ""  # a node's site slug
-    proc: subprocess.Popen[bytes] | None = None
-    reported_exit: bool = False
-    _log_fh: IO[bytes] | None = field(default=None, repr=False)
-
-    def start(self, env: dict[str, str], cwd: Path) -> None:
-        self._log_fh = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log_fh, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,  # no threads here, so preexec_fn is safe
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
-
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def close_log(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-def _stop_all(children: list[Child]) -> None:
-    """SIGTERM every running child, wait, then SIGKILL what is left. Safe to call twice."""
-    running = [c.proc for c in children if c.proc is not None and c.proc.poll() is None]
-    for proc in running:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-            # A node paused with `kill -STOP` (to fake a lost link) acts on SIGTERM only once continued.
-            proc.send_signal(signal.SIGCONT)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for proc in running:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for child in children:
-        child.close_log()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        # As uvicorn binds: connections of a previous run in TIME_WAIT do not count.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _default_port() -> int:
@@ -173,31 +82,24 @@ class Command(BaseCommand):
         port = options["port"] or _default_port()
         url = f"http://127.0.0.1:{port}"
         self.banner_mode()
-        if not _port_free(port):
+        if not port_free(port):
             raise CommandError(f"port {port} on 127.0.0.1 is in use; pass --port or set EDGEWISE_DEMO_PORT")
 
         data_dir = Path(settings.DATA_DIR)
-        logs = data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        if settings.EMBEDDED:
-            # Kombu's filesystem transport expects its folders to exist.
-            for key in ("data_folder_in", "processed_folder", "control_folder"):
-                folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(key)
-                if folder:
-                    Path(folder).mkdir(parents=True, exist_ok=True)
+        logs = _folders_ensure(data_dir)
 
         self.say("Migrating the database ...")
         call_command("migrate", interactive=False, verbosity=0)
-        password = demo.admin_reset()
-        sites = demo.sites_ensure()
+        password = fleet.admin_reset()
+        sites = fleet.sites_ensure()
         self.say(f"Demo sites: {', '.join(f'{s.slug} ({s.region.name})' for s in sites)}")
         self.ensure_models(sites)
         # What the demo nodes may answer to federated queries (kept if an operator wrote their own).
-        demo.data_policy_ensure()
+        datasets.data_policy_ensure()
 
         env = self.child_env(url)
         children: list[Child] = []
-        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         reason = "stopped"
         try:
             self.start_core(children, env, port, logs, data_dir)
@@ -216,8 +118,8 @@ class Command(BaseCommand):
             if children:
                 self.say(f"\nStopping the demo ({reason}) ...")
             # Nodes first, so the control plane sees them go; the control plane last.
-            _stop_all([c for c in children if not c.core])
-            _stop_all([c for c in children if c.core])
+            stop_all([c for c in children if not c.core])
+            stop_all([c for c in children if c.core])
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.say("Every demo process has stopped.")
@@ -228,7 +130,7 @@ class Command(BaseCommand):
         # variant; the outcome of every check is in the version's validation log anyway.
         logging.disable(logging.WARNING)
         try:
-            states = demo.models_ensure(sites)
+            states = training.models_ensure(sites)
         finally:
             logging.disable(logging.NOTSET)
         for state in states:
@@ -348,13 +250,13 @@ class Command(BaseCommand):
         # skipping any that something on this machine already holds.
         serve_port = int(urlsplit(url).port or 8000) + 99
         for site in sites:
-            for spec in demo.site_spec(site.slug).nodes:
+            for spec in fleet.site_spec(site.slug).nodes:
                 state_dir = data_dir / "demo-nodes" / site.slug / spec.name
                 if not self.enrolled(site, spec.name, state_dir, url):
                     if not self.enroll(exe, env, site, spec, state_dir, url, fingerprint):
                         continue
-                serve_port = _free_port_from(serve_port + 1)
-                written = demo.node_datasets_ensure(state_dir, site.slug, spec.name)
+                serve_port = free_port_from(serve_port + 1)
+                written = datasets.node_datasets_ensure(state_dir, site.slug, spec.name)
                 if written:
                     self.say(f"  wrote demo datasets for {site.slug}/{spec.name}: {', '.join(written)}")
                 nodes.append(self.start_child(children, Child(
@@ -371,7 +273,7 @@ class Command(BaseCommand):
         or belongs to another database or port) so the name can enroll again.
         """
         marker = _marker(state_dir)
-        node = demo.node_active(site, name)
+        node = fleet.node_active(site, name)
         try:
             record = json.loads(marker.read_text())
         except (OSError, ValueError):
@@ -380,21 +282,21 @@ class Command(BaseCommand):
             self.say(f"  reusing {site.slug}/{name} (enrolled before, state in {state_dir})")
             return True
         if node is not None:
-            demo.node_retire(node)
+            fleet.node_retire(node)
         return False
 
-    def enroll(self, exe: list[str], env: dict[str, str], site: Site, spec: demo.DemoNode, state_dir: Path, url: str,
+    def enroll(self, exe: list[str], env: dict[str, str], site: Site, spec: fleet.DemoNode, state_dir: Path, url: str,
                fingerprint: str) -> bool:
         shutil.rmtree(state_dir, ignore_errors=True)
         _marker(state_dir).unlink(missing_ok=True)
         state_dir.parent.mkdir(parents=True, exist_ok=True)
-        token = demo.enrollment_token(site)
+        token = fleet.enrollment_token(site)
         # The token goes in on stdin: it is on no process's command line.
         argv = [*exe, "enroll", "--url", url, "--token-stdin", "--fingerprint", fingerprint, "--name", spec.name,
                 "--role", spec.role, "--state-dir", str(state_dir)]
         result = subprocess.run(argv, cwd=settings.BASE_DIR, env=env, input=f"{token}\n", capture_output=True,
                                 text=True, timeout=120, check=False)
-        node = demo.node_active(site, spec.name)
+        node = fleet.node_active(site, spec.name)
         if result.returncode != 0 or node is None:
             # One node that fails to enroll should not take the demo down; say why.
             self.say(self.style.ERROR(
@@ -415,7 +317,7 @@ class Command(BaseCommand):
             self.style.SUCCESS("Edgewise demo is running."),
             f"  Console:  {url}/",
             f"  Admin:    {url}/admin/",
-            f"  Login:    {demo.ADMIN_USERNAME} / {password}   (a new password on every run)",
+            f"  Login:    {fleet.ADMIN_USERNAME} / {password}   (a new password on every run)",
             f"  Logs:     {logs}",
         ]
         if nodes:
@@ -437,12 +339,12 @@ class Command(BaseCommand):
 
     def curl_example(self, nodes: list[Child]) -> tuple[str, str] | None:
         """(what it does, the command): the defect classifier called on the first node that should serve it."""
-        model = demo.MODELS[0]
+        model = training.MODELS[0]
         node = next((n for n in nodes if n.site in self.deployed.get(model.slug, ())), None)
         if node is None:
             return None
         what = f"{model.slug} on {node.name.removeprefix('node ')} scores one sensor reading"
-        return what, demo.curl_command(node.inference_url, model.slug)
+        return what, training.curl_command(node.inference_url, model.slug)
 
     def supervise(self, children: list[Child], env: dict[str, str]) -> None:
         interval = _seconds(env, "EDGEWISE_SYNC_INTERVAL", 10.0)
@@ -461,23 +363,19 @@ class Command(BaseCommand):
             time.sleep(0.5)
 
 
+def _folders_ensure(data_dir: Path) -> Path:
+    """The demo's log folder, and in embedded mode the broker's folders, made if missing; returns the log folder."""
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    if settings.EMBEDDED:
+        # Kombu's filesystem transport expects its folders to exist.
+        for key in ("data_folder_in", "processed_folder", "control_folder"):
+            folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(key)
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+    return logs
+
+
 def _marker(state_dir: Path) -> Path:
     # Beside the state directory, not in it: that directory belongs to the edge runtime.
     return state_dir.parent / f"{state_dir.name}.demo.json"
-
-
-def _free_port_from(port: int, tries: int = 50) -> int:
-    """The first port from ``port`` on that 127.0.0.1 lets a server listen on now.
-
-    An outgoing connection's own port blocks a listener on it too, and the
-    ports next to the control plane's are often just those.
-    """
-    for candidate in range(port, min(port + tries, 65536)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    raise CommandError(f"no free port for a demo node's inference API between {port} and {port + tries - 1}")

@@ -23,8 +23,8 @@ from django.conf import settings
 from django.contrib.auth import authenticate
 
 from audit.models import AuditEvent
+from demo import fleet, training
 from models_registry.models import Deployment, Model, ModelVersion
-from orchestrator import demo
 from sites.models import Site
 from tests.fixtures.processes import BIN, REPO, free_port, wait_until
 
@@ -36,8 +36,8 @@ NODES = {("plant-berlin", "gw-1"), ("plant-berlin", "line-3"), ("store-042", "po
 
 @pytest.mark.django_db
 def test_it_creates_the_demo_sites_once_with_their_audit_events() -> None:
-    demo.sites_ensure()
-    demo.sites_ensure()
+    fleet.sites_ensure()
+    fleet.sites_ensure()
     sites = {s.slug: s for s in Site.objects.select_related("region")}
     assert set(sites) == {"plant-berlin", "store-042", "hospital-osaka"}
     assert len({s.region_id for s in sites.values()}) == 3
@@ -49,8 +49,8 @@ def test_it_creates_the_demo_sites_once_with_their_audit_events() -> None:
 
 @pytest.mark.django_db
 def test_it_gives_admin_a_new_password_on_every_run() -> None:
-    first = demo.admin_reset()
-    second = demo.admin_reset()
+    first = fleet.admin_reset()
+    second = fleet.admin_reset()
     assert first != second
     assert authenticate(username="admin", password=first) is None
     user = authenticate(username="admin", password=second)
@@ -59,12 +59,12 @@ def test_it_gives_admin_a_new_password_on_every_run() -> None:
 
 
 def test_it_trains_the_same_demo_models_on_every_run() -> None:
-    first, second = demo.models_train(), demo.models_train()
+    first, second = training.models_train(), training.models_train()
     assert set(first) == {"defect-classifier", "wear-regressor"}
     # The same bytes, hence the same content-addressed artifact.
     assert first == second
 
-    readings = demo.plant_data(rows=5, seed=1)[0]
+    readings = training.plant_data(rows=5, seed=1)[0]
     classifier = ort.InferenceSession(first["defect-classifier"], providers=["CPUExecutionProvider"])
     assert [(i.name, i.type, i.shape) for i in classifier.get_inputs()] == [("features", "tensor(float)", [None, 8])]
     # Plain tensors (no ZipMap), which Open Inference Protocol clients can read.
@@ -73,7 +73,7 @@ def test_it_trains_the_same_demo_models_on_every_run() -> None:
     label, probabilities = classifier.run(None, {"features": readings})
     assert label.shape == (5,) and probabilities.shape == (5, 2)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    sample = np.asarray([demo.SAMPLE_READING], dtype=np.float32)
+    sample = np.asarray([training.SAMPLE_READING], dtype=np.float32)
     assert classifier.run(None, {"features": sample})[1][0, 1] > 0.5, "the curl's reading should look defective"
 
     regressor = ort.InferenceSession(first["wear-regressor"], providers=["CPUExecutionProvider"])
@@ -84,9 +84,9 @@ def test_it_trains_the_same_demo_models_on_every_run() -> None:
 
 @pytest.mark.django_db
 def test_it_registers_validates_and_deploys_the_demo_models_once() -> None:
-    sites = demo.sites_ensure()
-    first = demo.models_ensure(sites)
-    second = demo.models_ensure(demo.sites_ensure())
+    sites = fleet.sites_ensure()
+    first = training.models_ensure(sites)
+    second = training.models_ensure(fleet.sites_ensure())
 
     assert [s.version.pk for s in first] == [s.version.pk for s in second]
     assert Model.objects.count() == 2 and ModelVersion.objects.count() == 2
@@ -97,7 +97,7 @@ def test_it_registers_validates_and_deploys_the_demo_models_once() -> None:
     assert [v.kind for v in versions["defect-classifier"].variants.all()] == ["int8"]
     assert versions["wear-regressor"].preferred_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     # What the registry stored is what training gives again: the artifact is reproducible.
-    trained = demo.models_train()
+    trained = training.models_train()
     assert {slug: hashlib.sha256(data).hexdigest() for slug, data in trained.items()} == {
         slug: v.sha256 for slug, v in versions.items()}
 
@@ -113,12 +113,12 @@ def test_it_registers_validates_and_deploys_the_demo_models_once() -> None:
 
 
 def test_it_writes_a_curl_command_that_carries_one_reading() -> None:
-    command = demo.curl_command("http://127.0.0.1:8100")
+    command = training.curl_command("http://127.0.0.1:8100")
     match = re.fullmatch(r"curl -s (\S+) -H 'Content-Type: application/json' -d '([^']+)'", command)
     assert match is not None, command
     assert match.group(1) == "http://127.0.0.1:8100/v2/models/defect-classifier/infer"
     assert json.loads(match.group(2)) == {"inputs": [{"name": "features", "shape": [1, 8], "datatype": "FP32",
-                                                       "data": list(demo.SAMPLE_READING)}]}
+                                                       "data": list(training.SAMPLE_READING)}]}
 
 
 # -- the whole demo, as processes ---------------------------------------------
@@ -297,7 +297,7 @@ def test_it_runs_the_demo_fleet_and_stops_every_process(demo_database: str, tmp_
 
         # A batch for the regressor on the same node: one wear value per reading.
         base = curl.group(1).removesuffix("/v2/models/defect-classifier/infer")
-        readings = demo.plant_data(rows=3, seed=2)[0]
+        readings = training.plant_data(rows=3, seed=2)[0]
         wear = httpx.post(f"{base}/v2/models/wear-regressor/infer", json={"inputs": [{
             "name": "features", "shape": [3, 8], "datatype": "FP32", "data": readings.ravel().tolist()}]}, timeout=30)
         assert wear.status_code == 200, wear.text

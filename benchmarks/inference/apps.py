@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from edge_runtime.serving.app import JSON_TYPE, Answer, HTTPError, OIPApp, Reply
+from edge_runtime.serving.answer import JSON_TYPE
+from edge_runtime.serving.app import Answer, OIPApp, Reply
 from edge_runtime.serving.batcher import ModelUnavailable
+from edge_runtime.serving.request import HTTPError, parse_request
 from edge_runtime.serving.tensors import Array
 
 
@@ -28,7 +30,7 @@ class Naive(WithNoop):
     def infer(self, name: str, version: str | None, headers: dict[bytes, bytes], body: bytes, reply: Reply) -> None:
         served = self._resolve(name, version)
         started = time.perf_counter()
-        request, feeds, wanted = self._parse(served, body, headers)
+        request, feeds, wanted = parse_request(served, body, headers)
         if served.batcher.closing:
             raise HTTPError(503, str(ModelUnavailable()))
         work = asyncio.get_running_loop().run_in_executor(self.registry.executor, served.model.run, feeds)

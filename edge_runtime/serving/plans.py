@@ -89,7 +89,7 @@ class JsonOutputs(list[tuple[str, bool]]):
     """A JSON plan's outputs (every one, as JSON), with the fixed parts of its answers once built.
 
     The answer is then those parts, each output's shape and its numbers: the
-    same bytes as :meth:`~edge_runtime.serving.app.OIPApp._respond_whole` writes, without building and
+    same bytes as :func:`~edge_runtime.serving.answer.respond_whole` writes, without building and
     serialising the dictionaries around them for every request.
     """
 

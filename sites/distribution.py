@@ -104,7 +104,7 @@ def dist_files() -> list[DistFile]:
     """Everything the index lists: the runtime wheel first, then the wheelhouse."""
     runtime = wheel.runtime_wheel()
     files = [DistFile(filename=runtime.filename, sha256=runtime.sha256, size=runtime.size, data=runtime.data,
-                      requires_python=wheel.REQUIRES_PYTHON)]
+                      requires_python=runtime.requires_python)]
     # A wheelhouse file named like the runtime wheel never shadows the code
     # this control plane actually runs.
     files += [f for f in wheelhouse_files() if f.filename != runtime.filename]

@@ -13,9 +13,12 @@ Guarantees:
   plane. Installers pin that sha256.
 - Current: the cache is keyed by a digest of the source files, so a control
   plane whose code was upgraded in place serves the new code at once.
-- Self-consistent: version and requirements are read from the package source
-  on disk (not from the module imported when the process started), so the
-  metadata always describes the code inside the same wheel.
+- Self-consistent: the version is read from ``edge_runtime/__init__.py`` and
+  the name, requirements and scripts from ``edge_runtime/pyproject.toml`` on
+  disk (not from the module imported when the process started), so the
+  metadata always describes the code inside the same wheel. That pyproject is
+  the edge runtime's own distribution, the one place its requirements are
+  written; it is read, not shipped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import base64
 import hashlib
 import io
 import threading
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +36,18 @@ from pathlib import Path
 import edge_runtime
 
 PACKAGE = "edge_runtime"
-DIST_NAME = "edge-runtime"
 SOURCE_DIR = Path(edge_runtime.__file__).resolve().parent
-REQUIRES_PYTHON = ">=3.11"
 TAG = "py3-none-any"
-SUMMARY = "Edgewise edge runtime: agent, model server, data engine, policy and audit for one node"
-ENTRY_POINTS = "[console_scripts]\nedge-runtime = edge_runtime.cli:main\n"
+# The edge runtime's distribution: read for the metadata, never shipped.
+PROJECT_FILE = f"{PACKAGE}/pyproject.toml"
 
 # Which files of the package directory are part of the distribution. An
 # explicit list rather than "everything" so an editor's swap file or a stray
 # local database never ends up on every site.
 _SUFFIXES = {".py", ".pyi", ".json", ".sql", ".txt", ".toml", ".html"}
 _NAMES = {"py.typed"}
+# What a local `pip install -e ./edge_runtime` leaves in the folder.
+_BUILD_DIRS = {"build", "dist"}
 # The earliest time a zip entry can carry; any fixed value makes builds repeatable.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _FILE_MODE = 0o100644 << 16
@@ -60,6 +64,7 @@ class Wheel:
     sha256: str
     version: str
     requires: tuple[str, ...]
+    requires_python: str
 
     @property
     def size(self) -> int:
@@ -77,7 +82,9 @@ def source_files(source_dir: Path = SOURCE_DIR) -> list[tuple[str, bytes]]:
     files: list[tuple[str, bytes]] = []
     for path in source_dir.rglob("*"):
         rel = path.relative_to(source_dir)
-        if any(part == "__pycache__" or part.startswith(".") for part in rel.parts):
+        if any(part == "__pycache__" or part.startswith(".") or part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if rel.parts[0] in _BUILD_DIRS:
             continue
         if not path.is_file() or not (path.suffix in _SUFFIXES or path.name in _NAMES):
             continue
@@ -86,31 +93,62 @@ def source_files(source_dir: Path = SOURCE_DIR) -> list[tuple[str, bytes]]:
     return files
 
 
-def _metadata_from_source(init_source: bytes) -> tuple[str, tuple[str, ...]]:
-    """``__version__`` and ``REQUIRES`` as written in ``edge_runtime/__init__.py``."""
-    found: dict[str, object] = {}
+@dataclass(frozen=True)
+class _Project:
+    """What the wheel's metadata says, read from the package source."""
+
+    name: str
+    version: str
+    summary: str
+    requires_python: str
+    requires: tuple[str, ...]
+    scripts: dict[str, str]
+
+
+def _version_from_source(init_source: bytes) -> str:
+    """``__version__`` as written in ``edge_runtime/__init__.py``."""
     try:
         body = ast.parse(init_source).body
     except SyntaxError as exc:
         raise WheelError(f"{PACKAGE}/__init__.py does not parse: {exc}") from exc
+    version: object = None
     for node in body:
         target: ast.expr | None = None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
             target = node.target
-        if isinstance(target, ast.Name) and target.id in {"__version__", "REQUIRES"}:
+        if isinstance(target, ast.Name) and target.id == "__version__":
             try:
-                found[target.id] = ast.literal_eval(node.value)  # type: ignore[arg-type]
+                version = ast.literal_eval(node.value)  # type: ignore[arg-type]
             except ValueError:
-                found[target.id] = None  # not a literal: reported below by name
-    version = found.get("__version__")
-    requires = found.get("REQUIRES")
+                version = None  # not a literal: reported below by name
     if not isinstance(version, str) or not version:
         raise WheelError(f"{PACKAGE}/__init__.py must assign __version__ a literal string")
-    if not isinstance(requires, tuple | list) or not all(isinstance(r, str) for r in requires):
-        raise WheelError(f"{PACKAGE}/__init__.py must assign REQUIRES a literal tuple of strings")
-    return version, tuple(requires)
+    return version
+
+
+def _project(init_source: bytes, pyproject: bytes | None) -> _Project:
+    """The metadata: the version from ``__init__.py``, the rest from the edge runtime's ``pyproject.toml``."""
+    version = _version_from_source(init_source)
+    if pyproject is None:
+        raise WheelError(f"{PROJECT_FILE} is missing from the source files")
+    try:
+        project = tomllib.loads(pyproject.decode())["project"]
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError) as exc:
+        raise WheelError(f"{PROJECT_FILE} has no readable [project] table: {exc}") from exc
+    requires = project.get("dependencies", [])
+    scripts = project.get("scripts", {})
+    if not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise WheelError(f"{PROJECT_FILE}: [project] dependencies must be a list of strings")
+    if not isinstance(scripts, dict) or not all(isinstance(v, str) for v in scripts.values()):
+        raise WheelError(f"{PROJECT_FILE}: [project.scripts] must map names to strings")
+    fields = {key: project.get(key) for key in ("name", "description", "requires-python")}
+    missing = sorted(key for key, value in fields.items() if not isinstance(value, str) or not value)
+    if missing:
+        raise WheelError(f"{PROJECT_FILE}: [project] needs {', '.join(missing)}")
+    return _Project(name=str(fields["name"]), version=version, summary=str(fields["description"]),
+                    requires_python=str(fields["requires-python"]), requires=tuple(requires), scripts=scripts)
 
 
 def _record_hash(data: bytes) -> str:
@@ -118,15 +156,16 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def _dist_info(version: str, requires: tuple[str, ...]) -> list[tuple[str, bytes]]:
+def _dist_info(project: _Project) -> list[tuple[str, bytes]]:
+    version = project.version
     metadata = [
         "Metadata-Version: 2.1",
-        f"Name: {DIST_NAME}",
+        f"Name: {project.name}",
         f"Version: {version}",
-        f"Summary: {SUMMARY}",
+        f"Summary: {project.summary}",
         "License: Apache-2.0",
-        f"Requires-Python: {REQUIRES_PYTHON}",
-        *(f"Requires-Dist: {req}" for req in requires),
+        f"Requires-Python: {project.requires_python}",
+        *(f"Requires-Dist: {req}" for req in project.requires),
     ]
     wheel = [
         "Wheel-Version: 1.0",
@@ -134,22 +173,25 @@ def _dist_info(version: str, requires: tuple[str, ...]) -> list[tuple[str, bytes
         "Root-Is-Purelib: true",
         f"Tag: {TAG}",
     ]
+    entry_points = "[console_scripts]\n" + "".join(f"{name} = {target}\n" for name, target in project.scripts.items())
     info = f"{PACKAGE}-{version}.dist-info"
     return [
         (f"{info}/METADATA", ("\n".join(metadata) + "\n").encode()),
         (f"{info}/WHEEL", ("\n".join(wheel) + "\n").encode()),
-        (f"{info}/entry_points.txt", ENTRY_POINTS.encode()),
+        (f"{info}/entry_points.txt", entry_points.encode()),
         (f"{info}/top_level.txt", f"{PACKAGE}\n".encode()),
     ]
 
 
 def build_wheel(files: list[tuple[str, bytes]]) -> Wheel:
     """Build the wheel from ``source_files()`` output. Pure: same input, same bytes."""
-    init = dict(files).get(f"{PACKAGE}/__init__.py")
+    by_name = dict(files)
+    init = by_name.get(f"{PACKAGE}/__init__.py")
     if init is None:
         raise WheelError(f"{PACKAGE}/__init__.py is missing from the source files")
-    version, requires = _metadata_from_source(init)
-    entries = list(files) + _dist_info(version, requires)
+    project = _project(init, by_name.get(PROJECT_FILE))
+    version = project.version
+    entries = [(name, data) for name, data in files if name != PROJECT_FILE] + _dist_info(project)
     record_name = f"{PACKAGE}-{version}.dist-info/RECORD"
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries)
     record += f"{record_name},,\n"
@@ -170,7 +212,8 @@ def build_wheel(files: list[tuple[str, bytes]]) -> Wheel:
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
         version=version,
-        requires=requires,
+        requires=project.requires,
+        requires_python=project.requires_python,
     )
 
 

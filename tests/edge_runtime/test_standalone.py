@@ -27,9 +27,17 @@ def test_it_imports_every_edge_runtime_module_without_django() -> None:
     assert result.stdout.startswith("ok")
 
 
-def test_it_declares_the_same_requirements_as_the_edge_extra() -> None:
+def test_it_is_a_distribution_of_its_own_that_lists_every_subpackage() -> None:
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert tuple(pyproject["project"]["optional-dependencies"]["edge"]) == edge_runtime.REQUIRES
+    root = Path(edge_runtime.__file__).resolve().parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {"edge_runtime", *(f"edge_runtime.{'.'.join(p.parent.relative_to(root).parts)}"
+                                 for p in root.rglob("*.py")
+                                 if p.parent != root and not {"__pycache__", "build"} & set(p.relative_to(root).parts))}
+    assert setuptools["package-dir"] == {"edge_runtime": "."}
+    assert set(setuptools["packages"]) == on_disk
+    control_plane = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    assert "edge-runtime" in control_plane["project"]["dependencies"]
+    assert "edge_runtime*" not in control_plane["tool"]["setuptools"]["packages"]["find"]["include"]

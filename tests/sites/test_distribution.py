@@ -27,6 +27,7 @@ from sites import distribution, wheel
 
 REPO = Path(__file__).resolve().parents[2]
 DIST = "/agent/v1/dist/"
+EDGE_PROJECT = tomllib.loads((REPO / "edge_runtime" / "pyproject.toml").read_text())["project"]
 
 
 def _zip(data: bytes) -> zipfile.ZipFile:
@@ -118,21 +119,47 @@ def test_it_records_every_file_with_its_hash_and_size() -> None:
         "[console_scripts]", "edge-runtime = edge_runtime.cli:main"]
 
 
-def test_it_requires_what_the_runtime_and_the_edge_extra_require() -> None:
+def test_it_requires_what_the_edge_runtime_distribution_requires() -> None:
     built = wheel.runtime_wheel()
     metadata = _metadata(built)
     assert metadata["Metadata-Version"] == "2.1"
-    assert metadata["Name"] == "edge-runtime"
+    assert metadata["Name"] == "edge-runtime" == EDGE_PROJECT["name"]
     assert metadata["Version"] == edge_runtime.__version__
-    assert metadata["Requires-Python"] == ">=3.11"
+    assert metadata["Requires-Python"] == ">=3.11" == built.requires_python
     requires = metadata.get_all("Requires-Dist")
-    assert tuple(requires) == edge_runtime.REQUIRES == built.requires
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert sorted(pyproject["project"]["optional-dependencies"]["edge"]) == sorted(requires)
+    assert tuple(requires) == tuple(EDGE_PROJECT["dependencies"]) == built.requires
+    assert {"httpx>=0.27", "cryptography>=42", "pydantic>=2.6", "websockets>=12", "onnxruntime>=1.18",
+            "orjson>=3.10"} <= set(requires)
+    # Declared once: the control plane depends on the edge runtime by name and repeats none of its extras.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "edge-runtime" in pyproject["dependencies"]
+    assert "edge" not in pyproject.get("optional-dependencies", {})
+    assert not [r for r in requires if r.lower().startswith(("django", "celery", "channels"))]
+
+
+def test_it_reads_the_pyproject_but_ships_no_build_leftovers(tmp_path: Path) -> None:
+    copy = tmp_path / "edge_runtime"
+    shutil.copytree(wheel.SOURCE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    clean = wheel.runtime_wheel(copy)
+    # What `pip install -e ./edge_runtime` and `pip wheel ./edge_runtime` leave behind.
+    for leftover in ("edge_runtime.egg-info/SOURCES.txt", "build/lib/edge_runtime/cli.py"):
+        (copy / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (copy / leftover).write_text("leftover\n")
+    assert wheel.runtime_wheel(copy).sha256 == clean.sha256
+    names = _zip(clean.data).namelist()
+    assert "edge_runtime/pyproject.toml" not in names
+    assert not [n for n in names if "egg-info" in n or n.startswith("edge_runtime/build/")]
+
+
+def test_it_refuses_a_package_without_its_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "__init__.py").write_text('__version__ = "1.0"\n')
+    with pytest.raises(wheel.WheelError, match="pyproject.toml is missing"):
+        wheel.runtime_wheel(tmp_path)
 
 
 def test_it_refuses_a_package_without_a_literal_version(tmp_path: Path) -> None:
-    (tmp_path / "__init__.py").write_text("__version__ = compute()\nREQUIRES = ()\n")
+    (tmp_path / "__init__.py").write_text("__version__ = compute()\n")
+    shutil.copy2(wheel.SOURCE_DIR / "pyproject.toml", tmp_path / "pyproject.toml")
     with pytest.raises(wheel.WheelError, match="__version__"):
         wheel.runtime_wheel(tmp_path)
 
@@ -162,7 +189,7 @@ def test_it_installs_with_pip_into_a_fresh_venv(tmp_path: Path) -> None:
     version, location, requires = probe.stdout.splitlines()
     assert version == edge_runtime.__version__
     assert location.startswith(str(venv))
-    assert requires == str(sorted(edge_runtime.REQUIRES))
+    assert requires == str(sorted(built.requires))
 
 
 # -- the index ---------------------------------------------------------------

@@ -9,7 +9,7 @@ CI fills that cache once in its setup step with::
     .venv/bin/python -m pip download --only-binary=:all: --dest var/wheelhouse-cache \\
         'httpx>=0.27' 'cryptography>=42' 'pydantic>=2.6' 'websockets>=12'
 
-(the requirements are ``edge_runtime.REQUIRES``). When the cache cannot
+(the requirements are those of ``edge_runtime/pyproject.toml``). When the cache cannot
 satisfy them, the session fixture runs that command itself, once.
 """
 
@@ -40,6 +40,10 @@ from tests.fixtures.processes import REPO, ControlPlane, process_env, wait_until
 
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 NOT_A_FINGERPRINT = "0" * 64
+# What the edge runtime's wheel requires: its own distribution's dependencies.
+REQUIRES = wheel.runtime_wheel().requires
+# The control plane's own stack, which a site must never get.
+CONTROL_PLANE_ONLY = ("django", "celery", "channels", "edgewise")
 
 
 # -- fixtures ----------------------------------------------------------------
@@ -48,7 +52,7 @@ NOT_A_FINGERPRINT = "0" * 64
 def _resolves_offline(folder: Path) -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--find-links", str(folder), *edge_runtime.REQUIRES],
+         "--disable-pip-version-check", "--find-links", str(folder), *REQUIRES],
         capture_output=True, text=True,
     )
     return result.returncode == 0
@@ -56,17 +60,17 @@ def _resolves_offline(folder: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def dependency_wheels() -> Path:
-    """A folder of wheels that satisfies ``edge_runtime.REQUIRES`` for this Python, offline."""
+    """A folder of wheels that satisfies the runtime's requirements for this Python, offline."""
     folder = Path(os.environ.get("EDGEWISE_WHEELHOUSE_CACHE", REPO / "var" / "wheelhouse-cache"))
     folder.mkdir(parents=True, exist_ok=True)
     if not _resolves_offline(folder):
         # One-time setup, the same command as CI's; never needed once the cache is filled.
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--quiet",
-             "--disable-pip-version-check", "--dest", str(folder), *edge_runtime.REQUIRES],
+             "--disable-pip-version-check", "--dest", str(folder), *REQUIRES],
             check=True,
         )
-    assert _resolves_offline(folder), f"{folder} does not satisfy {edge_runtime.REQUIRES} offline"
+    assert _resolves_offline(folder), f"{folder} does not satisfy {REQUIRES} offline"
     return folder
 
 
@@ -160,6 +164,7 @@ def test_it_installs_enrolls_and_starts_a_node_that_syncs(
     started_pids.append(_started_pid(first.stdout))
     node = Node.objects.get(site=site_berlin, name="line-3")
     assert node.runtime_version == edge_runtime.__version__
+    _assert_runtime_alone(prefix)
 
     def online() -> bool:
         node.refresh_from_db()
@@ -183,6 +188,25 @@ def test_it_installs_enrolls_and_starts_a_node_that_syncs(
     assert Node.objects.filter(site=site_berlin).count() == 1
     token_row.refresh_from_db()
     assert token_row.uses == 1
+
+
+def _assert_runtime_alone(prefix: Path) -> None:
+    """The site's environment holds the edge runtime and its requirements, none of the control plane."""
+    probe = subprocess.run(
+        # -I and cwd: the repository's own edge_runtime/ must not be what gets imported.
+        [str(prefix / "bin" / "python"), "-I", "-c",
+         "import importlib.metadata as m, json, edge_runtime, edge_runtime.cli, edge_runtime.serving;"
+         "print(json.dumps(sorted(d.metadata['Name'].lower() for d in m.distributions())))"],
+        capture_output=True, text=True, timeout=60, env=process_env(), cwd=prefix,
+    )
+    assert probe.returncode == 0, probe.stderr
+    installed = json.loads(probe.stdout)
+    assert "edge-runtime" in installed
+    assert [name for name in installed if name.startswith(CONTROL_PLANE_ONLY)] == []
+    helped = subprocess.run([str(prefix / "bin" / "edge-runtime"), "--help"], capture_output=True, text=True,
+                            timeout=60, env=process_env(), cwd=prefix)
+    assert helped.returncode == 0, helped.stderr
+    assert "enroll" in helped.stdout
 
 
 def _processes_holding(secret: str, state_dir: Path) -> tuple[list[list[str]], list[str]]:

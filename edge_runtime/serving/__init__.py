@@ -4,8 +4,9 @@
 * :mod:`.registry` holds the served versions, swaps them hot, keeps the last good one;
 * :mod:`.batcher` batches concurrent requests per model version;
 * :mod:`.app` is the OIP v2 REST API (JSON and binary tensors) and ``/metrics``;
+* :mod:`.request` reads an inference request into the model's feeds, :mod:`.answer` writes its answer;
 * :mod:`.plans` keeps what the request path works out once per request shape;
-* :mod:`.http` is the node's own HTTP/1.1 layer;
+* :mod:`.http` is the node's own HTTP/1.1 layer, :mod:`.http_server` the side that accepts and sweeps;
 * :mod:`.server` runs it on an asyncio loop (:func:`run_server`);
 * :mod:`.workers` serves from several processes on one port (``python -m edge_runtime.serving.worker``);
 * :mod:`.standalone` serves a folder of ``.onnx`` files with no control plane.

@@ -28,7 +28,7 @@ request's ``parameters.binary_data_output``), in the same layout
 refuses is given to the standard library before it is called invalid, so the
 NaN and Infinity that Python clients may send are still accepted. Requests
 are parsed and answered on the event loop, large ones too (see
-docs/decisions for why).
+docs/decisions/0002-model-server-json-on-the-loop.md).
 """
 
 from __future__ import annotations

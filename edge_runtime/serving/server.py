@@ -23,8 +23,8 @@ from edge_runtime.serving.http import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_KEEP_ALIVE_S,
     DEFAULT_MAX_CONNECTIONS,
-    HTTPServer,
 )
+from edge_runtime.serving.http_server import HTTPServer
 from edge_runtime.serving.registry import ModelRegistry, settle_heap
 
 if TYPE_CHECKING:

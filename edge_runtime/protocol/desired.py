@@ -1,0 +1,126 @@
+"""What the control plane answers a node's sync: the signed desired state with its key chain, federated
+queries and nudges (lenient: a field the node does not know is ignored)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edge_runtime.protocol.base import PROTOCOL_VERSION, Received, WireModel
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+
+
+class DesiredModel(Received):
+    """One model version a node should serve, and how."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    version: str = Field(min_length=1, max_length=50)
+    # The artifact this node gets (the original or a hardware variant).
+    variant: str = Field(default="original", max_length=20)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=1)
+    # Ed25519 over signing.artifact_message(sha256), base64: checked before
+    # onnxruntime sees a byte of the file.
+    signature: str
+    classification: int = Field(default=0, ge=0, le=3)
+    # Execution providers in order of preference; empty: the node's own order.
+    providers: list[str] = Field(default_factory=list, max_length=16)
+    # Providers the model cannot run without; a node lacking one refuses it.
+    required_providers: list[str] = Field(default_factory=list, max_length=16)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+
+
+class DesiredState(Received):
+    """What one node should be doing. Signed by the control plane.
+
+    Generations count up within an **epoch**. The control plane starts a new
+    epoch when its signing key changes, when it runs on another database, and
+    when an operator says so after restoring a backup (``manage.py
+    epoch_start``); a node orders epochs by ``epoch_started_at`` and accepts a
+    later epoch's state whatever its generation, so a control plane whose
+    generations went back can always reach its nodes again. Both fields are
+    inside the signed payload: an epoch change is as signed as the state.
+    """
+
+    node_id: str
+    generation: int = Field(ge=1)
+    # The epoch's id ("" from a control plane older than epochs) and when it started.
+    epoch: str = Field(default="", max_length=64)
+    epoch_started_at: dt.datetime | None = None
+    issued_at: dt.datetime
+    sync_interval_s: float = Field(gt=0)
+    site: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    models: list[DesiredModel] = Field(default_factory=list)
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class KeyEndorsement(Received):
+    """A new signing key, signed by the key before it: how a node learns of a key rotation.
+
+    ``signature`` is the previous key's Ed25519 signature over
+    :func:`edge_runtime.signing.endorsement_message` of the other fields. A
+    node that pinned ``previous_fingerprint`` verifies it and pins the new key.
+    """
+
+    public_key: str
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    previous_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
+    issued_at: dt.datetime
+    signature: str
+
+
+class SignedDesiredState(Received):
+    # The desired state exactly as signed: canonical JSON of DesiredState.
+    payload: str
+    # Ed25519 signature over the payload's UTF-8 bytes, base64.
+    signature: str
+    key_fingerprint: str
+    # Every key rotation of this control plane, oldest first: the path from
+    # whatever key a node pinned to the key that signed this document.
+    key_chain: list[KeyEndorsement] = Field(default_factory=list, max_length=64)
+
+
+# A query's id: the control plane's uuid for the query at one site.
+QUERY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# Largest query answer the control plane accepts (a site's policy caps its output far lower by default).
+MAX_QUERY_RESULT_BYTES = 16 * 1024 * 1024
+
+
+class QueryRequest(Received):
+    """A federated query waiting for this node (see ``edge_runtime.data``)."""
+
+    query_id: str = Field(pattern=QUERY_ID_PATTERN)
+    # The query document (edge_runtime.data.spec.QuerySpec), validated by the node.
+    spec: dict[str, Any]
+    # After this the node does not start (or finish) the query; its answer would be too late.
+    deadline: dt.datetime | None = None
+
+
+class SyncResponse(Received):
+    protocol: Literal[1] = PROTOCOL_VERSION
+    generation: int
+    # Only present when the node's applied generation differs from ``generation``.
+    desired: SignedDesiredState | None = None
+    sync_interval_s: float
+    # Queries waiting for this node's answer. Offered on every sync until the
+    # answer arrives; the node runs each query id at most once.
+    queries: list[QueryRequest] = Field(default_factory=list, max_length=100)
+
+
+class Nudge(Received):
+    type: Literal["sync"] = "sync"
+    generation: int = 0
+
+
+class ErrorBody(WireModel):
+    error: str
+    field: str | None = None
+
+
+# -- telemetry over the stream ------------------------------------------------

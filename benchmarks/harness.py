@@ -262,9 +262,9 @@ class Environment:
                                  f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
         return result.stdout
 
-    def shell_json(self, code: str) -> Any:
+    def shell_json(self, code: str, *, timeout: float = 300) -> Any:
         """Run ``code`` in ``manage.py shell``; it must print one JSON document as its last line."""
-        out = self.manage("shell", "-c", code)
+        out = self.manage("shell", "-c", code, timeout=timeout)
         lines = [line for line in out.splitlines() if line.strip()]
         if not lines:
             raise BenchmarkError("manage.py shell printed nothing")

@@ -105,6 +105,24 @@ class _Recorder:
         if counts(t1):
             self.latencies.append(t1 - t0)
 
+    def result(self, name: str, concurrency: int, *, duration_s: float, seconds: float, client_cpu: float,
+               server_cpu: float | None = None) -> PhaseResult:
+        """The phase's figures: throughput is what counted over ``seconds``; ``duration_s`` is reported."""
+        return PhaseResult(
+            name=name,
+            concurrency=concurrency,
+            duration_s=duration_s,
+            requests=len(self.latencies),
+            throughput_rps=round(len(self.latencies) / seconds, 2),
+            latency_ms=latency_summary_ms(self.latencies),
+            errors=self.errors,
+            errors_total=self.errors_total,
+            error_kinds=dict(self.kinds),
+            first_error=self.first_error,
+            client_cpu=client_cpu,
+            server_cpu=server_cpu,
+        )
+
 
 async def closed_loop(
     name: str,
@@ -136,17 +154,8 @@ async def closed_loop(
         cpu["client1"], cpu["server1"] = time.process_time(), server_cpu() if server_cpu else 0.0
 
     await asyncio.gather(sample_cpu(), *(worker() for _ in range(concurrency)))
-    return PhaseResult(
-        name=name,
-        concurrency=concurrency,
-        duration_s=duration,
-        requests=len(rec.latencies),
-        throughput_rps=round(len(rec.latencies) / duration, 2),
-        latency_ms=latency_summary_ms(rec.latencies),
-        errors=rec.errors,
-        errors_total=rec.errors_total,
-        error_kinds=dict(rec.kinds),
-        first_error=rec.first_error,
+    return rec.result(
+        name, concurrency, duration_s=duration, seconds=duration,
         client_cpu=round((cpu["client1"] - cpu["client0"]) / duration, 3),
         server_cpu=round((cpu["server1"] - cpu["server0"]) / duration, 3) if server_cpu else None,
     )
@@ -170,16 +179,5 @@ async def each_once(
     start, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total)))))
     elapsed = max(time.perf_counter() - start, 1e-9)
-    return PhaseResult(
-        name=name,
-        concurrency=min(concurrency, total),
-        duration_s=round(elapsed, 3),
-        requests=len(rec.latencies),
-        throughput_rps=round(len(rec.latencies) / elapsed, 2),
-        latency_ms=latency_summary_ms(rec.latencies),
-        errors=rec.errors,
-        errors_total=rec.errors_total,
-        error_kinds=dict(rec.kinds),
-        first_error=rec.first_error,
-        client_cpu=round((time.process_time() - cpu0) / elapsed, 3),
-    )
+    return rec.result(name, min(concurrency, total), duration_s=round(elapsed, 3), seconds=elapsed,
+                      client_cpu=round((time.process_time() - cpu0) / elapsed, 3))

@@ -52,11 +52,9 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from benchmarks.harness import machine, write_report
+from benchmarks.query.data import TEMPERATURE_AGGREGATES, generate
 from edge_runtime.data.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
@@ -64,56 +62,17 @@ from edge_runtime.data.merge import merge_results
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.policy.data import DataPolicy, DatasetRule, SiteFacts
 
-CHUNK_ROWS = 1_000_000
-START = np.datetime64("2024-03-04T00:00:00", "s")
 SPEC: dict[str, Any] = {
     "dataset": "readings",
     "group_by": ["line", "machine"],
     "time_bucket": {"column": "ts", "interval": "hour"},
-    "aggregates": [
-        {"op": "count"},
-        {"op": "mean", "column": "temperature"},
-        {"op": "std", "column": "temperature"},
-        {"op": "min", "column": "temperature"},
-        {"op": "max", "column": "temperature"},
-    ],
+    "aggregates": TEMPERATURE_AGGREGATES,
 }
 DUCKDB_SQL = """
 SELECT line, machine, date_trunc('hour', ts) AS bucket, count(*) AS n, avg(temperature) AS mean,
        stddev_samp(temperature) AS std, min(temperature) AS min, max(temperature) AS max
 FROM read_parquet(?) GROUP BY ALL
 """
-SCHEMA = pa.schema([
-    ("line", pa.string()), ("machine", pa.string()), ("ts", pa.timestamp("us")), ("temperature", pa.float64()),
-    ("vibration", pa.float64()), ("parts", pa.int32()), ("defect", pa.bool_()),
-])
-
-
-def generate(path: Path, rows: int, *, seed: int, lines: int = 8, machines: int = 12, days: int = 14) -> None:
-    """Plant sensor readings, written in chunks: each (line, machine) runs at its own temperature and drift."""
-    rng = np.random.default_rng(seed)
-    line_names = np.array([f"L{seed % 97:02d}-{i + 1}" for i in range(lines)], dtype=object)
-    machine_names = np.array([f"M{i + 1:02d}" for i in range(machines)], dtype=object)
-    base = rng.normal(60, 6, size=(lines, machines))
-    span_s = days * 86_400
-    with pq.ParquetWriter(path, SCHEMA, compression="snappy") as writer:
-        for start in range(0, rows, CHUNK_ROWS):
-            n = min(CHUNK_ROWS, rows - start)
-            li = rng.integers(0, lines, n)
-            mi = rng.integers(0, machines, n)
-            offset = np.sort(rng.integers(0, span_s, n))
-            daily = 3 * np.sin(2 * np.pi * (offset % 86_400) / 86_400)
-            temperature = base[li, mi] + daily + rng.normal(0, 1.5, n)
-            temperature[rng.random(n) < 0.002] = np.nan  # sensor dropouts
-            vibration = rng.gamma(2.0, 0.4 + 0.05 * mi, n)
-            table = pa.table({
-                "line": line_names[li], "machine": machine_names[mi], "ts": START + offset.astype("timedelta64[s]"),
-                "temperature": temperature, "vibration": vibration,
-                "parts": rng.poisson(12, n).astype(np.int32), "defect": rng.random(n) < 0.01 + 0.002 * li,
-            }, schema=SCHEMA)
-            writer.write_table(table, row_group_size=CHUNK_ROWS)
-
-
 def timed_pair(first: Callable[[], Any], second: Callable[[], Any], repeat: int) -> tuple[float, Any, float, Any]:
     """Median wall seconds of ``repeat`` runs of each after one warm-up, and their last results.
 
@@ -167,7 +126,11 @@ def node_benchmark(folder: Path, rows: int, repeat: int) -> dict[str, Any]:
     return figures
 
 
-def federation_benchmark(folder: Path, sites: int, site_rows: int, workers: int, repeat: int) -> dict[str, Any]:
+SiteNode = tuple[Catalog, DataPolicy, SiteFacts, NodeAudit]
+
+
+def federation_sites(folder: Path, sites: int, site_rows: int) -> tuple[list[SiteNode], list[str]]:
+    """Each site's catalog, data policy (k = 5), facts and audit log over its own Parquet file; and the files."""
     nodes = []
     files = []
     for i in range(sites):
@@ -181,13 +144,19 @@ def federation_benchmark(folder: Path, sites: int, site_rows: int, workers: int,
                                       base_dir=site_dir)
         policy = DataPolicy(datasets={"readings": DatasetRule()}, min_group_size=5)
         nodes.append((catalog, policy, SiteFacts(site=f"plant-{i:02d}"), NodeAudit(site_dir / "audit.sqlite3")))
+    return nodes, files
 
-    def answer(node: tuple[Catalog, DataPolicy, SiteFacts, NodeAudit], spec_text: str) -> str:
-        catalog, policy, facts, audit = node
-        result = run_query(json.loads(spec_text), catalog=catalog, policy=policy, site_facts=facts, audit=audit,
-                           query_id="bench")
-        return result.model_dump_json()
 
+def site_answer(node: SiteNode, spec_text: str) -> str:
+    """A site's answer in its JSON wire form, as a node posts it."""
+    catalog, policy, facts, audit = node
+    result = run_query(json.loads(spec_text), catalog=catalog, policy=policy, site_facts=facts, audit=audit,
+                       query_id="bench")
+    return result.model_dump_json()
+
+
+def federation_benchmark(folder: Path, sites: int, site_rows: int, workers: int, repeat: int) -> dict[str, Any]:
+    nodes, files = federation_sites(folder, sites, site_rows)
     timings: dict[str, float] = {}
     wire_bytes = 0
 
@@ -196,7 +165,7 @@ def federation_benchmark(folder: Path, sites: int, site_rows: int, workers: int,
         started = time.perf_counter()
         spec_text = json.dumps(SPEC)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            answers = list(pool.map(lambda node: answer(node, spec_text), nodes))
+            answers = list(pool.map(lambda node: site_answer(node, spec_text), nodes))
         answered = time.perf_counter()
         results = [QueryResult.model_validate_json(text) for text in answers]
         merged = merge_results(SPEC, results, query_id="bench")
@@ -255,7 +224,7 @@ def compare(merged: Any, reference: list[Any]) -> dict[str, Any]:
     return {"groups_compared": len(frame), "groups_in_duckdb": len(reference), "max_relative_difference": worst}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000],
                         help="rows of the single-node file(s)")
@@ -269,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-repeat", type=int, default=5)
     parser.add_argument("--e2e-workers", type=int, default=2, help="uvicorn workers of the control plane")
     parser.add_argument("--output", default="")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="edgewise-bench-query-"))
     report: dict[str, Any] = {"benchmark": "query", "machine": machine(), "spec": SPEC, "node": [],
                               "federation": None, "end_to_end": None}

@@ -26,9 +26,7 @@ the baseline.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.harness import BenchmarkError, Environment, machine, raise_on_sigterm, timed, write_report
+from benchmarks import cli
+from benchmarks.harness import BenchmarkError, Environment, raise_on_sigterm
 
 TARGET_S = 5.0
 
@@ -48,10 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wave", type=int, default=100,
                    help="nodes in the wave that is published: the canary (default 100, 1 %% of 10000)")
     p.add_argument("--repeats", type=int, default=3, help="baseline loads; the median counts (default 3)")
-    p.add_argument("--keep-db", action="store_true", help="keep the database afterwards (its name is printed)")
-    p.add_argument("--db-name", default=f"edgewise_bench_rollout_{os.getpid()}",
-                   help="name of the database to create (must not exist)")
-    p.add_argument("--output", default="", help="report path (default benchmarks/results/rollout-<timestamp>.json)")
+    cli.add_database_options(p, "rollout")
     args = p.parse_args(argv)
     if not 1 <= args.nodes <= 100_000:
         p.error("--nodes must be between 1 and 100000")
@@ -69,12 +65,9 @@ def say(message: str) -> None:
 
 
 def _call(env: Environment, call: str) -> Any:
-    out = env.manage("shell", "-c", f"import json\nfrom benchmarks.rollout import work\nprint(json.dumps({call}))",
-                     timeout=1800)
-    lines = [line for line in out.splitlines() if line.strip()]
-    if not lines:
-        raise BenchmarkError("manage.py shell printed nothing")
-    return json.loads(lines[-1])
+    """The JSON result of ``call`` (an expression over ``benchmarks.rollout.work``) in ``manage.py shell``."""
+    return env.shell_json(f"import json\nfrom benchmarks.rollout import work\nprint(json.dumps({call}))",
+                          timeout=1800)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -97,23 +90,16 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_on_sigterm()
-    report: dict[str, Any] = {
-        "benchmark": "rollout",
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": {k: getattr(args, k) for k in ("nodes", "sites", "wave", "repeats")},
-        "machine": machine(),
-    }
-    try:
+    report = cli.report_header("rollout", args, ("nodes", "sites", "wave", "repeats"))
+
+    def body() -> None:
         # A long sync interval keeps every simulated node "online" however long the setup takes.
         with Environment(db_name=args.db_name, keep_db=args.keep_db,
                          extra_env={"EDGEWISE_SYNC_INTERVAL": "3600"}) as env:
-            say(f"database {env.db.name}, data dir {env.data_dir}")
-            env.db.create()
-            with timed() as t_migrate:
-                env.manage("migrate", "--no-input")
+            migrate_s = cli.migrate_fresh(env, say)
             say(f"creating {args.nodes} simulated nodes over {args.sites} sites and publishing their desired states")
             setup = _call(env, f"work.setup({args.nodes}, {args.sites})")
-            report["setup"] = {"migrate_s": round(t_migrate["s"], 2), **setup}
+            report["setup"] = {"migrate_s": round(migrate_s, 2), **setup}
             say("measuring: load the nodes (baseline), plan the rollout, publish its first wave")
             measured = _call(env, f"work.measure({json.dumps(setup['version'])}, {args.wave}, {args.repeats})")
             if measured["wave_published_nodes"] != min(args.wave, measured["planned_nodes"]) or \
@@ -126,16 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             report["within_target"] = measured["plan_and_publish_s"] < TARGET_S
             if args.keep_db:
                 say(f"kept database {env.db.name} ({env.db.url})")
-    except BenchmarkError as exc:
-        say(f"failed: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; database dropped")
-        return 130
-    path = write_report("rollout", report, args.output)
-    print(table(report))
-    print(f"\nreport: {path}")
-    return 0
+
+    return cli.run("rollout", report, body, say=say, output=args.output, table=table,
+                   interrupted="interrupted; database dropped")
 
 
 if __name__ == "__main__":

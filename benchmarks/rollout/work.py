@@ -85,14 +85,20 @@ def setup(nodes: int, sites: int) -> dict[str, Any]:
                                        signature=signed.signature, key_fingerprint=signed.key_fingerprint,
                                        epoch=trust.epoch, published_at=now))
     DesiredState.objects.bulk_create(states, batch_size=1000)
-    # Every node reports it applied its desired state and serves 1.0.0.
+    _applied_report(trust.epoch)
+    return {"nodes": nodes, "sites": sites, "version": str(v2.uuid), "setup_s": round(time.perf_counter() - started, 2)}
+
+
+def _applied_report(epoch: int) -> None:
+    """Every node reports it applied its desired state and serves 1.0.0."""
+    from sites.models import Node
+
     reported = list(Node.objects.select_related("desired"))
     for node in reported:
         node.applied_generation = node.desired.generation
-        node.actual_state = {"applied_generation": node.applied_generation, "applied_epoch": trust.epoch, "models": [
+        node.actual_state = {"applied_generation": node.applied_generation, "applied_epoch": epoch, "models": [
             {"name": "bench-model", "version": "1.0.0", "state": "serving", "variant": "original"}]}
     Node.objects.bulk_update(reported, ["applied_generation", "actual_state"], batch_size=2000)
-    return {"nodes": nodes, "sites": sites, "version": str(v2.uuid), "setup_s": round(time.perf_counter() - started, 2)}
 
 
 def _load_nodes() -> int:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,8 @@ if __package__ in (None, ""):
 
 import httpx
 
-from benchmarks.harness import BenchmarkError, ControlPlane, Environment, machine, raise_on_sigterm, timed, write_report
+from benchmarks import cli
+from benchmarks.harness import BenchmarkError, ControlPlane, Environment, raise_on_sigterm, timed
 from benchmarks.loadgen import PhaseResult, RequestFailed, closed_loop, each_once
 from benchmarks.sync.fleet import Fleet
 from edge_runtime import protocol
@@ -77,24 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sync", description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (1..10000, default 1000)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
-    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per phase (default 30)")
-    p.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds before each window (default 5)")
+    cli.add_window_options(p)
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
     p.add_argument("--enroll-concurrency", type=int, default=16, help="enrollments in flight (default 16)")
-    p.add_argument("--keep-db", action="store_true", help="keep the database afterwards (its name is printed)")
-    p.add_argument("--db-name", default=f"edgewise_bench_sync_{os.getpid()}",
-                   help="name of the database to create (must not exist; default edgewise_bench_sync_<pid>)")
     p.add_argument("--settings", default="", help="DJANGO_SETTINGS_MODULE for the control plane, to compare "
                                                   "configurations (default: orchestrator.settings)")
-    p.add_argument("--output", default="", help="report path (default benchmarks/results/sync-<timestamp>.json)")
+    cli.add_database_options(p, "sync")
     args = p.parse_args(argv)
     if not 1 <= args.nodes <= 10_000:
         p.error("--nodes must be between 1 and 10000 (a token allows at most 10000 uses)")
-    for name in ("concurrency", "workers", "enroll_concurrency"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.duration <= 0 or args.warmup < 0:
-        p.error("--duration must be positive and --warmup not negative")
+    cli.check_positive(p, args, ("concurrency", "workers", "enroll_concurrency"))
+    cli.check_window(p, args)
     return args
 
 
@@ -105,52 +97,62 @@ def _require_clean(phase: PhaseResult) -> None:
                              f"requests failed ({phase.error_kinds}); first: {phase.first_error}")
 
 
-async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[str, Any]:
-    fleet = Fleet(args.nodes)
-    # A node never has two syncs in flight, so there can be no more in flight than nodes.
-    concurrency = min(args.concurrency, args.nodes)
+def connect(cp: ControlPlane, in_flight: int) -> httpx.AsyncClient:
+    # A fresh pool per phase: connections left idle while the previous
+    # phase drained could be closed by the server's keep-alive timeout
+    # just as the next phase reuses them, which would count as errors.
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    return httpx.AsyncClient(base_url=cp.url, limits=limits, timeout=httpx.Timeout(30.0))
 
-    def connect(in_flight: int) -> httpx.AsyncClient:
-        # A fresh pool per phase: connections left idle while the previous
-        # phase drained could be closed by the server's keep-alive timeout
-        # just as the next phase reuses them, which would count as errors.
-        limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
-        return httpx.AsyncClient(base_url=cp.url, limits=limits, timeout=httpx.Timeout(30.0))
 
-    say(f"enrolling {args.nodes} nodes ({args.enroll_concurrency} at a time)")
-    async with connect(args.enroll_concurrency) as client:
-        enrolled = await each_once("enroll", fleet.nodes, lambda node: node.enroll(client, token),
-                                   concurrency=args.enroll_concurrency)
-    _require_clean(enrolled)
-
+async def settle(fleet: Fleet, cp: ControlPlane, concurrency: int) -> list[PhaseResult]:
+    """Every node's first sync (its desired state, verified) and the sync that reports it applied."""
     say("settling: first sync (desired state, verified), then reporting it applied")
-    settle: list[PhaseResult] = []
+    settled: list[PhaseResult] = []
     for name in ("first_sync", "report_applied"):
-        async with connect(concurrency) as client:
+        async with connect(cp, concurrency) as client:
             phase = await each_once(name, fleet.nodes, lambda node: node.sync(client), concurrency=concurrency)
         _require_clean(phase)
-        settle.append(phase)
-    first, applied = settle
+        settled.append(phase)
     unsettled = [n.name for n in fleet.nodes if n.applied_generation < 1 or n.desired_received != 1]
     if unsettled:
         raise BenchmarkError(f"{len(unsettled)} nodes did not settle on a verified desired state, "
                              f"e.g. {unsettled[:3]}")
+    return settled
 
-    window = f"{args.warmup:g}s warm-up + {args.duration:g}s"
-    say(f"baseline: GET /agent/v1/health, {concurrency} in flight, {window}")
-    async with connect(concurrency) as client:
+
+async def health_baseline(args: argparse.Namespace, cp: ControlPlane, concurrency: int) -> PhaseResult:
+    """The closed loop against ``GET /agent/v1/health``, which touches no database."""
+    async with connect(cp, concurrency) as client:
         async def health() -> None:
             resp = await client.get(f"{protocol.API_PREFIX}/health")
             if resp.status_code != 200:
                 raise RequestFailed(f"health {resp.status_code}", resp.text[:200])
             resp.json()
 
-        baseline = await closed_loop("health", health, concurrency=concurrency, warmup=args.warmup,
-                                     duration=args.duration, server_cpu=cp.cpu_seconds)
+        return await closed_loop("health", health, concurrency=concurrency, warmup=args.warmup,
+                                 duration=args.duration, server_cpu=cp.cpu_seconds)
+
+
+async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[str, Any]:
+    fleet = Fleet(args.nodes)
+    # A node never has two syncs in flight, so there can be no more in flight than nodes.
+    concurrency = min(args.concurrency, args.nodes)
+
+    say(f"enrolling {args.nodes} nodes ({args.enroll_concurrency} at a time)")
+    async with connect(cp, args.enroll_concurrency) as client:
+        enrolled = await each_once("enroll", fleet.nodes, lambda node: node.enroll(client, token),
+                                   concurrency=args.enroll_concurrency)
+    _require_clean(enrolled)
+    first, applied = await settle(fleet, cp, concurrency)
+
+    window = f"{args.warmup:g}s warm-up + {args.duration:g}s"
+    say(f"baseline: GET /agent/v1/health, {concurrency} in flight, {window}")
+    baseline = await health_baseline(args, cp, concurrency)
 
     say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight, {window}")
     syncs_before = fleet.syncs()
-    async with connect(concurrency) as client:
+    async with connect(cp, concurrency) as client:
         sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
                                  warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
     steady_syncs = fleet.syncs() - syncs_before
@@ -194,66 +196,43 @@ def table(report: dict[str, Any]) -> str:
     for ph in phases:
         server = "" if ph.get("server_cpu") is None else f"{ph['server_cpu']:.2f}"
         rows.append((ph["name"], str(ph["concurrency"]), str(ph["requests"]), f"{ph['throughput_rps']:.1f}",
-                     f"{ph['latency_ms']['p50']:.1f}", f"{ph['latency_ms']['p99']:.1f}",
-                     f"{ph['latency_ms']['max']:.1f}", str(ph["errors_total"]), f"{ph['client_cpu']:.2f}", server))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+                     *cli.latency_cells(ph["latency_ms"]), str(ph["errors_total"]), f"{ph['client_cpu']:.2f}",
+                     server))
     r = report["ratios"]
-    lines.append("")
-    lines.append(f"sync/health throughput: {r['sync_over_health_throughput']}   "
-                 f"sync p50 / health p50: {r['sync_over_health_p50']}   "
-                 f"sync p99 / health p99: {r['sync_over_health_p99']}")
-    lines.append("(cpu: cores in use on average; server = all uvicorn processes, PostgreSQL not included)")
-    return "\n".join(lines)
+    return cli.table_text(
+        rows,
+        f"sync/health throughput: {r['sync_over_health_throughput']}   "
+        f"sync p50 / health p50: {r['sync_over_health_p50']}   "
+        f"sync p99 / health p99: {r['sync_over_health_p99']}",
+        "(cpu: cores in use on average; server = all uvicorn processes, PostgreSQL not included)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_on_sigterm()
-    started = dt.datetime.now(dt.UTC)
-    report: dict[str, Any] = {
-        "benchmark": "sync",
-        "started_at": started.isoformat(timespec="seconds"),
-        "config": {k: getattr(args, k) for k in ("nodes", "concurrency", "duration", "warmup", "workers",
-                                                  "enroll_concurrency", "settings")},
-        "machine": machine(),
-    }
-    try:
+    report = cli.report_header("sync", args, ("nodes", "concurrency", "duration", "warmup", "workers",
+                                              "enroll_concurrency", "settings"))
+
+    def body() -> None:
         with Environment(db_name=args.db_name, keep_db=args.keep_db, settings_module=args.settings,
                          extra_env={"EDGEWISE_SYNC_INTERVAL": SYNC_INTERVAL_S}) as env:
-            say(f"database {env.db.name}, data dir {env.data_dir}")
-            env.db.create()
-            with timed() as t_migrate:
-                env.manage("migrate", "--no-input")
+            migrate_s = cli.migrate_fresh(env, say)
             site = env.shell_json(SETUP_CODE % {"nodes": args.nodes})
             with timed() as t_start:
                 cp = env.start_control_plane(workers=args.workers)
             say(f"control plane on {cp.url} with {args.workers} worker(s)")
-            report["setup"] = {"migrate_s": round(t_migrate["s"], 2), "server_start_s": round(t_start["s"], 2),
+            report["setup"] = {"migrate_s": round(migrate_s, 2), "server_start_s": round(t_start["s"], 2),
                                "site": site["site"], "signing_key_fingerprint": site["fingerprint"]}
-            try:
+            with cli.log_on_failure(cp, say):
                 report.update(asyncio.run(drive(args, cp, site["token"])))
-            except BenchmarkError:
-                say(f"control plane log:\n{cp.log_tail()}")
-                raise
             report["server_check"] = env.shell_json(CHECK_CODE)
             # Warnings and tracebacks of the control plane explain any errors counted above.
             report["server_log_tail"] = cp.log_tail(4000)
             report["ratios"] = ratios(report["phases"])
             if args.keep_db:
                 say(f"kept database {env.db.name} ({env.db.url})")
-    except BenchmarkError as exc:
-        say(f"failed: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; processes stopped and database dropped")
-        return 130
-    path = write_report("sync", report, args.output)
-    print(table(report))
-    print(f"\nreport: {path}")
-    return 0
+
+    return cli.run("sync", report, body, say=say, output=args.output, table=table)
 
 
 if __name__ == "__main__":

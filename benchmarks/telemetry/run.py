@@ -51,18 +51,8 @@ if __package__ in (None, ""):
 import httpx
 import websockets
 
-from benchmarks.harness import (
-    PYTHON,
-    REPO,
-    BenchmarkError,
-    ControlPlane,
-    Environment,
-    free_port,
-    machine,
-    raise_on_sigterm,
-    timed,
-    write_report,
-)
+from benchmarks import cli
+from benchmarks.harness import PYTHON, REPO, BenchmarkError, ControlPlane, Environment, free_port, raise_on_sigterm
 from benchmarks.loadgen import latency_summary_ms
 from edge_runtime import protocol
 
@@ -107,23 +97,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=20, help="sites the nodes are spread over (default 20)")
     p.add_argument("--operators", type=int, default=4, help="operator browser sockets on /ws/fleet/ (default 4)")
     p.add_argument("--rate", type=float, default=1.0, help="messages per node per second (default 1)")
-    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per phase (default 30)")
-    p.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds before each window (default 5)")
+    cli.add_window_options(p)
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
-    p.add_argument("--keep-db", action="store_true", help="keep the database afterwards (its name is printed)")
-    p.add_argument("--db-name", default=f"edgewise_bench_telemetry_{os.getpid()}",
-                   help="name of the database to create (must not exist)")
-    p.add_argument("--output", default="", help="report path (default benchmarks/results/telemetry-<ts>.json)")
+    cli.add_database_options(p, "telemetry")
     args = p.parse_args(argv)
     if not 1 <= args.nodes <= 10_000:
         p.error("--nodes must be between 1 and 10000")
-    for name in ("sites", "operators", "workers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+    cli.check_positive(p, args, ("sites", "operators", "workers"))
     if not 0 < args.rate <= 50:
         p.error("--rate must be above 0 and at most 50 per second")
-    if args.duration <= 0 or args.warmup < 0:
-        p.error("--duration must be positive and --warmup not negative")
+    cli.check_window(p, args)
     return args
 
 
@@ -200,62 +183,55 @@ async def echo_phase(args: argparse.Namespace, port: int) -> dict[str, Any]:
             "latency_ms": latency_summary_ms(latencies), "client_cpu": round(cpu, 3)}
 
 
-async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: list[dict[str, Any]],
-                          session: str) -> dict[str, Any]:
-    stream = f"ws://127.0.0.1:{cp.port}/agent/v1/nodes/%s/stream"
-    node_sockets = []
-    for node in nodes:
-        ws = await websockets.connect(stream % node["node_id"], max_size=2**20,
-                                      additional_headers={"Authorization": f"Bearer {node['credential']}"})
-        node_sockets.append(ws)
-    headers = {"Cookie": f"sessionid={session}", "Origin": cp.url}
-    operators = [await websockets.connect(f"ws://127.0.0.1:{cp.port}/ws/fleet/", additional_headers=headers,
-                                          max_size=2**24) for _ in range(args.operators)]
-    for ws in operators:
-        if json.loads(await ws.recv())["type"] != "hello":
-            raise BenchmarkError("an operator socket did not open with hello")
+class TelemetryPhase:
+    """What the telemetry phase sends and receives: send times, latencies, counts and dropped streams."""
 
-    window = Window(args.warmup, args.duration)
-    sent_at: dict[tuple[str, int], float] = {}
-    measured: set[tuple[str, int]] = set()
-    ack_latencies: list[float] = []
-    op_latencies: list[float] = []
-    # (seconds into the window when sent, latency) of each operator receipt and ack: whether a tail is spread
-    # over the window or comes from a stall.
-    op_timeline: list[tuple[float, float]] = []
-    ack_timeline: list[tuple[float, float]] = []
-    received = [0] * len(operators)
-    totals = {"sent": 0, "acked": 0}
-    errors: list[str] = []
-    closed: set[int] = set()
+    def __init__(self, args: argparse.Namespace, nodes: list[dict[str, Any]], node_sockets: list[Any],
+                 operators: int) -> None:
+        self.args = args
+        self.nodes = nodes
+        self.node_sockets = node_sockets
+        self.window = Window(args.warmup, args.duration)
+        self.sent_at: dict[tuple[str, int], float] = {}
+        self.measured: set[tuple[str, int]] = set()
+        self.ack_latencies: list[float] = []
+        self.op_latencies: list[float] = []
+        # (seconds into the window when sent, latency) of each operator receipt and ack: whether a tail is
+        # spread over the window or comes from a stall.
+        self.op_timeline: list[tuple[float, float]] = []
+        self.ack_timeline: list[tuple[float, float]] = []
+        self.received = [0] * operators
+        self.totals = {"sent": 0, "acked": 0}
+        self.errors: list[str] = []
+        self.closed: set[int] = set()
 
-    async def send(i: int, k: int) -> None:
-        if i in closed:
+    async def send(self, i: int, k: int) -> None:
+        if i in self.closed:
             return
-        node_id = nodes[i]["node_id"]
+        node_id = self.nodes[i]["node_id"]
         body = frame(k)
         t = time.monotonic()
-        sent_at[(node_id, k)] = t
-        if window.inside(t):
-            measured.add((node_id, k))
+        self.sent_at[(node_id, k)] = t
+        if self.window.inside(t):
+            self.measured.add((node_id, k))
         try:
-            await node_sockets[i].send(body)
-            totals["sent"] += 1
-            ack = protocol.TelemetryAck.model_validate_json(await node_sockets[i].recv())
+            await self.node_sockets[i].send(body)
+            self.totals["sent"] += 1
+            ack = protocol.TelemetryAck.model_validate_json(await self.node_sockets[i].recv())
         except websockets.ConnectionClosed as exc:
             # Counted, and this node stops: the report says how many streams the control plane dropped.
-            closed.add(i)
-            measured.discard((node_id, k))
-            errors.append(f"node stream closed: {exc}")
+            self.closed.add(i)
+            self.measured.discard((node_id, k))
+            self.errors.append(f"node stream closed: {exc}")
             return
         if ack.seq != k:
             raise BenchmarkError(f"node {node_id} sent {k}, was acknowledged {ack.seq}")
-        totals["acked"] += 1
-        if window.inside(t):
-            ack_latencies.append(time.monotonic() - t)
-            ack_timeline.append((t - window.start, ack_latencies[-1]))
+        self.totals["acked"] += 1
+        if self.window.inside(t):
+            self.ack_latencies.append(time.monotonic() - t)
+            self.ack_timeline.append((t - self.window.start, self.ack_latencies[-1]))
 
-    async def listen(o: int, ws: Any) -> None:
+    async def listen(self, o: int, ws: Any) -> None:
         # A confirmation carries the node's high-water mark: seq k confirms every message up to k. The
         # control plane merges the confirmations of one interval, so a node's k-1 and k may arrive as k.
         confirmed: dict[str, int] = {}
@@ -271,14 +247,47 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
                         continue
                     confirmed[node_id] = info["seq"]
                     for seq in range(before + 1, info["seq"] + 1):
-                        if (node_id, seq) in measured:
-                            op_latencies.append(now - sent_at[(node_id, seq)])
-                            op_timeline.append((sent_at[(node_id, seq)] - window.start, op_latencies[-1]))
-                            received[o] += 1
+                        if (node_id, seq) in self.measured:
+                            self.op_latencies.append(now - self.sent_at[(node_id, seq)])
+                            self.op_timeline.append((self.sent_at[(node_id, seq)] - self.window.start,
+                                                     self.op_latencies[-1]))
+                            self.received[o] += 1
 
-    listeners = [asyncio.create_task(listen(o, ws)) for o, ws in enumerate(operators)]
+    def figures(self, cpu: float, server_cpu: float) -> dict[str, Any]:
+        n = len(self.measured)
+        return {
+            "name": "telemetry", "messages": n, "throughput_mps": round(n / self.args.duration, 1),
+            "latency_ms": latency_summary_ms(self.op_latencies),
+            "ack_latency_ms": latency_summary_ms(self.ack_latencies),
+            "latency_by_second": by_second(self.op_timeline), "ack_latency_by_second": by_second(self.ack_timeline),
+            "operators": self.args.operators, "operator_receipts": self.received,
+            # Each operator should see every measured message once.
+            "operator_missing": [n - r for r in self.received],
+            "points_sent": self.totals["sent"], "points_acked": self.totals["acked"],
+            "errors_total": len(self.errors), "first_error": self.errors[0] if self.errors else "",
+            "client_cpu": round(cpu, 3), "server_cpu": round(server_cpu, 3),
+        }
+
+
+async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: list[dict[str, Any]],
+                          session: str) -> dict[str, Any]:
+    stream = f"ws://127.0.0.1:{cp.port}/agent/v1/nodes/%s/stream"
+    node_sockets = []
+    for node in nodes:
+        ws = await websockets.connect(stream % node["node_id"], max_size=2**20,
+                                      additional_headers={"Authorization": f"Bearer {node['credential']}"})
+        node_sockets.append(ws)
+    headers = {"Cookie": f"sessionid={session}", "Origin": cp.url}
+    operators = [await websockets.connect(f"ws://127.0.0.1:{cp.port}/ws/fleet/", additional_headers=headers,
+                                          max_size=2**24) for _ in range(args.operators)]
+    for ws in operators:
+        if json.loads(await ws.recv())["type"] != "hello":
+            raise BenchmarkError("an operator socket did not open with hello")
+
+    phase = TelemetryPhase(args, nodes, node_sockets, len(operators))
+    listeners = [asyncio.create_task(phase.listen(o, ws)) for o, ws in enumerate(operators)]
     cpu0, srv0, t0 = _cpu(), cp.cpu_seconds(), time.monotonic()
-    await paced(args.nodes, args.rate, window, send)
+    await paced(args.nodes, args.rate, phase.window, phase.send)
     elapsed = time.monotonic() - t0
     cpu, server_cpu = (_cpu() - cpu0) / elapsed, (cp.cpu_seconds() - srv0) / elapsed
     await asyncio.sleep(1.0)  # the last broadcasts
@@ -287,18 +296,7 @@ async def telemetry_phase(args: argparse.Namespace, cp: ControlPlane, nodes: lis
     await asyncio.gather(*listeners, return_exceptions=True)
     for ws in [*node_sockets, *operators]:
         await ws.close()
-    n = len(measured)
-    return {
-        "name": "telemetry", "messages": n, "throughput_mps": round(n / args.duration, 1),
-        "latency_ms": latency_summary_ms(op_latencies), "ack_latency_ms": latency_summary_ms(ack_latencies),
-        "latency_by_second": by_second(op_timeline), "ack_latency_by_second": by_second(ack_timeline),
-        "operators": args.operators, "operator_receipts": received,
-        # Each operator should see every measured message once.
-        "operator_missing": [n - r for r in received],
-        "points_sent": totals["sent"], "points_acked": totals["acked"],
-        "errors_total": len(errors), "first_error": errors[0] if errors else "",
-        "client_cpu": round(cpu, 3), "server_cpu": round(server_cpu, 3),
-    }
+    return phase.figures(cpu, server_cpu)
 
 
 def by_second(timeline: list[tuple[float, float]]) -> list[dict[str, Any]]:
@@ -333,82 +331,43 @@ def table(report: dict[str, Any]) -> str:
     for ph in report["phases"].values():
         server = "" if ph.get("server_cpu") is None else f"{ph['server_cpu']:.2f}"
         rows.append((ph["name"], str(ph["messages"]), f"{ph['throughput_mps']:.1f}",
-                     f"{ph['latency_ms']['p50']:.1f}", f"{ph['latency_ms']['p99']:.1f}",
-                     f"{ph['latency_ms']['max']:.1f}", f"{ph['client_cpu']:.2f}", server))
-    ack = report["phases"]["telemetry"]["ack_latency_ms"]
-    rows.append(("  (ack)", "", "", f"{ack['p50']:.1f}", f"{ack['p99']:.1f}", f"{ack['max']:.1f}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+                     *cli.latency_cells(ph["latency_ms"]), f"{ph['client_cpu']:.2f}", server))
+    rows.append(("  (ack)", "", "", *cli.latency_cells(report["phases"]["telemetry"]["ack_latency_ms"]), "", ""))
     r = report["ratios"]
-    lines.append("")
-    lines.append(f"telemetry p99 / echo p99: {r['telemetry_over_echo_p99']}   "
-                 f"telemetry p50 / echo p50: {r['telemetry_over_echo_p50']}   "
-                 f"target p99 < 500 ms: {'met' if report['target_met'] else 'NOT met'}")
-    lines.append("(latency: node send -> operator socket receipt; ack: node send -> acknowledgement after commit;"
-                 " server cpu = all uvicorn processes)")
-    return "\n".join(lines)
+    return cli.table_text(
+        rows,
+        f"telemetry p99 / echo p99: {r['telemetry_over_echo_p99']}   "
+        f"telemetry p50 / echo p50: {r['telemetry_over_echo_p50']}   "
+        f"target p99 < 500 ms: {'met' if report['target_met'] else 'NOT met'}",
+        "(latency: node send -> operator socket receipt; ack: node send -> acknowledgement after commit;"
+        " server cpu = all uvicorn processes)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    raise_on_sigterm()
-    report: dict[str, Any] = {
-        "benchmark": "telemetry",
-        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "config": {k: getattr(args, k) for k in ("nodes", "sites", "operators", "rate", "duration", "warmup",
-                                                  "workers")},
-        "machine": machine(),
-    }
-    echo_proc: subprocess.Popen[bytes] | None = None
-    try:
-        with Environment(db_name=args.db_name, keep_db=args.keep_db,
-                         extra_env={"EDGEWISE_SYNC_INTERVAL": "3600"}) as env:
-            say(f"database {env.db.name}, data dir {env.data_dir}")
-            env.db.create()
-            with timed() as t_migrate:
-                env.manage("migrate", "--no-input")
-            setup = env.shell_json(SETUP_CODE.replace("SITES", str(args.sites)))
-            cp = env.start_control_plane(workers=args.workers)
-            say(f"control plane on {cp.url} with {args.workers} worker(s)")
-            echo_port = free_port()
-            echo_proc = subprocess.Popen([PYTHON, "-m", "benchmarks.telemetry.echo_server", str(echo_port)],
-                                         cwd=REPO, stdout=subprocess.PIPE)
-            if echo_proc.stdout is None or echo_proc.stdout.readline().strip() != b"ready":
-                raise BenchmarkError("the echo server did not start")
-            report["setup"] = {"migrate_s": round(t_migrate["s"], 2)}
+def echo_server_start() -> tuple[subprocess.Popen[bytes], int]:
+    """The loopback websocket echo server of the baseline, in its own process, once it is ready."""
+    echo_port = free_port()
+    echo_proc = subprocess.Popen([PYTHON, "-m", "benchmarks.telemetry.echo_server", str(echo_port)],
+                                 cwd=REPO, stdout=subprocess.PIPE)
+    if echo_proc.stdout is None or echo_proc.stdout.readline().strip() != b"ready":
+        echo_proc.terminate()
+        echo_proc.wait(timeout=10)
+        raise BenchmarkError("the echo server did not start")
+    return echo_proc, echo_port
 
-            async def drive() -> dict[str, Any]:
-                say(f"enrolling {args.nodes} nodes over {args.sites} sites")
-                nodes = await enroll(cp, setup["tokens"], args.nodes)
-                window = f"{args.warmup:g}s warm-up + {args.duration:g}s at {args.rate:g}/s per node"
-                say(f"baseline: {args.nodes} sockets to a loopback echo server, {window}")
-                echo = await echo_phase(args, echo_port)
-                say(f"telemetry: {args.nodes} node streams, {args.operators} operator sockets, {window}")
-                live = await telemetry_phase(args, cp, nodes, setup["session"])
-                return {"echo": echo, "telemetry": live}
 
-            try:
-                report["phases"] = asyncio.run(drive())
-            except BenchmarkError:
-                say(f"control plane log:\n{cp.log_tail()}")
-                raise
-            report["server_check"] = env.shell_json(CHECK_CODE)
-            report["server_log_tail"] = cp.log_tail(4000)
-            if report["phases"]["telemetry"]["errors_total"]:
-                say(f"{report['phases']['telemetry']['errors_total']} node streams dropped; control plane log:\n"
-                    f"{cp.log_tail(3000)}")
-    except BenchmarkError as exc:
-        say(f"failed: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        say("interrupted; processes stopped and database dropped")
-        return 130
-    finally:
-        if echo_proc is not None:
-            echo_proc.terminate()
-            echo_proc.wait(timeout=10)
+async def drive(args: argparse.Namespace, cp: ControlPlane, setup: dict[str, Any], echo_port: int) -> dict[str, Any]:
+    say(f"enrolling {args.nodes} nodes over {args.sites} sites")
+    nodes = await enroll(cp, setup["tokens"], args.nodes)
+    window = f"{args.warmup:g}s warm-up + {args.duration:g}s at {args.rate:g}/s per node"
+    say(f"baseline: {args.nodes} sockets to a loopback echo server, {window}")
+    echo = await echo_phase(args, echo_port)
+    say(f"telemetry: {args.nodes} node streams, {args.operators} operator sockets, {window}")
+    live = await telemetry_phase(args, cp, nodes, setup["session"])
+    return {"echo": echo, "telemetry": live}
+
+
+def verdict(report: dict[str, Any]) -> None:
+    """The ratios against the echo baseline, and whether the target (p99 under 500 ms, nothing lost) is met."""
     echo, live = report["phases"]["echo"], report["phases"]["telemetry"]
 
     def ratio(a: float, b: float) -> float | None:
@@ -418,10 +377,37 @@ def main(argv: list[str] | None = None) -> int:
                         "telemetry_over_echo_p99": ratio(live["latency_ms"]["p99"], echo["latency_ms"]["p99"])}
     report["target_met"] = (live["latency_ms"]["p99"] < 500 and not any(live["operator_missing"])
                             and not live["errors_total"])
-    path = write_report("telemetry", report, args.output)
-    print(table(report))
-    print(f"\nreport: {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_on_sigterm()
+    report = cli.report_header("telemetry", args, ("nodes", "sites", "operators", "rate", "duration", "warmup",
+                                                   "workers"))
+
+    def body() -> None:
+        with Environment(db_name=args.db_name, keep_db=args.keep_db,
+                         extra_env={"EDGEWISE_SYNC_INTERVAL": "3600"}) as env:
+            migrate_s = cli.migrate_fresh(env, say)
+            setup = env.shell_json(SETUP_CODE.replace("SITES", str(args.sites)))
+            cp = env.start_control_plane(workers=args.workers)
+            say(f"control plane on {cp.url} with {args.workers} worker(s)")
+            echo_proc, echo_port = echo_server_start()
+            try:
+                report["setup"] = {"migrate_s": round(migrate_s, 2)}
+                with cli.log_on_failure(cp, say):
+                    report["phases"] = asyncio.run(drive(args, cp, setup, echo_port))
+                report["server_check"] = env.shell_json(CHECK_CODE)
+                report["server_log_tail"] = cp.log_tail(4000)
+                if report["phases"]["telemetry"]["errors_total"]:
+                    say(f"{report['phases']['telemetry']['errors_total']} node streams dropped; control plane "
+                        f"log:\n{cp.log_tail(3000)}")
+            finally:
+                echo_proc.terminate()
+                echo_proc.wait(timeout=10)
+        verdict(report)
+
+    return cli.run("telemetry", report, body, say=say, output=args.output, table=table)
 
 
 if __name__ == "__main__":

@@ -6,3 +6,9 @@ from django.apps import AppConfig
 class ModelsRegistryConfig(AppConfig):
     name = "models_registry"
     verbose_name = "Model registry"
+
+    def ready(self) -> None:
+        from models_registry.node_feature import ModelsFeature
+        from orchestrator import features
+
+        features.register(ModelsFeature())

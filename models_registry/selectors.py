@@ -23,6 +23,8 @@ site) to a node:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from django.db.models import Q, QuerySet
@@ -31,7 +33,8 @@ from edge_runtime import protocol
 from edge_runtime.policy import placement as placement_policy
 from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, VersionStatus
 from policies.permissions import restrict, site_ids_for
-from sites.models import Node
+from policies.selectors import placement_policy_current, site_facts
+from sites.models import Node, Site
 
 SMALL_NODE_MEMORY_MB = 4096
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -62,8 +65,6 @@ def version_facts(version: ModelVersion) -> placement_policy.ModelFacts:
 def placement_decision(version: ModelVersion, node: Node,
                        policy: placement_policy.PlacementPolicy | None = None) -> placement_policy.Decision:
     """The placement evaluator's decision for ``version`` on ``node`` (policy: the one in force)."""
-    from policies.selectors import placement_policy_current, site_facts
-
     if policy is None:
         policy = placement_policy_current()[1]
     return placement_policy.place(policy, site_facts(node.site), placement_policy.node_facts(node.role, node.hardware),
@@ -83,6 +84,29 @@ def choose_variant(version: ModelVersion, node: Node, variants: list[ModelVarian
     return None
 
 
+# Per model id, a version assigned to a node over its deployments: (version, assigned at, where from,
+# as "rollout <uuid>"). The rollouts app registers its assignments here; a later assignment wins over
+# deployments made before it (rule 1).
+AssignmentSource = Callable[[Node], dict[int, tuple[ModelVersion, dt.datetime, str]]]
+_assignment_sources: list[AssignmentSource] = []
+
+
+def assignment_source_register(source: AssignmentSource) -> None:
+    """Add a source of assignments; called once, from the registering app's ``AppConfig.ready()``."""
+    if source not in _assignment_sources:
+        _assignment_sources.append(source)
+
+
+def _assigned(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
+    """Every source's assignments for ``node``; the latest assignment of a model wins."""
+    assigned: dict[int, tuple[ModelVersion, dt.datetime, str]] = {}
+    for source in _assignment_sources:
+        for model_id, entry in source(node).items():
+            if model_id not in assigned or entry[1] >= assigned[model_id][1]:
+                assigned[model_id] = entry
+    return assigned
+
+
 def _active_deployments() -> QuerySet[Deployment]:
     return Deployment.objects.filter(removed_at__isnull=True, version__status=VersionStatus.VALID).select_related(
         "version__model").prefetch_related("version__variants")
@@ -91,8 +115,6 @@ def _active_deployments() -> QuerySet[Deployment]:
 def _plan(node: Node) -> dict[int, Placement]:
     """Per model id, what ``node`` gets (newest deployed version per model wins, unless a later rollout
     assignment does)."""
-    from orchestrator.rollouts.selectors import rollout_assignments
-
     deployments = _active_deployments().filter(Q(node=node) | Q(site_id=node.site_id))
     newest: dict[int, ModelVersion] = {}
     decided: dict[int, Any] = {}
@@ -106,16 +128,14 @@ def _plan(node: Node) -> dict[int, Placement]:
             at = decided.get(deployment.version.model_id)
             decided[deployment.version.model_id] = max(at, deployment.created_at) if at else deployment.created_at
     sources: dict[int, str] = {}
-    for model_id, (version, assigned_at, rollout_uuid) in rollout_assignments(node).items():
+    for model_id, (version, assigned_at, source) in _assigned(node).items():
         if model_id not in newest or assigned_at >= decided[model_id]:
             newest[model_id] = version
-            sources[model_id] = f"rollout {rollout_uuid}"
+            sources[model_id] = source
     plan: dict[int, Placement] = {}
     policy = None
     for model_id, version in newest.items():
         if policy is None:
-            from policies.selectors import placement_policy_current
-
             policy = placement_policy_current()[1]
         source = sources.get(model_id, "deployment")
         reason = exclusion_reason(version, node, policy)
@@ -245,8 +265,6 @@ def deployment_list(*, user: Any, version: ModelVersion) -> QuerySet[Deployment]
 
 def operable_targets(user: Any) -> tuple[QuerySet[Any], QuerySet[Node]]:
     """The sites and active nodes ``user`` may deploy to."""
-    from sites.models import Site
-
     sites = restrict(Site.objects.order_by("name"), user, "operate")
     nodes = restrict(Node.objects.filter(revoked_at__isnull=True).select_related("site"), user, "operate")
     return sites, nodes.order_by("site__name", "name")

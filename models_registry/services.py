@@ -39,8 +39,8 @@ from models_registry.models import (
     VersionStatus,
 )
 from orchestrator import keys
+from orchestrator.desired_state import desired_state_publish_many
 from sites.models import Clearance, Node, NodeRole, Site
-from sites.services import desired_state_publish_many
 
 # A worker that holds a version this long without finishing is presumed lost.
 MAX_VALIDATION_ATTEMPTS = 3

@@ -41,9 +41,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from edge_runtime import protocol, signing
+from orchestrator import features
 
 if TYPE_CHECKING:
-    from audit.services import Actor
     from orchestrator.models import Epoch, SigningKey
 
 logger = logging.getLogger("edgewise.keys")
@@ -70,15 +70,15 @@ _trust: tuple[float, Trust] | None = None
 _trust_lock = threading.Lock()
 
 
-def _path() -> Path:
+def key_path() -> Path:
     return Path(settings.SIGNING_KEY_PATH)
 
 
-def _next_path(path: Path) -> Path:
+def next_key_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.next")
 
 
-def _fingerprint(key: Ed25519PrivateKey) -> str:
+def fingerprint_of(key: Ed25519PrivateKey) -> str:
     return signing.fingerprint(signing.public_key_raw(key.public_key()))
 
 
@@ -135,7 +135,7 @@ def current(*, fresh: bool = False) -> Trust:
     from orchestrator.models import Epoch
 
     latest = Epoch.objects.order_by("-started_at", "-pk").values_list("uuid", flat=True).first()
-    path = _path()
+    path = key_path()
     with _trust_lock:
         if (not fresh and _trust is not None and latest is not None and str(latest) == _trust[1].epoch
                 and _trust[0] == _stamp(path)):
@@ -162,23 +162,23 @@ def forget() -> None:
 def _establish() -> Trust:
     from orchestrator.models import Epoch, SigningKey
 
-    path = _path()
+    path = key_path()
     known = list(SigningKey.objects.order_by("created_at", "pk"))
     epoch = Epoch.objects.order_by("-started_at", "-pk").first()
     active = next((k for k in known if k.retired_at is None), None)
-    consistent = (active is not None and epoch is not None and path.exists() and not _next_path(path).exists()
-                  and _fingerprint(_read(path)) == active.fingerprint == epoch.key_fingerprint)
+    consistent = (active is not None and epoch is not None and path.exists() and not next_key_path(path).exists()
+                  and fingerprint_of(_read(path)) == active.fingerprint == epoch.key_fingerprint)
     if not consistent:
         # Something to create, finish or refuse: one process at a time decides.
         with transaction.atomic():
-            _lock()
+            trust_lock()
             known = list(SigningKey.objects.order_by("created_at", "pk"))
             active = next((k for k in known if k.retired_at is None), None)
-            _finish_rotation(path, active)
+            finish_rotation(path, active)
             active = _key_row(path, active, known)
             epoch = Epoch.objects.order_by("-started_at", "-pk").first()
             if epoch is None or epoch.key_fingerprint != active.fingerprint:
-                epoch = _new_epoch(active.fingerprint, "first signature on this database" if epoch is None
+                epoch = new_epoch(active.fingerprint, "first signature on this database" if epoch is None
                                    else "the signing key changed")
     assert active is not None and epoch is not None  # noqa: S101 - established above
     chain = tuple(protocol.KeyEndorsement.model_validate(k.endorsement) for k in known if k.endorsement)
@@ -186,7 +186,7 @@ def _establish() -> Trust:
                  epoch_started_at=epoch.started_at.isoformat(), chain=chain)
 
 
-def _lock() -> None:
+def trust_lock() -> None:
     """Serialise key and epoch decisions across processes until the transaction ends."""
     from django.db import connection
 
@@ -199,7 +199,7 @@ def _lock() -> None:
 
 def _signed_before() -> str | None:
     """The key fingerprint of states this database signed before keys were recorded (an upgrade), if any."""
-    from sites.models import DesiredState
+    from orchestrator.models import DesiredState
 
     return DesiredState.objects.exclude(key_fingerprint="").values_list("key_fingerprint", flat=True).first()
 
@@ -223,9 +223,9 @@ def _key_row(path: Path, active: SigningKey | None, known: list[SigningKey]) -> 
                 "and it needs the old one")
         write_key_file(path, signing.generate_private_key())
         logger.warning("created a new signing key at %s (fingerprint %s); nodes pin it when they enroll",
-                       path, _fingerprint(_read(path))[:16])
+                       path, fingerprint_of(_read(path))[:16])
     key = _read(path)
-    fingerprint = _fingerprint(key)
+    fingerprint = fingerprint_of(key)
     if active is None:
         if signed_with is not None and signed_with != fingerprint:
             raise SigningKeyError(
@@ -275,7 +275,7 @@ def _adopt(path: Path, key: Ed25519PrivateKey, active: SigningKey, known: list[S
         chain = [protocol.KeyEndorsement.model_validate(e) for e in json.loads(_chain_path(path).read_text())]
     except (OSError, ValueError):
         return None
-    target = _fingerprint(key)
+    target = fingerprint_of(key)
     try:
         steps = signing.follow_key_chain(chain, pinned_fingerprint=active.fingerprint,
                                          pinned_key=signing.public_key_from_b64(active.public_key),
@@ -291,14 +291,15 @@ def _adopt(path: Path, key: Ed25519PrivateKey, active: SigningKey, known: list[S
             defaults={"public_key": step.public_key, "endorsement": step.model_dump(mode="json"),
                       "created_at": step.issued_at, "retired_at": None if step.fingerprint == target else now})
         known.append(row)
-    _resign_artifacts(key)
+    for feature in features.node_features():
+        feature.sign_again(key)
     logger.warning("took on the signing key %s of %s: endorsements beside it lead there from key %s, which this "
                    "database signed with (a database restored from before a rotation)", target[:16], path,
                    active.fingerprint[:16])
     return row
 
 
-def _new_epoch(fingerprint: str, reason: str) -> Epoch:
+def new_epoch(fingerprint: str, reason: str) -> Epoch:
     from orchestrator.models import Epoch
 
     # Strictly later than the epoch before, whatever the clock did: nodes order epochs by this time.
@@ -311,20 +312,20 @@ def _new_epoch(fingerprint: str, reason: str) -> Epoch:
     return epoch
 
 
-def _finish_rotation(path: Path, active: SigningKey | None) -> None:
+def finish_rotation(path: Path, active: SigningKey | None) -> None:
     """Complete a rotation that committed but stopped before its key file moved into place."""
-    pending = _next_path(path)
+    pending = next_key_path(path)
     if not pending.exists() or active is None:
         return
     new = _read(pending)
-    if _fingerprint(new) != active.fingerprint:
+    if fingerprint_of(new) != active.fingerprint:
         return  # the rotation did not commit: the new key was never used
     if path.exists():
         old = _read(path)
-        os.replace(path, path.with_name(f"{path.name}.retired-{_fingerprint(old)[:16]}"))
+        os.replace(path, path.with_name(f"{path.name}.retired-{fingerprint_of(old)[:16]}"))
     os.replace(pending, path)
     _write_chain(path)
-    logger.warning("finished the rotation to signing key %s", _fingerprint(new)[:16])
+    logger.warning("finished the rotation to signing key %s", fingerprint_of(new)[:16])
 
 
 def check_at_startup() -> Trust:
@@ -353,100 +354,3 @@ def check_at_startup() -> Trust:
         raise outcome
     logger.info("signing with key %s in epoch %s", outcome.fingerprint[:16], outcome.epoch)
     return outcome
-
-
-def epoch_start(*, actor: Actor, reason: str) -> str:
-    """Start a new epoch and republish every node in it; returns the epoch's id.
-
-    What an operator runs after restoring the database from a backup: the
-    restored generations may be lower than what nodes applied, and a later
-    epoch is accepted whatever its generation.
-    """
-    from audit.services import audit_record
-
-    if not reason.strip():
-        raise ValueError("say why a new epoch starts (for example: restored from the backup of <date>)")
-    trust = current(fresh=True)
-    with transaction.atomic():
-        epoch = _new_epoch(trust.fingerprint, reason.strip())
-        audit_record(actor=actor, action="epoch.start", object_repr=f"epoch {epoch.uuid}",
-                     after={"epoch": str(epoch.uuid), "reason": reason.strip(), "key": trust.fingerprint})
-    forget()
-    republish_all(actor=actor)
-    return str(epoch.uuid)
-
-
-def signing_key_rotate(*, actor: Actor) -> str:
-    """Replace the signing key with a new one that the old one endorses; returns the new fingerprint.
-
-    Safe against a stop at any point: the new key is written beside the old
-    one first, the database switches in one transaction (new key row,
-    endorsement, artifacts signed again, new epoch, audit event), and the file
-    moves into place after the commit; a start after a stop in between
-    finishes the move (:func:`_finish_rotation`).
-    """
-    from audit.services import audit_record
-    from orchestrator.models import SigningKey
-
-    old_trust = current(fresh=True)
-    old = old_trust.key
-    path = _path()
-    pending = _next_path(path)
-    pending.unlink(missing_ok=True)
-    new = signing.generate_private_key()
-    write_key_file(pending, new)
-    new_fp = _fingerprint(new)
-    now = timezone.now()
-    endorsement = signing.endorse_key(new.public_key(), old, issued_at=now)
-    try:
-        with transaction.atomic():
-            active = SigningKey.objects.select_for_update().get(retired_at__isnull=True)
-            if active.fingerprint != old_trust.fingerprint:
-                raise SigningKeyError("another rotation changed the signing key meanwhile; nothing was changed")
-            active.retired_at = now
-            active.save(update_fields=["retired_at"])
-            SigningKey.objects.create(fingerprint=new_fp, public_key=endorsement.public_key,
-                                      endorsement=endorsement.model_dump(mode="json"), created_at=now)
-            resigned = _resign_artifacts(new)
-            epoch = _new_epoch(new_fp, "signing key rotated")
-            audit_record(actor=actor, action="signing_key.rotate", object_repr=f"signing key {new_fp[:16]}",
-                         before={"key": old_trust.fingerprint},
-                         after={"key": new_fp, "epoch": str(epoch.uuid), "artifacts_signed": resigned})
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
-    with transaction.atomic():
-        # Under the lock, as a starting process would: whoever comes first moves the files.
-        _lock()
-        _finish_rotation(path, SigningKey.objects.get(fingerprint=new_fp))
-    forget()
-    logger.warning("rotated the signing key: %s -> %s", old_trust.fingerprint[:16], new_fp[:16])
-    republish_all(actor=actor)
-    return new_fp
-
-
-def _resign_artifacts(key: Ed25519PrivateKey) -> int:
-    from models_registry.models import ModelVariant, ModelVersion
-
-    count = 0
-    for version in ModelVersion.objects.select_for_update().exclude(signature=""):
-        version.signature = signing.sign_artifact(version.sha256, key)
-        version.save(update_fields=["signature"])
-        count += 1
-    for variant in ModelVariant.objects.select_for_update().all():
-        variant.signature = signing.sign_artifact(variant.sha256, key)
-        variant.save(update_fields=["signature"])
-        count += 1
-    return count
-
-
-def republish_all(*, actor: Actor, batch: int = 500) -> int:
-    """Publish every enrolled node's desired state again (a new epoch or key changes every one)."""
-    from sites.models import Node
-    from sites.services import desired_state_publish_many
-
-    ids = list(Node.objects.filter(revoked_at__isnull=True).order_by("pk").values_list("pk", flat=True))
-    for start in range(0, len(ids), batch):
-        nodes = list(Node.objects.filter(pk__in=ids[start:start + batch]).select_related("site"))
-        desired_state_publish_many(nodes=nodes, actor=actor)
-    return len(ids)

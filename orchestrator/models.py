@@ -224,3 +224,33 @@ class Epoch(models.Model):
 
     def __str__(self) -> str:
         return f"epoch {self.uuid} since {self.started_at:%Y-%m-%d %H:%M:%S} ({self.reason})"
+
+
+# -- desired state: what each node should run, as signed (orchestrator.desired_state) ------
+
+
+class DesiredState(models.Model):
+    """The signed desired state of one node, as last published.
+
+    ``payload`` is the canonical JSON exactly as signed, so a sync hands it out
+    without signing again. ``content_hash`` covers the payload minus its
+    generation and timestamp: publishing identical content is a no-op, and
+    only a real change moves the generation.
+    """
+
+    node = models.OneToOneField("sites.Node", on_delete=models.CASCADE, related_name="desired")
+    generation = models.PositiveIntegerField(default=0)
+    content_hash = models.CharField(max_length=64)
+    payload = models.TextField()
+    signature = models.CharField(max_length=200)
+    key_fingerprint = models.CharField(max_length=64)
+    # The epoch (orchestrator.models.Epoch uuid) the generation counts in; "" before epochs.
+    epoch = models.CharField(max_length=64, blank=True, default="")
+    published_at = models.DateTimeField()
+
+    class Meta:
+        # The table it has had since it was part of the sites app.
+        db_table = "sites_desiredstate"
+
+    def __str__(self) -> str:
+        return f"{self.node} @ {self.generation}"

@@ -16,6 +16,10 @@ class PoliciesConfig(AppConfig):
         # post_migrate, so this runs for every app's signal (it is idempotent)
         # and the last run sees them all.
         post_migrate.connect(_roles_sync_after_migrate, dispatch_uid="policies-roles-sync")
+        from orchestrator import features
+        from policies.node_feature import PolicyFeature
+
+        features.register(PolicyFeature())
 
 
 def _roles_sync_after_migrate(sender: AppConfig, **kwargs: Any) -> None:

@@ -23,7 +23,9 @@ from audit.services import Actor, audit_record
 from edge_runtime.policy.data import DataPolicyDocument
 from edge_runtime.policy.placement import PlacementPolicy, PolicyDocument, PolicyInvalid, parse_document
 from edge_runtime.policy.rollout import RolloutPolicy
+from orchestrator.desired_state import desired_state_publish_many
 from policies.models import Approval, Decision, Policy, PolicyKind, PolicyVersion
+from sites.models import Node
 
 DOCUMENTS: dict[str, type[PolicyDocument]] = {
     PolicyKind.PLACEMENT: PlacementPolicy,
@@ -93,9 +95,6 @@ def policy_update(*, actor: Actor, kind: str, document: Any, comment: str = "") 
 
 
 def _republish_bundles(actor: Actor) -> None:
-    from sites.models import Node
-    from sites.services import desired_state_publish_many
-
     desired_state_publish_many(nodes=list(Node.objects.filter(revoked_at__isnull=True)
                                           .select_related("site__region")), actor=actor)
 

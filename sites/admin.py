@@ -33,8 +33,9 @@ from guardian.admin import GuardedModelAdmin
 
 from audit.admin import AuditedAdminMixin, NotFoundAdminMixin
 from audit.services import Actor
+from orchestrator.models import DesiredState
 from sites import services
-from sites.models import DesiredState, EnrollmentToken, Node, Region, Site
+from sites.models import EnrollmentToken, Node, Region, Site
 
 SITE_FIELDS = ["region", "slug", "name", "jurisdiction", "clearance", "connectivity", "latitude", "longitude",
                "labels"]

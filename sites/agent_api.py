@@ -31,8 +31,11 @@ from pydantic import BaseModel, ValidationError
 from audit.services import client_ip
 from edge_runtime import protocol
 from orchestrator import keys
+from orchestrator.desired_state import signed_desired_state
+from orchestrator.models import DesiredState
 from sites import services
-from sites.models import DesiredState, Node
+from sites.models import Node
+from sites.sync import node_sync
 
 W = TypeVar("W", bound=BaseModel)
 View = Callable[..., HttpResponse]
@@ -221,7 +224,7 @@ def enroll(request: HttpRequest) -> HttpResponse:
 def sync(request: HttpRequest, node: Node) -> HttpResponse:
     def run() -> HttpResponse:
         body = parse_body(request, protocol.SyncRequest)
-        response = services.node_sync(node=node, request=body, ip=client_ip(request))
+        response = node_sync(node=node, request=body, ip=client_ip(request))
         return JsonResponse(response.model_dump(mode="json"))
 
     return _handle(run)
@@ -233,7 +236,7 @@ def desired_state(request: HttpRequest, node: Node) -> HttpResponse:
     state = DesiredState.objects.filter(node=node).first()
     if state is None:
         return error("no desired state published for this node yet", 404)
-    return JsonResponse(services.signed_desired_state(state).model_dump(mode="json"))
+    return JsonResponse(signed_desired_state(state).model_dump(mode="json"))
 
 
 @require_GET

@@ -142,28 +142,5 @@ class EnrollmentToken(models.Model):
         return f"{self.prefix}… ({self.site.slug})" if self.site_id else self.prefix
 
 
-class DesiredState(models.Model):
-    """The signed desired state of one node, as last published.
-
-    ``payload`` is the canonical JSON exactly as signed, so a sync hands it out
-    without signing again. ``content_hash`` covers the payload minus its
-    generation and timestamp: publishing identical content is a no-op, and
-    only a real change moves the generation.
-    """
-
-    node = models.OneToOneField(Node, on_delete=models.CASCADE, related_name="desired")
-    generation = models.PositiveIntegerField(default=0)
-    content_hash = models.CharField(max_length=64)
-    payload = models.TextField()
-    signature = models.CharField(max_length=200)
-    key_fingerprint = models.CharField(max_length=64)
-    # The epoch (orchestrator.models.Epoch uuid) the generation counts in; "" before epochs.
-    epoch = models.CharField(max_length=64, blank=True, default="")
-    published_at = models.DateTimeField()
-
-    def __str__(self) -> str:
-        return f"{self.node} @ {self.generation}"
-
-
 # Registered with this app; defined in sites.telemetry.
 from sites.telemetry.models import TelemetryGap, TelemetrySample, TelemetryStream  # noqa: E402, F401

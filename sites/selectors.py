@@ -16,9 +16,10 @@ from typing import Any
 from django.db.models import F, Prefetch, Q, QuerySet
 from django.utils import timezone
 
+from orchestrator.models import DesiredState
 from policies.permissions import restrict
 from sites.liveness import node_status, site_status
-from sites.models import DesiredState, EnrollmentToken, Node, NodeStatus, Region, Site
+from sites.models import EnrollmentToken, Node, NodeStatus, Region, Site
 
 # What the fleet's status filter accepts; the words of ``site_status``.
 SITE_STATUSES: list[tuple[str, str]] = [

@@ -34,8 +34,10 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime.policy.rollout import GateResult, GateSpec, Strategy, evaluate_gate, window_sum
+from orchestrator.desired_state import desired_state_publish_many
 from orchestrator.models import (
     ACTIVE_STATES,
+    DesiredState,
     NodeState,
     PauseKind,
     Rollout,
@@ -48,8 +50,7 @@ from orchestrator.realtime import broadcast
 from orchestrator.rollouts.health import health_record, model_health
 from orchestrator.rollouts.selectors import offline_share, unreachable
 from policies.selectors import placement_policy_pinned
-from sites.models import DesiredState, Node
-from sites.services import desired_state_publish_many
+from sites.models import Node
 
 SYSTEM = Actor.system("rollouts")
 

@@ -24,8 +24,8 @@ from sites.models import Node, NodeStatus
 UNREACHABLE = (NodeStatus.PENDING, NodeStatus.STALE, NodeStatus.OFFLINE, NodeStatus.REVOKED)
 
 
-def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, Any]]:
-    """Per model id, the version the latest rollout assigned to ``node``: (version, assigned at, rollout uuid).
+def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
+    """Per model id, the version the latest rollout assigned to ``node``: (version, assigned at, "rollout <uuid>").
 
     A node carries a rollout's version while it is being updated, serves it,
     or reported it failed (until the rollback takes it off); a rollout that
@@ -42,11 +42,11 @@ def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime
                                                          version__status=VersionStatus.VALID)
                 .exclude(state__in=[RolloutState.FAILED, RolloutState.ABORTED, RolloutState.REJECTED])
                 .select_related("version__model").prefetch_related("version__variants")}
-    assigned: dict[int, tuple[ModelVersion, dt.datetime, Any]] = {}
+    assigned: dict[int, tuple[ModelVersion, dt.datetime, str]] = {}
     for rollout_id, assigned_at in rows:
         rollout = rollouts.get(rollout_id)
         if rollout is not None:
-            assigned[rollout.version.model_id] = (rollout.version, assigned_at, rollout.uuid)
+            assigned[rollout.version.model_id] = (rollout.version, assigned_at, f"rollout {rollout.uuid}")
     return assigned
 
 

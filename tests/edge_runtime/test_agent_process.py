@@ -18,10 +18,11 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
-from orchestrator import keys
-from orchestrator.models import Epoch
+from orchestrator import keys, rotation
+from orchestrator.desired_state import desired_state_content
+from orchestrator.models import DesiredState, Epoch
 from sites import services
-from sites.models import DesiredState, Node, NodeStatus, Site
+from sites.models import Node, NodeStatus, Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
 
 pytestmark = [pytest.mark.process, pytest.mark.django_db(transaction=True)]
@@ -63,7 +64,7 @@ def offer(node: EdgeNode, state: protocol.DesiredState, key: Any) -> None:
 def state_for(node: EdgeNode, generation: int, *, epoch: str | None = None, started: str | None = None,
               **labels: str) -> protocol.DesiredState:
     trust = keys.current()
-    content = {**services.desired_state_content(row(node)), "labels": labels,
+    content = {**desired_state_content(row(node)), "labels": labels,
                "epoch": trust.epoch if epoch is None else epoch,
                "epoch_started_at": trust.epoch_started_at if started is None else started}
     return protocol.DesiredState(generation=generation, issued_at=timezone.now(), **content)
@@ -161,7 +162,7 @@ def test_it_follows_a_new_epoch_after_a_restore_and_refuses_the_older_one_meanwh
     wait_applied(node, 1)
     before = keys.current()
     backup = DesiredState.objects.get(node=row(node))
-    keys.epoch_start(actor=Actor.system("test"), reason="an epoch the backup does not know")
+    rotation.epoch_start(actor=Actor.system("test"), reason="an epoch the backup does not know")
     wait_until(lambda: node.status().get("epoch") == keys.current().epoch, what=f"the new epoch\n{node.log_text()}")
     # Restore the backup: the later epoch is gone from the database, the row is the old one.
     Epoch.objects.exclude(uuid=before.epoch).delete()
@@ -174,7 +175,7 @@ def test_it_follows_a_new_epoch_after_a_restore_and_refuses_the_older_one_meanwh
                what="the refusal reported")
     # What the operator does after a restore: a new epoch, which the node accepts whatever its generation.
     keys.forget()
-    after = keys.epoch_start(actor=Actor.system("test"), reason="restored the backup")
+    after = rotation.epoch_start(actor=Actor.system("test"), reason="restored the backup")
     wait_until(lambda: node.status().get("epoch") == after, what=f"the node in the operator's epoch\n{node.log_text()}")
     wait_until(lambda: row(node).actual_state.get("refusing") is None, what="the refusal to end")
 

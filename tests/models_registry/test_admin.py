@@ -63,8 +63,9 @@ def test_it_withdraws_a_model_whose_classification_the_admin_raises_above_a_site
     admin_client_: Client, site_berlin: Any
 ) -> None:
     from models_registry import services
-    from sites.models import Clearance, DesiredState
-    from sites.services import desired_state_publish
+    from orchestrator.desired_state import desired_state_publish
+    from orchestrator.models import DesiredState
+    from sites.models import Clearance
     from tests.models_registry.helpers import ACTOR, make_node
     from tests.models_registry.test_deployment import _desired
 

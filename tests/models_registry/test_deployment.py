@@ -14,8 +14,9 @@ from models_registry import services
 from models_registry.models import Deployment
 from models_registry.selectors import deployment_placement, desired_models_for_node, model_placements
 from orchestrator import keys
-from sites.models import Clearance, DesiredState, Node, Site
-from sites.services import desired_state_publish
+from orchestrator.desired_state import desired_state_publish
+from orchestrator.models import DesiredState
+from sites.models import Clearance, Node, Site
 from tests.models_registry.helpers import ACTOR, make_model, make_node, valid_version
 
 pytestmark = pytest.mark.django_db

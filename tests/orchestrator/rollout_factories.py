@@ -15,7 +15,7 @@ from models_registry.models import ModelVersion
 from orchestrator.models import Rollout
 from orchestrator.rollouts import engine
 from sites.models import Node, Site
-from sites.services import node_sync
+from sites.sync import node_sync
 from tests.models_registry import onnx_factory
 from tests.models_registry.helpers import make_model, make_node, valid_version
 

@@ -14,8 +14,8 @@ from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 
 from audit.services import Actor
+from orchestrator.desired_state import desired_state_publish_many
 from orchestrator.realtime import SEND_CONCURRENCY, broadcast, broadcast_many, node_group
-from sites import services
 from sites.models import Node, Site
 
 NODES = 500
@@ -116,7 +116,7 @@ def test_it_nudges_every_node_of_a_large_publish_exactly_once(
     caplog.set_level(logging.INFO, logger="channels_redis")
     try:
         with django_capture_on_commit_callbacks(execute=True):
-            published = services.desired_state_publish_many(nodes=nodes, actor=Actor.system("test"))
+            published = desired_state_publish_many(nodes=nodes, actor=Actor.system("test"))
         _settled(stream, NODES)
     finally:
         stream.stop()

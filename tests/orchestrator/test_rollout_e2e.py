@@ -27,10 +27,10 @@ from edge_runtime import protocol, signing
 from models_registry import services as registry
 from models_registry.selectors import Placement, desired_model
 from orchestrator import keys
-from orchestrator.models import NodeState, Rollout, RolloutEvent, RolloutState
+from orchestrator.models import DesiredState, NodeState, Rollout, RolloutEvent, RolloutState
 from orchestrator.rollouts import services
 from policies import services as policy_services
-from sites.models import DesiredState, Node, Site
+from sites.models import Node, Site
 from tests.fixtures.personas import make_site
 from tests.fixtures.processes import BIN, REPO, ControlPlane, _database_url, process_env, wait_until
 from tests.models_registry import onnx_factory

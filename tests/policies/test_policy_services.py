@@ -11,10 +11,11 @@ from django.urls import reverse
 
 from audit.models import AuditEvent
 from audit.services import Actor
+from orchestrator.models import DesiredState
 from policies import services
 from policies.models import PolicyVersion
 from policies.selectors import placement_policy_current
-from sites.models import DesiredState, Site
+from sites.models import Site
 from tests.fixtures.personas import PASSWORD
 from tests.models_registry.helpers import make_node
 
@@ -63,7 +64,7 @@ def test_it_refuses_a_bad_rule_naming_it_and_writes_nothing(db: None, kind: str,
 
 def test_it_signs_the_sites_facts_and_the_placement_policy_into_every_nodes_desired_state(
         site_berlin: Site) -> None:
-    from sites.services import desired_state_publish
+    from orchestrator.desired_state import desired_state_publish
 
     node, _ = make_node(site_berlin, "gw-1")
     desired_state_publish(node=node, actor=ACTOR)

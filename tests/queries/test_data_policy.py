@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from orchestrator.models import DesiredState
 from policies.models import PolicyVersion
 from policies.queries.selectors import data_policy_for_site
 from policies.services import PoliciesError, policy_update
-from sites.models import DesiredState, Site
+from sites.models import Site
 from tests.fixtures.personas import make_site
 from tests.models_registry.helpers import make_node
 from tests.queries.helpers import ACTOR
@@ -43,7 +44,8 @@ def test_it_resolves_the_policy_of_each_site_from_the_first_rule_that_selects_it
 def test_it_signs_the_sites_data_policy_and_facts_into_its_nodes_desired_state(site_ohio: Site) -> None:
     node, _ = make_node(site_ohio, "gw-1")
     from audit.services import Actor
-    from sites.services import desired_state_publish, site_update
+    from orchestrator.desired_state import desired_state_publish
+    from sites.services import site_update
 
     desired_state_publish(node=node, actor=Actor.system("test"))
     before = DesiredState.objects.get(node=node).generation

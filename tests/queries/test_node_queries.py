@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+from policies.queries.models import QuerySite
+
 from audit.models import AuditEvent
 from edge_runtime import protocol
 from edge_runtime.data.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.queries import OUTBOX_FILE, Outbox, QueryService
 from edge_runtime.state import StateDir
-from policies.queries.models import QuerySite
-from sites.models import DesiredState, Node, Site
+from orchestrator.models import DesiredState
+from sites.models import Node, Site
 from tests.fixtures.processes import ControlPlane
 from tests.queries.helpers import OPEN_POLICY, create, data_policy, plant_frame, register_catalog, write_dataset
+
+pytestmark = pytest.mark.process
 
 
 def _service(state_dir: Any, entries: list[dict[str, Any]]) -> QueryService:

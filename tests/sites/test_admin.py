@@ -13,8 +13,9 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from edge_runtime import protocol, signing
+from orchestrator.models import DesiredState
 from sites import services
-from sites.models import Clearance, DesiredState, EnrollmentToken, Node, NodeStatus, Region, Site
+from sites.models import Clearance, EnrollmentToken, Node, NodeStatus, Region, Site
 from tests.fixtures.personas import PASSWORD
 from tests.sites.test_agent_api import enroll, new_token, sync
 
@@ -153,7 +154,7 @@ def test_it_refuses_deletions_that_would_orphan_things(
     assert token is not None
     assert admin_client_.post(f"/admin/sites/enrollmenttoken/{token.pk}/delete/", {"post": "yes"}).status_code == 403
     state = DesiredState.objects.get()
-    assert admin_client_.post(f"/admin/sites/desiredstate/{state.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert admin_client_.post(f"/admin/orchestrator/desiredstate/{state.pk}/delete/", {"post": "yes"}).status_code == 403
 
 
 def test_it_deletes_an_empty_region_with_an_audit_event(admin_client_: Client, region_us: Region) -> None:

@@ -13,6 +13,7 @@ from edge_runtime import protocol
 from sites import services
 from sites.liveness import node_status, site_status
 from sites.models import Node, Site
+from sites.sync import node_sync
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -43,7 +44,7 @@ def test_it_summarises_a_site(statuses: list[str], expected: str) -> None:
 def _enrolled(site: Site, name: str = "n1") -> Node:
     _, token = services.token_create(actor=Actor.system("test"), site=site)
     node, _ = services.node_enroll(request=protocol.EnrollRequest(token=token, name=name), ip="127.0.0.1")
-    services.node_sync(node=node, request=protocol.SyncRequest(), ip="127.0.0.1")
+    node_sync(node=node, request=protocol.SyncRequest(), ip="127.0.0.1")
     return Node.objects.get(pk=node.pk)
 
 
@@ -71,7 +72,7 @@ def test_it_sweeps_a_silent_node_to_stale_then_offline_and_audits_each_step(site
 def test_it_brings_a_returning_node_back_online_and_audits_it(site_berlin: Site) -> None:
     node = _enrolled(site_berlin)
     Node.objects.filter(pk=node.pk).update(last_seen_at=timezone.now() - dt.timedelta(hours=1), status="offline")
-    services.node_sync(node=node, request=protocol.SyncRequest(), ip="127.0.0.1")
+    node_sync(node=node, request=protocol.SyncRequest(), ip="127.0.0.1")
     assert Node.objects.get(pk=node.pk).status == "online"
     event = AuditEvent.objects.filter(action="node.report", object_id=str(node.uuid)).latest("seq")
     assert event.before["status"] == "offline" and event.after["status"] == "online"

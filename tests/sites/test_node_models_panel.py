@@ -15,6 +15,7 @@ from models_registry import services as registry
 from models_registry.models import ModelVersion
 from sites import services
 from sites.models import Node, Site
+from sites.sync import node_sync
 from tests.fixtures.personas import PASSWORD
 from tests.models_registry import onnx_factory
 from tests.models_registry.helpers import make_model, valid_version
@@ -48,7 +49,7 @@ def deploy(site: Site, slug: str, *, seed: int, **requirements: Any) -> ModelVer
 
 def report(node: Node, *statuses: protocol.ModelStatus) -> None:
     """The node's sync, through the agent API's service."""
-    services.node_sync(node=node, request=protocol.SyncRequest(
+    node_sync(node=node, request=protocol.SyncRequest(
         actual=protocol.ActualState(applied_generation=1, models=list(statuses))), ip="10.0.0.6")
 
 

@@ -19,10 +19,13 @@ from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
 from models_registry.models import ModelVersion
-from orchestrator import keys
-from orchestrator.models import Epoch, SigningKey
+from models_registry.node_feature import ModelsFeature
+from orchestrator import keys, rotation
+from orchestrator.desired_state import GENERATION_MAX, desired_state_publish
+from orchestrator.models import DesiredState, Epoch, SigningKey
 from sites import services
-from sites.models import DesiredState, Node, Site
+from sites.models import Node, Site
+from sites.sync import MAX_AHEAD
 from tests.fixtures.processes import BIN, control_plane_env
 from tests.models_registry.helpers import valid_version
 
@@ -81,7 +84,7 @@ def test_it_refuses_to_start_when_the_key_it_signed_with_is_missing(key_path: Pa
     # Nothing was created in its place.
     assert not key_path.exists() and SigningKey.objects.count() == 1
     with pytest.raises(keys.SigningKeyError, match="is missing"):
-        services.desired_state_publish(node=node[0], actor=Actor.system("test"))
+        desired_state_publish(node=node[0], actor=Actor.system("test"))
 
 
 def test_it_refuses_a_key_file_that_holds_another_key(key_path: Path) -> None:
@@ -134,7 +137,7 @@ def test_it_starts_a_new_epoch_and_republishes_every_node(node: tuple[Node, str]
 
 def test_it_refuses_an_epoch_without_a_reason() -> None:
     with pytest.raises(ValueError, match="say why"):
-        keys.epoch_start(actor=Actor.system("test"), reason="  ")
+        rotation.epoch_start(actor=Actor.system("test"), reason="  ")
 
 
 def call_command_output(*args: str) -> str:
@@ -200,9 +203,9 @@ def test_it_leaves_the_old_key_when_a_rotation_fails(key_path: Path, monkeypatch
         raise RuntimeError("disk full")
 
     # A failure inside the rotation's transaction cannot be produced otherwise.
-    monkeypatch.setattr(keys, "_resign_artifacts", broken)
+    monkeypatch.setattr(ModelsFeature, "sign_again", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        keys.signing_key_rotate(actor=Actor.system("test"))
+        rotation.signing_key_rotate(actor=Actor.system("test"))
     keys.forget()
     assert keys.current().fingerprint == old.fingerprint
     assert not key_path.with_name(f"{key_path.name}.next").exists()
@@ -227,7 +230,7 @@ def test_it_stops_a_control_plane_process_whose_key_is_missing(node: tuple[Node,
 
 def test_it_refuses_to_make_a_key_on_an_upgraded_database_that_already_signed(key_path: Path,
                                                                              node: tuple[Node, str]) -> None:
-    services.desired_state_publish(node=node[0], actor=Actor.system("test"))
+    desired_state_publish(node=node[0], actor=Actor.system("test"))
     # A control plane from before keys were recorded: signed states, no key rows, and the file lost.
     SigningKey.objects.all().delete()
     Epoch.objects.all().delete()
@@ -248,7 +251,7 @@ def test_it_takes_on_the_rotated_key_when_the_database_is_restored_from_before_t
     db, credential = node
     old = keys.current()
     version = valid_version()
-    keys.signing_key_rotate(actor=Actor.system("test"))
+    rotation.signing_key_rotate(actor=Actor.system("test"))
     new = keys.current()
     # The backup knew only the old key (the file beside it holds the new one, which nodes pinned).
     SigningKey.objects.filter(fingerprint=new.fingerprint).delete()
@@ -270,7 +273,7 @@ def test_it_believes_a_node_ahead_of_the_database_only_within_bounds(node: tuple
     db, credential = node
     sync(credential, db)
     epoch = keys.current().epoch
-    claim = 1 + services.MAX_AHEAD + 1
+    claim = 1 + MAX_AHEAD + 1
     assert sync(credential, db, applied_generation=claim, applied_epoch=epoch)["generation"] == 1
 
 
@@ -279,12 +282,12 @@ def test_it_publishes_the_other_nodes_when_one_has_no_generation_left(site_berli
     db, _ = node
     _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
     other, _ = services.node_enroll(request=protocol.EnrollRequest(token=token, name="gw-2"), ip=None)
-    services.desired_state_publish(node=db, actor=Actor.system("test"))
-    DesiredState.objects.filter(node=db).update(generation=services.GENERATION_MAX)
+    desired_state_publish(node=db, actor=Actor.system("test"))
+    DesiredState.objects.filter(node=db).update(generation=GENERATION_MAX)
     before = DesiredState.objects.get(node=other).generation
     services.site_update(actor=Actor.system("test"), site=site_berlin, labels={"line": "9"})
     assert DesiredState.objects.get(node=other).generation == before + 1
-    assert DesiredState.objects.get(node=db).generation == services.GENERATION_MAX
+    assert DesiredState.objects.get(node=db).generation == GENERATION_MAX
 
 
 def test_it_says_what_to_do_when_a_refusing_node_is_in_an_epoch_it_does_not_know(

@@ -23,6 +23,7 @@ from sites import services
 from sites.installer import render_installer
 from sites.models import EnrollmentToken, Node, Site
 from sites.selectors import site_list
+from sites.sync import node_sync
 from tests.fixtures.personas import make_site
 
 pytestmark = pytest.mark.django_db
@@ -40,7 +41,7 @@ def enroll(site: Site, name: str, *, synced: bool = True, role: str = "gateway")
         ip="10.0.0.5",
     )
     if synced:
-        services.node_sync(node=node, request=protocol.SyncRequest(actual=protocol.ActualState(applied_generation=1)),
+        node_sync(node=node, request=protocol.SyncRequest(actual=protocol.ActualState(applied_generation=1)),
                            ip="10.0.0.6")
     return Node.objects.get(pk=node.pk)
 
@@ -281,7 +282,7 @@ def test_it_marks_a_node_that_has_not_applied_its_desired_state(client: Client, 
 def test_it_shows_what_a_node_refuses(client: Client, viewer: Any, world: World) -> None:
     node = world.node_berlin
     refusal = protocol.Refusal(generation=1, reason="epoch x is older than epoch y in force", at=timezone.now())
-    services.node_sync(node=node, request=protocol.SyncRequest(actual=protocol.ActualState(
+    node_sync(node=node, request=protocol.SyncRequest(actual=protocol.ActualState(
         applied_generation=1, refusing=refusal)), ip="10.0.0.6")
     client.force_login(viewer)
     page = client.get(f"/nodes/{node.uuid}/").content.decode()

@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.services import Actor
-from orchestrator import keys
+from orchestrator import rotation
 
 
 class Command(BaseCommand):
@@ -24,7 +24,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            epoch = keys.epoch_start(actor=Actor.system("epoch_start"), reason=options["reason"])
+            epoch = rotation.epoch_start(actor=Actor.system("epoch_start"), reason=options["reason"])
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"started epoch {epoch}; every node republished in it")

@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from audit.services import Actor
-from orchestrator import keys
+from orchestrator import keys, rotation
 
 
 class Command(BaseCommand):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         before = keys.current(fresh=True).fingerprint
-        after = keys.signing_key_rotate(actor=Actor.system("signing_key_rotate"))
+        after = rotation.signing_key_rotate(actor=Actor.system("signing_key_rotate"))
         trust = keys.current(fresh=True)
         self.stdout.write(f"rotated the signing key {before[:16]} -> {after[:16]} (full fingerprint {after}); "
                           f"epoch {trust.epoch} started, every node republished")

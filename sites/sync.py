@@ -1,0 +1,154 @@
+"""A node's sync: its report recorded, its features heard, its desired state answered.
+
+The hottest write of the control plane (every node, every few seconds), so a
+sync that changes nothing but the heartbeat costs one locked read and one
+narrow update, and does not wait for a durable commit: a crash can only lose
+a heartbeat that the next sync rewrites. Anything audited commits durably.
+
+The features (models, queries, ...) take part through the one seam
+:mod:`orchestrator.features`; this module imports none of them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import connection, transaction
+from django.utils import timezone
+
+from audit.services import Actor, audit_record
+from edge_runtime import protocol
+from orchestrator import features, keys
+from orchestrator.desired_state import desired_state_publish, signed_desired_state
+from orchestrator.models import DesiredState, Epoch
+from orchestrator.realtime import FLEET_GROUP, broadcast
+from sites.liveness import node_status
+from sites.models import Node, NodeStatus
+from sites.services import TokenRefused
+
+# How far a node may claim to be ahead of the database (after a restore) and be
+# believed: a node's claim is not signed, and one that claimed the column's
+# limit would leave no generation for its next state.
+MAX_AHEAD = 1_000_000
+
+logger = logging.getLogger("edgewise.sites")
+
+
+def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> protocol.SyncResponse:
+    """Record a node's report and answer with its desired state if it moved."""
+    now = timezone.now()
+    actor = Actor("node", str(node.uuid), ip)
+    with transaction.atomic():
+        # of=("self",): lock the node row only; the desired state is an outer
+        # join that PostgreSQL will not lock (and need not).
+        node = (Node.objects.select_for_update(of=("self",)).select_related("site", "desired")
+                .get(pk=node.pk))
+        if node.revoked_at is not None:
+            raise TokenRefused("this node's credential was revoked")
+        sync = features.NodeSync(node=node, actual=request.actual, actor=actor)
+        changes = _record_report(sync, request, ip, now)
+        desired = _settle_desired(sync, changes)
+        for feature in features.node_features():
+            feature.answer(sync)
+        if not sync.audited and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit = off")
+    if "status" in changes:
+        broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
+    applied = request.actual.applied_generation
+    return protocol.SyncResponse(
+        generation=desired.generation,
+        # A generation counts within its epoch: the same number in another epoch is another state.
+        desired=(signed_desired_state(desired)
+                 if applied != desired.generation or request.actual.applied_epoch != desired.epoch else None),
+        sync_interval_s=settings.SYNC_INTERVAL_S,
+        **sync.answer,
+    )
+
+
+def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime) -> dict[str, tuple[Any, Any]]:
+    """The audited fields of ``node`` this report changes, as (before, after); ``node`` takes the new values."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    if request.hardware is not None:
+        hardware = request.hardware.model_dump(mode="json")
+        if hardware != node.hardware:
+            changes["hardware"] = (node.hardware, hardware)
+            node.hardware = hardware
+    if request.runtime_version and request.runtime_version != node.runtime_version:
+        changes["runtime_version"] = (node.runtime_version, request.runtime_version)
+        node.runtime_version = request.runtime_version
+    applied = request.actual.applied_generation
+    if applied != node.applied_generation:
+        changes["applied_generation"] = (node.applied_generation, applied)
+        node.applied_generation = applied
+    previous_status = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now)
+    if previous_status != NodeStatus.ONLINE:
+        changes["status"] = (previous_status, NodeStatus.ONLINE)
+    return changes
+
+
+def _record_report(sync: features.NodeSync, request: protocol.SyncRequest, ip: str | None,
+                   now: dt.datetime) -> dict[str, tuple[Any, Any]]:
+    """Store the node's report (its features' parts first, while the previous report is still stored)."""
+    node = sync.node
+    changes = _node_changes(node, request, now)
+    for feature in features.node_features():
+        feature.report(sync)
+    node.actual_state = request.actual.model_dump(mode="json")
+    node.health = request.health.model_dump(mode="json")
+    node.last_seen_at = now
+    node.last_seen_ip = ip
+    node.status = NodeStatus.ONLINE
+    node.save(update_fields=["actual_state", "health", "last_seen_at", "last_seen_ip", "status",
+                             *(f for f in changes if f != "status")])
+    if changes:
+        audit_record(
+            actor=sync.actor, action="node.report", obj=node, site_uuid=node.site.uuid,
+            before={k: v[0] for k, v in changes.items()}, after={k: v[1] for k, v in changes.items()},
+        )
+    for refusal in request.refusals:
+        audit_record(
+            actor=sync.actor, action="node.desired_state_refused", obj=node, site_uuid=node.site.uuid,
+            after={"generation": refusal.generation, "reason": refusal.reason, "at": refusal.at.isoformat()},
+        )
+    sync.audited |= bool(changes or request.refusals)
+    return changes
+
+
+def _settle_desired(sync: features.NodeSync, changes: dict[str, tuple[Any, Any]]) -> DesiredState:
+    """The node's desired state, published again when its hardware, its epoch or a restore calls for it."""
+    node, actual = sync.node, sync.actual
+    desired: DesiredState | None = getattr(node, "desired", None)
+    applied = actual.applied_generation
+    # The node applied more in this epoch than the database remembers (it
+    # was restored from a backup): publish above what the node holds, or
+    # the node would refuse every later state as older.
+    ahead = (desired is not None and actual.applied_epoch == desired.epoch
+             and desired.generation < applied <= desired.generation + MAX_AHEAD)
+    if ahead:
+        logger.warning("node %s applied generation %d, above the %d this database holds: publishing above it",
+                       node.uuid, applied, desired.generation if desired else 0)
+    if actual.refusing is not None and actual.applied_epoch:
+        _note_unknown_epoch(node, actual.applied_epoch)
+    if desired is None or "hardware" in changes or ahead or desired.epoch != keys.current().epoch:
+        # Placement depends on the hardware a node reports, and a new epoch
+        # changes every state: republish (a no-op when the content is the same).
+        desired = desired_state_publish(node=node, actor=Actor.system("sync"), above=applied if ahead else 0)
+        sync.audited = True
+    return desired
+
+
+def _note_unknown_epoch(node: Node, epoch: str) -> None:
+    """Say what to do when a refusing node is in an epoch this database never started (a restored backup)."""
+    try:
+        known = Epoch.objects.filter(uuid=epoch).exists()
+    except ValidationError:
+        known = False
+    if not known:
+        logger.error("node %s refuses its desired state and is in epoch %s, which this database does not know: "
+                     "it was restored from a backup taken before that epoch; run manage.py epoch_start", node.uuid,
+                     epoch)

@@ -19,12 +19,10 @@ runs in this one (``load.py``), so client and server never share a GIL.
 Before measuring, every server's answers are checked against onnxruntime's,
 one at a time and as 32 concurrent requests that the batcher stacks.
 
-The machine may be shared, and what the others on it do changes by the
-second. So the arms that a ratio compares are measured interleaved: each
-cycle runs every arm of a (model, concurrency) once for ``--slice`` seconds,
-back to back, starting with a different arm each cycle; an arm's figure
-pools its slices, and each ratio is computed per cycle, reported as the
-median over the cycles with its range, and checked against its target.
+The arms that a ratio compares are measured interleaved, ``--slice``
+seconds each per cycle, and each ratio is the median of its per-cycle values
+(why: docs/decisions/0003-benchmark-arms-interleaved.md).
+
 Usage::
 
     .venv/bin/python -m benchmarks.inference.run [--cycles 8] [--slice 0.5] [--models mlp,cnn]

@@ -29,8 +29,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from edge_runtime.data.binding import BoundQuery
 from edge_runtime.data.catalog import Dataset
-from edge_runtime.data.compute import Groups, group_rows
+from edge_runtime.data.grouping import Groups, group_rows
 from edge_runtime.data.sources import (
     ExecutionError,
     arrow_to_pandas,
@@ -38,7 +39,6 @@ from edge_runtime.data.sources import (
     normalise_frame,
     one_line,
 )
-from edge_runtime.data.spec import BoundQuery
 
 CHUNK_ROWS = 1_000_000
 State = dict[str, Any]

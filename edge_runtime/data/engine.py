@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 
 from edge_runtime.data.audit import AuditError, NodeAudit
+from edge_runtime.data.binding import BoundQuery, bind
 from edge_runtime.data.catalog import Catalog, CatalogError
 from edge_runtime.data.chunks import chunked_row_groups, merge_chunks, read_chunks
 from edge_runtime.data.compute import (
     Array,
-    Groups,
     Scorer,
     apply_score,
     build_partials,
@@ -44,8 +44,9 @@ from edge_runtime.data.compute import (
     compute_partials,
     filter_mask,
 )
+from edge_runtime.data.grouping import Groups
 from edge_runtime.data.sources import ExecutionError, load_frame, one_line
-from edge_runtime.data.spec import BoundQuery, QuerySpec, SpecError, bind, parse_spec
+from edge_runtime.data.spec import QuerySpec, SpecError, parse_spec
 from edge_runtime.data.wire import Partials, QueryResult, Suppressed
 from edge_runtime.policy.data import DataPolicy, Decision, SiteFacts, check_output_size, evaluate, suppression_mask
 from edge_runtime.signing import canonical_json

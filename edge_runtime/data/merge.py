@@ -34,7 +34,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge_runtime.data.catalog import ColumnType
-from edge_runtime.data.compute import group_rows, json_list
+from edge_runtime.data.compute import json_list
+from edge_runtime.data.grouping import group_rows
 from edge_runtime.data.sketch import QuantileSketch
 from edge_runtime.data.spec import Aggregate, QuerySpec, parse_spec
 from edge_runtime.data.wire import Partials, QueryResult, QueryStatus

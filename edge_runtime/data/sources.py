@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from edge_runtime.data.binding import BoundFilter, BoundQuery
 from edge_runtime.data.catalog import ColumnType, Dataset, quote_identifier, sqlite_connect
-from edge_runtime.data.spec import BoundFilter, BoundQuery
 
 
 class ExecutionError(Exception):

@@ -23,7 +23,7 @@ Validation happens in two steps, and both name the field that is wrong
    ``col) or 1=1 --``, backticks, ``@var`` and ``__import__('os')`` never get
    past it), operators, intervals and aggregates come from closed sets, and
    string values may not carry control characters.
-2. :func:`bind` checks it against the dataset's schema: every column exists
+2. :func:`~edge_runtime.data.binding.bind` checks it against the dataset's schema: every column exists
    and has a type the operator or aggregate can use, and every value has the
    column's type (timestamps as ISO 8601 strings).
 
@@ -51,11 +51,8 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
-import datetime as dt
-import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -71,7 +68,7 @@ from pydantic import (
     model_validator,
 )
 
-from edge_runtime.data.catalog import IDENTIFIER_PATTERN, NUMERIC_TYPES, QUERYABLE_TYPES, ColumnType, DatasetSchema
+from edge_runtime.data.catalog import IDENTIFIER_PATTERN
 from edge_runtime.protocol import MODEL_NAME_PATTERN
 
 SPEC_VERSION: Literal[1] = 1
@@ -291,10 +288,11 @@ def _spec_error(exc: ValidationError) -> SpecError:
     messages = []
     for error in same_field:
         if error["type"] == "string_pattern_mismatch":
-            messages.append(f"{_show(error.get('input'))} is not a plain name (a letter, then letters, digits "
+            messages.append(f"{show_value(error.get('input'))} is not a plain name (a letter, then letters, digits "
                             f"or _; at most 64)")
         elif error["type"] == "literal_error":
-            messages.append(f"{_show(error.get('input'))} is not one of {error.get('ctx', {}).get('expected', '')}")
+            expected = error.get("ctx", {}).get("expected", "")
+            messages.append(f"{show_value(error.get('input'))} is not one of {expected}")
         else:
             messages.append(error["msg"].removeprefix("Value error, "))
     unique = list(dict.fromkeys(messages))
@@ -305,175 +303,7 @@ def _dotted(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) or "spec"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """``repr(value)`` cut short for an error message."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-# -- binding to a schema -----------------------------------------------------------------------------------------
-
-FilterValue = Any
-
-
-@dataclass(frozen=True)
-class BoundFilter:
-    column: str
-    op: str
-    # Converted to the column's type: int/float/bool/str, datetime (naive UTC), or a tuple of them.
-    value: FilterValue
-    type: ColumnType
-    # True when the column is a scoring output: applied after scoring.
-    after_score: bool
-    field: str
-
-
-@dataclass(frozen=True)
-class BoundQuery:
-    """A query checked against a dataset's schema, with its values converted to the columns' types."""
-
-    spec: QuerySpec
-    schema: DatasetSchema
-    types: dict[str, ColumnType]
-    filters: list[BoundFilter]
-    # Columns to read from the source, in a stable order.
-    source_columns: list[str]
-    score_columns: list[str] = field(default_factory=list)
-
-    @property
-    def key_names(self) -> list[str]:
-        return self.spec.key_names
-
-    @property
-    def key_types(self) -> list[ColumnType]:
-        types = [self.types[c] for c in self.spec.group_by]
-        return types + (["timestamp"] if self.spec.time_bucket else [])
-
-    def columns_used(self) -> dict[str, set[str]]:
-        """Source columns by use (filter, group, aggregate, score, rows), for the data policy."""
-        spec = self.spec
-        uses: dict[str, set[str]] = {k: set() for k in ("filter", "group", "aggregate", "score", "rows")}
-        source = set(self.schema.column_names)
-        for f in self.filters:
-            if f.column in source:
-                uses["filter"].add(f.column)
-        uses["group"].update(spec.group_by)
-        if spec.time_bucket:
-            uses["group"].add(spec.time_bucket.column)
-        for a in spec.aggregates:
-            if a.column is not None and a.column in source:
-                uses["aggregate"].add(a.column)
-        if spec.score:
-            uses["score"].update(spec.score.inputs)
-        uses["rows"].update(c for c in spec.columns if c in source)
-        return uses
-
-
-def bind(spec: QuerySpec, schema: DatasetSchema) -> BoundQuery:
-    """Check ``spec`` against ``schema``; :class:`SpecError` naming the field if a name or value does not fit."""
-    types: dict[str, ColumnType] = {c.name: c.type for c in schema.columns if c.type in QUERYABLE_TYPES}
-    known = ", ".join(sorted(types)) or "none"
-
-    def source_column(name: str, where: str) -> ColumnType:
-        if name not in types:
-            other = schema.column_type(name)
-            if other is not None:
-                raise SpecError(where, f"column {name!r} of dataset {schema.name!r} has a type queries cannot use")
-            raise SpecError(where, f"unknown column {name!r} in dataset {schema.name!r} (columns: {known})")
-        return types[name]
-
-    score_columns: list[str] = []
-    if spec.score is not None:
-        for i, name in enumerate(spec.score.inputs):
-            if source_column(name, f"score.inputs.{i}") not in NUMERIC_TYPES:
-                raise SpecError(f"score.inputs.{i}", f"column {name!r} is {types[name]}; a model takes numbers")
-        for i, out in enumerate(spec.score.outputs):
-            if out.column in types:
-                raise SpecError(f"score.outputs.{i}.column",
-                                f"{out.column!r} is already a column of dataset {schema.name!r}")
-            score_columns.append(out.column)
-    all_types: dict[str, ColumnType] = dict(types)
-    all_types.update({c: "float" for c in score_columns})
-
-    def any_column(name: str, where: str) -> ColumnType:
-        return all_types[name] if name in score_columns else source_column(name, where)
-
-    filters = [_bind_filter(f, i, any_column(f.column, f"filters.{i}.column"), f.column in score_columns)
-               for i, f in enumerate(spec.filters)]
-    for i, name in enumerate(spec.group_by):
-        any_column(name, f"group_by.{i}")
-    if spec.time_bucket is not None:
-        if source_column(spec.time_bucket.column, "time_bucket.column") != "timestamp":
-            raise SpecError("time_bucket.column", f"column {spec.time_bucket.column!r} is "
-                            f"{types[spec.time_bucket.column]}, not a timestamp")
-    for i, agg in enumerate(spec.aggregates):
-        if agg.column is None:
-            continue
-        type_ = any_column(agg.column, f"aggregates.{i}.column")
-        if agg.op in ("sum", "mean", "std", "var", "quantile") and type_ not in NUMERIC_TYPES:
-            raise SpecError(f"aggregates.{i}.op", f"'{agg.op}' needs a numeric column; {agg.column!r} is {type_}")
-        if agg.op in ("min", "max") and type_ not in (*NUMERIC_TYPES, "timestamp"):
-            raise SpecError(f"aggregates.{i}.op", f"'{agg.op}' needs a numeric or timestamp column; "
-                            f"{agg.column!r} is {type_}")
-    for i, name in enumerate(spec.columns):
-        any_column(name, f"columns.{i}")
-
-    needed: list[str] = []
-    for name in [*(f.column for f in filters), *spec.group_by,
-                 *([spec.time_bucket.column] if spec.time_bucket else []),
-                 *(a.column for a in spec.aggregates if a.column is not None),
-                 *(spec.score.inputs if spec.score else []), *spec.columns]:
-        if name in types and name not in needed:
-            needed.append(name)
-    return BoundQuery(spec=spec, schema=schema, types=all_types, filters=filters, source_columns=needed,
-                      score_columns=score_columns)
-
-
-def _bind_filter(f: Filter, i: int, type_: ColumnType, after_score: bool) -> BoundFilter:
-    where = f"filters.{i}"
-    if f.op in ORDERED_OPS and type_ == "bool":
-        raise SpecError(f"{where}.op", f"'{f.op}' does not apply to bool column {f.column!r}")
-    value: FilterValue
-    if f.value is None:
-        value = None
-    elif isinstance(f.value, list):
-        value = tuple(_convert(v, type_, f.column, f"{where}.value.{j}") for j, v in enumerate(f.value))
-        if f.op == "between" and value[0] > value[1]:
-            raise SpecError(f"{where}.value", f"'between' needs low <= high, not {f.value!r}")
-    else:
-        value = _convert(f.value, type_, f.column, f"{where}.value")
-    return BoundFilter(column=f.column, op=f.op, value=value, type=type_, after_score=after_score, field=where)
-
-
-def _convert(value: Any, type_: ColumnType, column: str, where: str) -> Any:
-    wrong = SpecError(where, f"{_show(value)} is not a valid value for {type_} column {column!r}")
-    if type_ in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SpecError(where, f"{value!r} is not a finite number")
-        return value
-    if type_ == "bool":
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if type_ == "string":
-        if not isinstance(value, str):
-            raise wrong
-        return value
-    if type_ == "timestamp":
-        if not isinstance(value, str):
-            raise SpecError(where, f"{_show(value)} is not a timestamp for column {column!r}; "
-                            f"use an ISO 8601 string such as '2024-03-01T00:00:00Z'")
-        return parse_timestamp(value, where)
-    raise wrong
-
-
-def parse_timestamp(value: str, where: str) -> dt.datetime:
-    """An ISO 8601 string as a naive UTC datetime (zoned times converted, unzoned taken as UTC)."""
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        raise SpecError(where, f"{_show(value)} is not an ISO 8601 timestamp") from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
-    return parsed

@@ -94,7 +94,7 @@ class RowsOutput(DataWire):
 
 
 class Suppressed(DataWire):
-    # Both are stored in integer columns (policies.queries.models.QuerySite).
+    # Both are stored in integer columns (queries.models.QuerySite).
     cells: int = Field(default=0, ge=0, le=INT32_MAX)
     # None: the suppressed cells held fewer than k rows in total, so their count is withheld too.
     rows: int | None = Field(default=0, ge=0, le=INT32_MAX)

@@ -90,7 +90,7 @@ class ModelStatus(WireModel):
 class DatasetEntry(BaseModel):
     """One dataset of a node's datasets report, as far as the control plane's catalog columns need it.
 
-    The rest of the schema is checked by ``policies.queries`` (an entry it
+    The rest of the schema is checked by ``queries`` (an entry it
     cannot read is skipped there); unknown keys are kept for later runtimes.
     """
 

@@ -267,7 +267,13 @@ def load_model(
         session=session, path=path, provider=actual[0] if actual else CPU, providers=actual,
         inputs=inputs, outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0, instances=instances,
     )
-    feeds = smoke_inputs(inputs)
+    _smoke_test(model)
+    return model
+
+
+def _smoke_test(model: LoadedModel) -> None:
+    """Run the model on made-up inputs (a LoadError if it fails), then warm it up within a small budget."""
+    feeds = smoke_inputs(model.inputs)
     started = time.perf_counter()
     try:
         model.run(feeds)
@@ -283,8 +289,7 @@ def load_model(
             # The quickest: one run that the OS preempted must not mark a cheap model as slow.
             model.warm_run_seconds = min(model.warm_run_seconds, took)
     except Exception as exc:  # noqa: BLE001 - any failure to run means the model is not usable
-        raise LoadError(f"smoke test of {path.name} failed: {_one_line(exc)}") from exc
-    return model
+        raise LoadError(f"smoke test of {model.path.name} failed: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:

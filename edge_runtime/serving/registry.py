@@ -258,45 +258,59 @@ class ModelRegistry:
                     await self.mirror.load(spec, retire_others=False)
                 return served.status
             del current  # a version this load replaces is retired below: hold no reference to it
-            self._loading += 1
-            try:
-                model = await asyncio.to_thread(
-                    load_model, path, preferred=providers, required=required_providers,
-                    priority=self.provider_priority, intra_op_threads=self.intra_op_threads,
-                    instances=self.instances, cpus=self.cpus,
-                )
-            except LoadError as exc:
-                state: Literal["refused", "failed"] = "refused" if isinstance(exc, ProviderError) else "failed"
-                logger.error("model %s version %s not loaded (%s): %s; serving %s", name, version, state, exc,
-                             served.default or "nothing")
-                served.status = ModelStatus(name=name, version=version, sha256=sha256, variant=variant,
-                                            state=state, error=str(exc)[:1000], serving_version=served.default)
-                return served.status
-            finally:
-                self._loading -= 1
-            metrics = self.metrics.of(name, version)
-            batcher = Batcher(model, executor=self.executor, metrics=metrics, max_batch_size=max_batch_size,
-                              max_queue_delay_ms=max_queue_delay_ms, inline_below_ms=inline_below_ms,
-                              instances=model.instances)
-            batcher.start()
-            new = ServedVersion(name=name, version=version, sha256=sha256, variant=variant, model=model,
-                                batcher=batcher, metrics=metrics, max_batch_size=max_batch_size,
-                                max_queue_delay_ms=max_queue_delay_ms, spec=spec)
-            # The swap: no await between these lines, so every request sees
-            # either the old default or the new one, never a gap.
-            retiring = [v for v in (served.versions.pop(version, None),) if v is not None]
-            served.versions[version] = new
-            served.default = version
-            if retire_others:
-                for other in [v for v in served.versions if v != version]:
-                    retiring.append(served.versions.pop(other))
-            served.status = new.status()
-            logger.info("model %s version %s serving on %s (load %.3fs, smoke test %.3fs)", name, version,
-                        model.provider, model.load_seconds, model.smoke_seconds)
+            model = await self._load_model(spec, path, served)
+            if isinstance(model, ModelStatus):
+                return model
+            new, retiring = self._swap(served, spec, model, retire_others=retire_others)
             if self.mirror is not None:
                 await self.mirror.load(spec, retire_others=retire_others)
         await _retire(retiring)
         return new.status()
+
+    async def _load_model(self, spec: LoadSpec, path: Path, served: ServedModel) -> LoadedModel | ModelStatus:
+        """The model loaded and smoke-tested off the loop, or the status that says why not (what serves stays)."""
+        self._loading += 1
+        try:
+            return await asyncio.to_thread(
+                load_model, path, preferred=spec.providers, required=spec.required_providers,
+                priority=self.provider_priority, intra_op_threads=self.intra_op_threads,
+                instances=self.instances, cpus=self.cpus,
+            )
+        except LoadError as exc:
+            state: Literal["refused", "failed"] = "refused" if isinstance(exc, ProviderError) else "failed"
+            logger.error("model %s version %s not loaded (%s): %s; serving %s", spec.name, spec.version, state, exc,
+                         served.default or "nothing")
+            served.status = ModelStatus(name=spec.name, version=spec.version, sha256=spec.sha256,
+                                        variant=spec.variant, state=state, error=str(exc)[:1000],
+                                        serving_version=served.default)
+            return served.status
+        finally:
+            self._loading -= 1
+
+    def _swap(self, served: ServedModel, spec: LoadSpec, model: LoadedModel, *,
+              retire_others: bool) -> tuple[ServedVersion, list[ServedVersion]]:
+        """Serve ``model`` as its name's default; the versions it replaces, to retire once their requests finish."""
+        metrics = self.metrics.of(spec.name, spec.version)
+        batcher = Batcher(model, executor=self.executor, metrics=metrics, max_batch_size=spec.max_batch_size,
+                          max_queue_delay_ms=spec.max_queue_delay_ms, inline_below_ms=spec.inline_below_ms,
+                          instances=model.instances)
+        batcher.start()
+        new = ServedVersion(name=spec.name, version=spec.version, sha256=spec.sha256, variant=spec.variant,
+                            model=model, batcher=batcher, metrics=metrics, max_batch_size=spec.max_batch_size,
+                            max_queue_delay_ms=spec.max_queue_delay_ms, spec=spec)
+        # The swap: no await between these lines, so every request sees
+        # either the old default or the new one, never a gap.
+        version = spec.version
+        retiring = [v for v in (served.versions.pop(version, None),) if v is not None]
+        served.versions[version] = new
+        served.default = version
+        if retire_others:
+            for other in [v for v in served.versions if v != version]:
+                retiring.append(served.versions.pop(other))
+        served.status = new.status()
+        logger.info("model %s version %s serving on %s (load %.3fs, smoke test %.3fs)", spec.name, version,
+                    model.provider, model.load_seconds, model.smoke_seconds)
+        return new, retiring
 
     async def unload(self, name: str, version: str | None = None) -> None:
         """Stop serving ``name`` (one version, or all); queued requests finish first."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
 from edge_runtime.serving.http import (
@@ -102,6 +102,9 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     """
     if app is None:
         app = OIPApp(registry, max_body_bytes=max_body_bytes)
+    # The HTTP layer's limits, the same in every serving process.
+    limits: dict[str, Any] = {"keep_alive_s": keep_alive_s, "header_timeout_s": header_timeout_s,
+                              "body_timeout_s": body_timeout_s, "max_connections": max_connections}
     if processes > 1:
         from edge_runtime.serving.workers import WorkerPool, app_path
 
@@ -112,11 +115,21 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
         bind(host, port).close()
     # Before the socket is bound: a limit that is not one is refused without leaving a socket behind.
     try:
-        server = HTTPServer(app, keep_alive_s=keep_alive_s, header_timeout_s=header_timeout_s,
-                            body_timeout_s=body_timeout_s, max_connections=max_connections)
+        server = HTTPServer(app, **limits)
     except ValueError as exc:
         raise ServerError(f"the model server did not start: {exc}") from exc
     sock = bind(host, port, reuse_port=reuse_port or processes > 1)
+    handle = ServerHandle(app=app, host=host, port=await _listen(server, sock), _server=server)
+    if processes > 1:
+        handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port, app_class=app_class,
+                                 max_body_bytes=app.max_body_bytes, server_name=app.server_name, **limits)
+        app.node_metrics = handle.pool.node_metrics
+        handle.pool.start()
+    return handle
+
+
+async def _listen(server: HTTPServer, sock: socket.socket) -> int:
+    """Start accepting on ``sock`` (closed if that fails); the port it listens on."""
     settle_heap()
     try:
         sock.listen(BACKLOG)
@@ -124,13 +137,4 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     except OSError as exc:
         sock.close()
         raise ServerError(f"the model server did not start: {exc}") from exc
-    handle = ServerHandle(app=app, host=host, port=int(sock.getsockname()[1]), _server=server)
-    if processes > 1:
-        handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port,
-                                 app_class=app_class, max_body_bytes=app.max_body_bytes,
-                                 server_name=app.server_name, keep_alive_s=keep_alive_s,
-                                 header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
-                                 max_connections=max_connections)
-        app.node_metrics = handle.pool.node_metrics
-        handle.pool.start()
-    return handle
+    return int(sock.getsockname()[1])

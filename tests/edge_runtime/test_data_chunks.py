@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.data import chunks
+from edge_runtime.data.binding import bind
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
 from edge_runtime.data.merge import merge_results
-from edge_runtime.data.spec import bind, parse_spec
+from edge_runtime.data.spec import parse_spec
 from edge_runtime.policy.data import SiteFacts
 from tests.edge_runtime.test_data_merge import (
     OPEN_POLICY,

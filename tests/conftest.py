@@ -21,3 +21,20 @@ def _fresh_trust() -> None:
     from orchestrator import keys
 
     keys.forget()
+
+
+# The fixtures that start real processes (uvicorn, edge runtimes, a Celery worker), also through another fixture.
+PROCESS_FIXTURES = frozenset({"control_plane", "live_control_plane", "edge_node", "celery_worker_process"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run a test that starts processes through a fixture without the ``process`` marker.
+
+    ``-m "not process"`` must leave out every such test; a test that starts
+    processes itself (``subprocess``) is marked by hand, which this cannot see.
+    """
+    unmarked = [item.nodeid for item in items if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("process") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start processes through a fixture but lack the process marker "
+                                "(pytestmark = pytest.mark.process): " + ", ".join(unmarked))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from django.conf import settings
 from django.utils import timezone
 
@@ -12,6 +13,8 @@ from sites import services
 from sites.liveness import node_status
 from sites.models import Node, Site
 from tests.fixtures.processes import ControlPlane, wait_until
+
+pytestmark = pytest.mark.process
 
 
 def _live_status(name: str) -> str:

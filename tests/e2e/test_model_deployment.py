@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from audit.models import AuditEvent
 from audit.services import Actor
@@ -16,6 +17,8 @@ from sites.models import Node, Site
 from tests.fixtures.processes import ControlPlane, wait_until
 from tests.models_registry import onnx_factory
 from tests.models_registry.helpers import make_model, valid_version
+
+pytestmark = pytest.mark.process
 
 
 def _served(name: str) -> dict[str, dict[str, Any]]:

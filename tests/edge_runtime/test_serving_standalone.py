@@ -12,8 +12,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.edge_runtime import onnx_models as om
+
+pytestmark = pytest.mark.process
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -28,6 +28,7 @@ def _statuses(version: ModelVersion) -> list[str]:
     return list(version.events.order_by("at", "pk").values_list("to_status", flat=True))
 
 
+@pytest.mark.process
 def test_it_validates_an_upload_through_a_real_worker(celery_worker_process: Worker) -> None:
     data = onnx_factory.linear()
     model = make_model("linear")

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -23,6 +24,8 @@ from tests.queries.helpers import (
     write_dataset,
     write_datasets_file,
 )
+
+pytestmark = pytest.mark.process
 
 
 def _node_with_data(edge_node: Any, site: Site, name: str, frame: pd.DataFrame, kind: str) -> EdgeNode:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.query.e2e import end_to_end_benchmark
+
+pytestmark = pytest.mark.process
 
 
 def test_it_measures_one_query_across_simulated_sites_through_the_real_control_plane() -> None:

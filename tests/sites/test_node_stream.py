@@ -40,6 +40,7 @@ def test_it_runs_on_the_real_redis_layer() -> None:
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
 
 
+@pytest.mark.process
 def test_it_nudges_a_connected_node_when_its_desired_state_changes(
     live_control_plane: ControlPlane, site_berlin: Site
 ) -> None:
@@ -59,6 +60,7 @@ def test_it_nudges_a_connected_node_when_its_desired_state_changes(
     assert asyncio.run(scenario()) == {"type": "sync", "generation": 2}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("who", ["no-credential", "forged", "other-node", "revoked"])
 def test_it_refuses_a_stream_that_is_not_the_nodes_own(
     live_control_plane: ControlPlane, site_berlin: Site, who: str

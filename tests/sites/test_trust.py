@@ -212,6 +212,7 @@ def test_it_leaves_the_old_key_when_a_rotation_fails(key_path: Path, monkeypatch
     assert SigningKey.objects.get().retired_at is None
 
 
+@pytest.mark.process
 @pytest.mark.django_db(transaction=True)
 def test_it_stops_a_control_plane_process_whose_key_is_missing(node: tuple[Node, str], tmp_path: Path) -> None:
     keys.current()  # the session's key signs, and the database remembers it

@@ -236,7 +236,7 @@ INSTALLED_APPS = [
     "policies",
     "sites",
     "models_registry",
-    "policies.queries",
+    "queries",
     "demo",
 ]
 

@@ -10,11 +10,11 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("agent/v1/", include("sites.agent_urls")),
     path("agent/v1/", include("models_registry.agent_urls")),
-    path("agent/v1/", include("policies.queries.agent_urls")),
+    path("agent/v1/", include("queries.agent_urls")),
     path("audit/", include("audit.urls")),
     path("models/", include("models_registry.urls")),
     path("policies/", include("policies.urls")),
-    path("queries/", include("policies.queries.urls")),
+    path("queries/", include("queries.urls")),
     path("", include("orchestrator.rollouts.urls")),
     path("", include("sites.urls")),
 ]

@@ -17,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 
 import httpx
+from orchestrator.rollouts import services as rollouts
 
 from audit.models import AuditEvent
 from audit.services import Actor
@@ -25,10 +26,9 @@ from edge_runtime.protocol import ActualState, Hardware, Health, ModelStatus, Sy
 from models_registry import services as registry
 from models_registry.models import ModelVersion
 from orchestrator.models import Rollout
-from orchestrator.rollouts import services as rollouts
 from policies import services as policy_services
-from policies.queries.models import FederatedQuery
-from policies.queries.services import query_create
+from queries.models import FederatedQuery
+from queries.services import query_create
 from sites import services
 from sites.models import Node, Site
 from tests.fixtures.personas import make_region, make_site, make_user

@@ -13,8 +13,8 @@ import pandas as pd
 from audit.services import Actor
 from edge_runtime.data.catalog import Catalog
 from policies import services as policy_services
-from policies.queries.models import FederatedQuery
-from policies.queries.services import dataset_catalog_report, query_create
+from queries.models import FederatedQuery
+from queries.services import dataset_catalog_report, query_create
 
 ACTOR = Actor.system("test")
 SPEC: dict[str, Any] = {
@@ -104,8 +104,8 @@ def answer_locally(query: FederatedQuery, nodes: dict[str, tuple[Any, Path, list
     """Answer ``query`` at each site as its node would (the real engine over the real files), then record it."""
     from edge_runtime.data.engine import run_query
     from edge_runtime.policy.data import SiteFacts
-    from policies.queries.selectors import data_policy_for_site
-    from policies.queries.services import query_result_record
+    from queries.selectors import data_policy_for_site
+    from queries.services import query_result_record
 
     for row in query.sites.select_related("site", "node"):
         node, folder, entries = nodes[row.site.slug]

@@ -12,7 +12,7 @@ from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.policy.data import DataPolicy, DatasetRule, SiteFacts
-from policies.queries.models import QuerySite
+from queries.models import QuerySite
 from tests.queries.conftest import Estate
 from tests.queries.helpers import create
 

@@ -11,8 +11,8 @@ from django.utils import timezone
 
 from audit.models import AuditEvent
 from edge_runtime.data.audit import NodeAudit
-from policies.queries.models import DatasetSchema, FederatedQuery, QuerySite
-from policies.queries.services import query_expire
+from queries.models import DatasetSchema, FederatedQuery, QuerySite
+from queries.services import query_expire
 from sites.models import Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
 from tests.queries.helpers import (

@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 import pytest
-from policies.queries.models import QuerySite
 
 from audit.models import AuditEvent
 from edge_runtime import protocol
@@ -16,6 +15,7 @@ from edge_runtime.data.catalog import Catalog
 from edge_runtime.queries import OUTBOX_FILE, Outbox, QueryService
 from edge_runtime.state import StateDir
 from orchestrator.models import DesiredState
+from queries.models import QuerySite
 from sites.models import Node, Site
 from tests.fixtures.processes import ControlPlane
 from tests.queries.helpers import OPEN_POLICY, create, data_policy, plant_frame, register_catalog, write_dataset

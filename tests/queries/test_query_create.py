@@ -9,8 +9,8 @@ import pytest
 
 from audit.models import AuditEvent
 from audit.services import Actor
-from policies.queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
-from policies.queries.services import QueriesError, QueryForbidden, dataset_catalog_report, query_deliveries
+from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
+from queries.services import QueriesError, QueryForbidden, dataset_catalog_report, query_deliveries
 from sites.models import Site
 from tests.models_registry.helpers import make_node
 from tests.queries.conftest import Estate

@@ -13,7 +13,7 @@ from django.urls import reverse
 
 from audit.services import Actor
 from policies.permissions import role_grant
-from policies.queries.models import FederatedQuery
+from queries.models import FederatedQuery
 from tests.fixtures.personas import PASSWORD
 from tests.queries.conftest import Estate
 from tests.queries.helpers import SPEC, answer_locally, create

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from audit.models import AuditEvent
 from audit.services import Actor
-from policies.queries.models import QuerySite
+from queries.models import QuerySite
 from sites import services
 from sites.models import Node, Site, TelemetryStream
 from tests.fixtures.processes import ControlPlane

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from policies.queries import agent_api
+from queries import agent_api
 
 app_name = "agent-queries"
 

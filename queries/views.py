@@ -27,10 +27,10 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from audit.services import Actor
 from policies.permissions import restrict, user_can
-from policies.queries import selectors, services
-from policies.queries.charts import chart_for
-from policies.queries.forms import AGGREGATE_SLOTS, FILTER_SLOTS, QueryForm
-from policies.queries.models import FederatedQuery, SiteState
+from queries import selectors, services
+from queries.charts import chart_for
+from queries.forms import AGGREGATE_SLOTS, FILTER_SLOTS, QueryForm
+from queries.models import FederatedQuery, SiteState
 from sites.models import Site
 
 TABLE_ROWS = 1000

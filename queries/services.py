@@ -1,7 +1,7 @@
 """Writes of federated queries. Each runs in one transaction with its audit events.
 
 A query's life, as a state machine stored in the database (see
-:mod:`policies.queries.models` for the states):
+:mod:`queries.models` for the states):
 
 1. :func:`query_create` validates the document (structure, then every target
    site's catalog: an unknown dataset or column, a wrong type or an injection
@@ -50,7 +50,7 @@ from edge_runtime.protocol import QueryRequest
 from edge_runtime.signing import canonical_json
 from orchestrator.realtime import broadcast, node_group
 from policies.permissions import user_can
-from policies.queries.models import (
+from queries.models import (
     OPEN_SITE_STATES,
     DatasetSchema,
     FederatedQuery,
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 MAX_SITES = 500
 MIN_DEADLINE_S = 1
 MAX_DEADLINE_S = 7 * 86_400
-# The catalog's name column (policies.queries.models.DatasetSchema).
+# The catalog's name column (queries.models.DatasetSchema).
 MAX_DATASET_NAME = 64
 # Where several nodes of a site report the dataset, the biggest role answers (the site's own data lives there).
 ROLE_PREFERENCE = {"server": 0, "gateway": 1, "device": 2}

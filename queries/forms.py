@@ -2,7 +2,7 @@
 scoring step, target sites and what to do about sites that are offline.
 
 The form only builds the query document; validating it against the sites'
-catalogs is :func:`policies.queries.services.query_validate`'s, whose errors
+catalogs is :func:`queries.services.query_validate`'s, whose errors
 name the document's field (``filters.0.value``). ``spec`` (a JSON document)
 may be given instead of the fields, for what the fields do not offer
 (``order_by``, rows mode).
@@ -16,8 +16,8 @@ from typing import Any
 from django import forms
 
 from edge_runtime.data.spec import AggregateOp, FilterOp, Interval
-from policies.queries.models import OfflineBehaviour
-from policies.queries.selectors import CatalogEntry
+from queries.models import OfflineBehaviour
+from queries.selectors import CatalogEntry
 
 AGGREGATE_SLOTS = 4
 FILTER_SLOTS = 3

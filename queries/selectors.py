@@ -10,8 +10,8 @@ from django.db.models import QuerySet
 
 from edge_runtime.policy.data import DataPolicy, DataPolicyDocument
 from policies.permissions import restrict, site_ids_for
-from policies.queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
 from policies.selectors import policy_version_current, site_facts
+from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
 from sites.models import Clearance, Site
 
 DATA_KIND = "data"

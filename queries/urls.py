@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from policies.queries import views
+from queries import views
 
 app_name = "queries"
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from audit.services import Actor, client_ip
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.protocol import MAX_QUERY_RESULT_BYTES
-from policies.queries import services
+from queries import services
 from sites.agent_api import error, node_view, validation_error
 from sites.models import Node
 

@@ -41,10 +41,11 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from audit.services import Actor, audit_record
+from edge_runtime.data.binding import bind
 from edge_runtime.data.catalog import DatasetSchema as WireSchema
 from edge_runtime.data.engine import spec_digest
 from edge_runtime.data.merge import MergedResult, merge_results
-from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, bind, parse_spec
+from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, parse_spec
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.protocol import QueryRequest
 from edge_runtime.signing import canonical_json

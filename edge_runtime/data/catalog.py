@@ -48,6 +48,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge_runtime.names import first_repeat
+
 DATASETS_FILE = "datasets.json"
 IDENTIFIER_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
@@ -109,11 +111,9 @@ class DatasetsFile(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> DatasetsFile:
-        seen: set[str] = set()
-        for entry in self.datasets:
-            if entry.name in seen:
-                raise ValueError(f"dataset {entry.name!r} is registered twice")
-            seen.add(entry.name)
+        repeat = first_repeat(entry.name for entry in self.datasets)
+        if repeat is not None:
+            raise ValueError(f"dataset {repeat[1]!r} is registered twice")
         return self
 
 

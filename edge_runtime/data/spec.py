@@ -69,6 +69,7 @@ from pydantic import (
 )
 
 from edge_runtime.data.catalog import IDENTIFIER_PATTERN
+from edge_runtime.names import first_repeat
 from edge_runtime.protocol import MODEL_NAME_PATTERN
 
 SPEC_VERSION: Literal[1] = 1
@@ -254,11 +255,9 @@ class QuerySpec(_Spec):
 
 
 def _refuse_duplicates(names: Sequence[str], what: str) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"{name!r} appears twice in {what}")
-        seen.add(name)
+    repeat = first_repeat(names)
+    if repeat is not None:
+        raise ValueError(f"{repeat[1]!r} appears twice in {what}")
 
 
 # -- parsing -----------------------------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from edge_runtime.policy.placement import RULE_NAME_PATTERN, PolicyDocument, SiteSelector
+from edge_runtime.policy.placement import RULE_NAME_PATTERN, PolicyDocument, SiteSelector, unique_rule_names
 from edge_runtime.policy.placement import SiteFacts as PlacementSiteFacts
 
 RuleName = Literal[
@@ -224,17 +224,8 @@ class DataPolicyDocument(PolicyDocument):
 
     kind: Literal["data"] = "data"
     default: DataPolicy = Field(default_factory=DataPolicy)
-    rules: list[DataPolicyRule] = Field(default_factory=list, max_length=200)
-
-    @field_validator("rules")
-    @classmethod
-    def _unique(cls, rules: list[DataPolicyRule]) -> list[DataPolicyRule]:
-        seen: set[str] = set()
-        for index, rule in enumerate(rules):
-            if rule.name in seen:
-                raise ValueError(f"rules[{index}] \"{rule.name}\": the name is used by an earlier rule")
-            seen.add(rule.name)
-        return rules
+    rules: Annotated[list[DataPolicyRule], AfterValidator(unique_rule_names)] = Field(
+        default_factory=list, max_length=200)
 
     def for_site(self, site: PlacementSiteFacts) -> tuple[str, DataPolicy]:
         """The name of the rule that decides for ``site`` ("default" when none selects it) and its policy."""

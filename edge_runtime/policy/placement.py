@@ -38,9 +38,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_runtime.names import first_repeat
 
 CLEARANCE_LABELS: dict[int, str] = {0: "Public", 1: "Internal", 2: "Confidential", 3: "Secret"}
 RULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,59}$"
@@ -61,6 +63,22 @@ class PolicyDocument(BaseModel):
 
 
 D = TypeVar("D", bound=PolicyDocument)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Named)
+
+
+def unique_rule_names(rules: list[R]) -> list[R]:
+    """``rules`` as given; a ValueError naming the first rule whose name an earlier rule uses."""
+    repeat = first_repeat(rule.name for rule in rules)
+    if repeat is not None:
+        raise ValueError(f"rules[{repeat[0]}] \"{repeat[1]}\": the name is used by an earlier rule")
+    return rules
 
 
 def _where(data: Any, loc: Sequence[int | str]) -> str:
@@ -233,17 +251,8 @@ class PlacementRule(PolicyDocument):
 
 class PlacementPolicy(PolicyDocument):
     kind: Literal["placement"] = "placement"
-    rules: list[PlacementRule] = Field(default_factory=list, max_length=200)
-
-    @field_validator("rules")
-    @classmethod
-    def _unique(cls, rules: list[PlacementRule]) -> list[PlacementRule]:
-        seen: set[str] = set()
-        for index, rule in enumerate(rules):
-            if rule.name in seen:
-                raise ValueError(f"rules[{index}] \"{rule.name}\": the name is used by an earlier rule")
-            seen.add(rule.name)
-        return rules
+    rules: Annotated[list[PlacementRule], AfterValidator(unique_rule_names)] = Field(
+        default_factory=list, max_length=200)
 
 
 class SiteProfile(PolicyDocument):

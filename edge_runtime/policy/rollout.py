@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from edge_runtime.names import first_repeat
 from edge_runtime.policy.placement import (
     RULE_NAME_PATTERN,
     PolicyDocument,
@@ -122,11 +123,9 @@ class RolloutPolicy(PolicyDocument):
 
     @model_validator(mode="after")
     def _unique(self) -> RolloutPolicy:
-        seen: set[str] = set()
-        for index, rule in enumerate(self.approval_rules):
-            if rule.name in seen:
-                raise ValueError(f"approval_rules[{index}] \"{rule.name}\": the name is used by an earlier rule")
-            seen.add(rule.name)
+        repeat = first_repeat(rule.name for rule in self.approval_rules)
+        if repeat is not None:
+            raise ValueError(f"approval_rules[{repeat[0]}] \"{repeat[1]}\": the name is used by an earlier rule")
         return self
 
 

@@ -11,35 +11,22 @@ Where a batch runs depends on what it costs. A model whose batches take
 less than ``inline_below_ms`` (half a millisecond by default; a small MLP
 takes tens of microseconds for dozens of rows) runs on the event loop
 itself, at the end of the loop's current turn so that every request that
-arrived in that turn joins the batch: handing such a batch to a worker
-thread and its answers back costs more than running it, and the worker's
-Python (stacking, slicing) then fights the loop for the GIL. Measured on a
-small MLP at concurrency 32: about 20 microseconds less CPU per request on
-the loop than in the pool, for at most half a millisecond of the loop's
-time per batch. Anything
-slower runs in the inference thread pool while the loop keeps serving HTTP:
-the loop also carries the agent and every other model, which must not wait
-behind a batch. (Running a small CNN's batches of a few milliseconds on the
-loop was measured at about 7% less CPU per request; not worth that wait.)
+arrived in that turn joins the batch. Anything slower runs in the inference
+thread pool while the loop keeps serving HTTP: the loop also carries the
+agent and every other model, which must not wait behind a batch (the
+measurements: docs/decisions/0004-model-server-where-batches-run.md).
 The cost is learnt from the model's own runs (a moving average, seeded with
 the loader's warm run), so a model that turns out slower moves to the pool.
 
 Several instances (``instances`` > 1, as Triton's instance groups) run
 batches of one session side by side, each on its share of the CPUs (see
-:func:`~edge_runtime.serving.loader.instance_threads`). On a small node the
-event loop takes CPU time from the model in short bursts; one run spread
-over every core then waits at each operator for the thread the loop
-displaced, while single-threaded runs side by side simply carry on. On 2
-cores, with a thread busy 30% of the time beside it, a small CNN did about
-23% more rows a second as two single-threaded runs than as one run on two
-threads (both at batch 16).
+:func:`~edge_runtime.serving.loader.instance_threads`), so that a run does
+not wait at each operator for a thread the event loop displaced.
 
 In the pool, the worker thread that finished a batch takes the next one
 from the queue itself and runs it at once; only the answers go back to the
-loop. Handing each batch's start to the loop instead left the model idle
-for as long as the loop was busy parsing the requests that would form the
-next batch: about 14% of the time for a small CNN at concurrency 32 on two
-cores. A worker gives its thread back after ``DRAIN_SLICE_S`` of
+loop, so the model is not idle while the loop parses the requests of the
+next batch. A worker gives its thread back after ``DRAIN_SLICE_S`` of
 back-to-back batches and queues itself again behind whatever else waits for
 the pool, so that one busy model cannot starve the others.
 

@@ -20,12 +20,9 @@ model whose first run was slow, which the batcher treats as slow anyway.
 Session options (:func:`session_options`): onnxruntime's intra-op pool
 keeps its own size (one thread per physical core), narrowed to the CPUs this
 process may use when a container's CPU set or ``taskset`` leaves it fewer;
-and its threads do not spin while they wait for work. By default they spin
-after every parallel section, which on a small node takes the CPU from the
-event loop that parses requests and writes answers. Measured on 2 cores with
-a small CNN served at concurrency 32: spinning cost about 50% more CPU per
-request, and one thread fewer than the cores (leaving the loop a core of its
-own) left that core idle between batches and lost throughput.
+and its threads do not spin while they wait for work, so that they leave
+the CPU to the event loop that parses requests and writes answers (why:
+docs/decisions/0005-onnxruntime-threads-do-not-spin.md).
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ def _folders_ensure(data_dir: Path) -> Path:
         # Kombu's filesystem transport expects its folders to exist.
         for key in ("data_folder_in", "processed_folder", "control_folder"):
             folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(key)
-            if folder:
+            if isinstance(folder, str) and folder:  # the settings write each folder as a str
                 Path(folder).mkdir(parents=True, exist_ok=True)
     return logs
 

@@ -5,7 +5,7 @@ site) to a node:
 
 1. the newest deployed version of the model wins (by upload time); but a
    rollout that assigned the node a version of the model (see
-   ``orchestrator.rollouts``) wins over deployments made before that
+   ``rollouts``) wins over deployments made before that
    assignment: the later decision about a node wins. A rollout that rolls
    back drops its assignments, so the node falls back to what it had;
 2. the node must meet the version's requirements, as the one placement

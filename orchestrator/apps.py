@@ -14,11 +14,6 @@ class OrchestratorConfig(AppConfig):
     verbose_name = "Orchestration"
 
     def ready(self) -> None:
-        from models_registry.selectors import assignment_source_register
-        from orchestrator.rollouts.selectors import rollout_assignments
-
-        # A rollout's version reaches a node as an assignment that wins over earlier deployments.
-        assignment_source_register(rollout_assignments)
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         # WhiteNoise warns when STATIC_ROOT is missing even though it serves
         # from the finders until collectstatic has run.

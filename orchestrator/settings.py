@@ -236,6 +236,7 @@ INSTALLED_APPS = [
     "policies",
     "sites",
     "models_registry",
+    "rollouts",
     "queries",
     "demo",
 ]

@@ -15,6 +15,6 @@ urlpatterns = [
     path("models/", include("models_registry.urls")),
     path("policies/", include("policies.urls")),
     path("queries/", include("queries.urls")),
-    path("", include("orchestrator.rollouts.urls")),
+    path("", include("rollouts.urls")),
     path("", include("sites.urls")),
 ]

@@ -17,7 +17,6 @@ import io
 from dataclasses import dataclass, field
 
 import httpx
-from orchestrator.rollouts import services as rollouts
 
 from audit.models import AuditEvent
 from audit.services import Actor
@@ -25,10 +24,11 @@ from edge_runtime.data.engine import spec_digest
 from edge_runtime.protocol import ActualState, Hardware, Health, ModelStatus, SyncRequest
 from models_registry import services as registry
 from models_registry.models import ModelVersion
-from orchestrator.models import Rollout
 from policies import services as policy_services
 from queries.models import FederatedQuery
 from queries.services import query_create
+from rollouts import services as rollouts
+from rollouts.models import Rollout
 from sites import services
 from sites.models import Node, Site
 from tests.fixtures.personas import make_region, make_site, make_user

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from celery import signature
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -35,9 +36,11 @@ from django.utils import timezone
 from audit.services import Actor, audit_record
 from edge_runtime.policy.rollout import GateResult, GateSpec, Strategy, evaluate_gate, window_sum
 from orchestrator.desired_state import desired_state_publish_many
-from orchestrator.models import (
+from orchestrator.models import DesiredState
+from policies.selectors import placement_policy_pinned
+from rollouts.health import health_record, model_health
+from rollouts.models import (
     ACTIVE_STATES,
-    DesiredState,
     NodeState,
     PauseKind,
     Rollout,
@@ -46,17 +49,12 @@ from orchestrator.models import (
     RolloutState,
     WavePhase,
 )
-from orchestrator.realtime import broadcast
-from orchestrator.rollouts.health import health_record, model_health
-from orchestrator.rollouts.selectors import offline_share, unreachable
-from policies.selectors import placement_policy_pinned
+from rollouts.selectors import offline_share, unreachable
 from sites.models import Node
 
 SYSTEM = Actor.system("rollouts")
-
-
-def rollout_group(rollout_uuid: Any) -> str:
-    return f"rollout-{rollout_uuid}"
+# The tick task (rollouts.tasks.rollout_advance_task); its name predates the rollouts app and stays.
+ADVANCE_TASK = "orchestrator.rollout_advance"
 
 
 # -- bookkeeping ---------------------------------------------------------------
@@ -72,7 +70,7 @@ def record_event(rollout: Rollout, *, kind: str, actor: Actor, message: str = ""
 
 def transition(rollout: Rollout, to: str, *, actor: Actor, message: str = "", data: dict[str, Any] | None = None,
                fields: Iterable[str] = ()) -> None:
-    """Move ``rollout`` to state ``to`` (saving ``fields`` too): event row, audit event, live update."""
+    """Move ``rollout`` to state ``to`` (saving ``fields`` too): event row and audit event."""
     before = rollout.state
     rollout.state = to
     if to in (RolloutState.SUCCEEDED, RolloutState.FAILED, RolloutState.ABORTED, RolloutState.REJECTED):
@@ -84,23 +82,17 @@ def transition(rollout: Rollout, to: str, *, actor: Actor, message: str = "", da
                  wave=rollout.current_wave, data=data)
     audit_record(actor=actor, action=f"rollout.{to}", obj=rollout, object_repr=str(rollout),
                  before={"state": before}, after={"state": to, "reason": message[:1000], "wave": rollout.current_wave})
-    notify(rollout)
-
-
-def notify(rollout: Rollout) -> None:
-    broadcast(rollout_group(rollout.uuid), "rollout.changed", {"rollout": str(rollout.uuid), "state": rollout.state})
 
 
 def schedule(rollout: Rollout, *, delay: float | None = None) -> None:
     """Start a new tick chain after commit; any older chain exits at its next tick."""
-    from orchestrator.tasks import rollout_advance_task
-
     delay = settings.ROLLOUT_TICK_S if delay is None else delay
     rollout.tick = uuid.uuid4()
     rollout.next_tick_at = timezone.now() + dt.timedelta(seconds=delay)
     rollout.save(update_fields=["tick", "next_tick_at"])
     args = (rollout.pk, str(rollout.tick))
-    transaction.on_commit(lambda: rollout_advance_task.apply_async(args, countdown=delay))
+    # By the task's stable name (rollouts.tasks defines it): the tasks module imports this one.
+    transaction.on_commit(lambda: signature(ADVANCE_TASK, args=args).apply_async(countdown=delay))
 
 
 def unschedule(rollout: Rollout) -> None:
@@ -213,7 +205,6 @@ def switch_wave(rollout: Rollout, rows: list[RolloutNode], *, now: dt.datetime, 
                  message=f"{_wave_label(rollout.current_wave)} started on {len(nodes)} node(s)")
     audit_record(actor=actor, action="rollout.wave_start", obj=rollout, object_repr=str(rollout),
                  after={"wave": rollout.current_wave, "nodes": nodes, "version": rollout.version.version})
-    notify(rollout)
 
 
 def _wave_label(index: int) -> str:
@@ -269,7 +260,6 @@ def promote_wave(rollout: Rollout, *, actor: Actor, message: str, data: dict[str
     rollout.save(update_fields=["current_wave", "wave_phase", "wave_started_at", "bake_started_at", "pause_kind"])
     if rollout.state != RolloutState.PROGRESSING:
         transition(rollout, RolloutState.PROGRESSING, actor=actor, message=message)
-    notify(rollout)
 
 
 def judge(rollout: Rollout, rows: list[RolloutNode], gate: GateSpec, *, now: dt.datetime) -> GateResult:
@@ -354,7 +344,6 @@ def progress(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> No
         record_event(rollout, kind="wave", actor=actor, wave=rollout.current_wave, to_state=WavePhase.BAKING,
                      message=f"{_wave_label(rollout.current_wave)}: every reachable node serves "
                              f"{rollout.version.version}; baking {strategy.bake_s:g}s")
-        notify(rollout)
         return
     # Baking: the gate may fail at any moment on enough data; it passes only when the bake is over.
     updated = [r for r in wave if r.state == NodeState.UPDATED]
@@ -370,7 +359,6 @@ def progress(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> No
     baked = rollout.bake_started_at is None or \
         (now - rollout.bake_started_at).total_seconds() >= strategy.bake_s
     if not baked:
-        notify(rollout)
         return
     if result is not None and result.outcome != "passed":
         pause(rollout, PauseKind.GATE, actor=actor, data=rollout.last_gate,
@@ -388,7 +376,6 @@ def roll_back(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> N
     _confirm(rollout, rows, actor)
     remaining = [r for r in rows if r.state == NodeState.ROLLING_BACK]
     if any(not unreachable(r.node, now) for r in remaining):
-        notify(rollout)
         return
     message = rollout.reason
     if remaining:

@@ -4,7 +4,7 @@ Each runs in one transaction, takes the acting user, raises
 :class:`RolloutError` (with the HTTP status a view answers) on an illegal
 transition, writes its event row and audit event, and schedules the tick
 chain after commit when the rollout should move. The steps that ticks take
-live in :mod:`orchestrator.rollouts.engine`.
+live in :mod:`rollouts.engine`.
 
 Approvals bind to the plan: ``rollout_approve`` takes the plan hash the
 approver reviewed and refuses if the plan has changed since; changing the
@@ -26,7 +26,11 @@ from django.utils import timezone
 from audit.services import Actor, audit_record
 from edge_runtime.policy.rollout import RolloutPolicy, Strategy, approval_requirement
 from models_registry.models import ModelVersion, VersionStatus
-from orchestrator.models import (
+from policies import services as policy_services
+from policies.models import Decision
+from policies.selectors import approvals_valid, placement_policy_current, rollout_policy_current
+from rollouts import engine
+from rollouts.models import (
     OPEN_STATES,
     TERMINAL_STATES,
     NodeState,
@@ -36,12 +40,8 @@ from orchestrator.models import (
     RolloutState,
     WavePhase,
 )
-from orchestrator.rollouts import engine
-from orchestrator.rollouts.planning import Plan, PlanningError, plan_build, strategy_clean, target_clean
-from orchestrator.rollouts.selectors import approval_role_held
-from policies import services as policy_services
-from policies.models import Decision
-from policies.selectors import approvals_valid, placement_policy_current, rollout_policy_current
+from rollouts.planning import Plan, PlanningError, plan_build, strategy_clean, target_clean
+from rollouts.selectors import approval_role_held
 
 SUBJECT = "rollout"
 
@@ -203,8 +203,6 @@ def rollout_approve(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str
         if count >= rollout.approvals_required:
             engine.transition(rollout, RolloutState.READY, actor=actor,
                               message=f"{count} approval(s) of plan {plan_hash[:12]}; ready to start")
-        else:
-            engine.notify(rollout)
     return rollout
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from django.db.models import Max
 
 from edge_runtime.policy.rollout import HealthWindow, window_sum
-from orchestrator.models import HealthSample
+from rollouts.models import HealthSample
 from sites.models import Node
 
 

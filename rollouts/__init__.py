@@ -11,12 +11,13 @@ The pieces:
 * :mod:`.engine`: the ticks that move a rollout along (Celery task
   ``orchestrator.rollout_advance``, one per tick, and the periodic
   ``orchestrator.rollout_reconcile`` that restarts a rollout whose worker
-  died);
+  died; the task names predate this app and stay, so queued ticks survive
+  an upgrade);
 * :mod:`.health`: serving samples reported by nodes and the one
   ``model_health`` read the gates use;
 * :mod:`.selectors`: what rollouts assign to each node, and the console's reads.
 
-States (``orchestrator.models.RolloutState``)::
+States (``rollouts.models.RolloutState``)::
 
     pending_approval ──approvals──► ready ──start──► progressing ◄──resume── paused
           │    ▲                      │                │  │  ▲──pause/gate/offline──┘

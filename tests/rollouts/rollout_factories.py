@@ -12,8 +12,8 @@ from audit.services import Actor
 from edge_runtime.protocol import ActualState, ModelStats, ModelStatus, SyncRequest
 from models_registry import services as registry
 from models_registry.models import ModelVersion
-from orchestrator.models import Rollout
-from orchestrator.rollouts import engine
+from rollouts import engine
+from rollouts.models import Rollout
 from sites.models import Node, Site
 from sites.sync import node_sync
 from tests.models_registry import onnx_factory

@@ -7,13 +7,13 @@ from typing import Any
 import pytest
 
 from audit.models import AuditEvent
-from orchestrator.models import NodeState, PauseKind, Rollout, RolloutEvent, RolloutState, WavePhase
-from orchestrator.rollouts import engine, services
-from orchestrator.rollouts.services import RolloutError
 from policies import services as policy_services
+from rollouts import engine, services
+from rollouts.models import NodeState, PauseKind, Rollout, RolloutEvent, RolloutState, WavePhase
+from rollouts.services import RolloutError
 from sites.models import Site
 from tests.fixtures.personas import make_site
-from tests.orchestrator.rollout_factories import (
+from tests.rollouts.rollout_factories import (
     ACTOR,
     age,
     deploy,

@@ -10,14 +10,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from models_registry.models import ModelVersion, VersionStatus
-from orchestrator.models import (
-    ASSIGNED_NODE_STATES,
-    NodeState,
-    Rollout,
-    RolloutNode,
-    RolloutState,
-)
 from policies.permissions import site_ids_for, user_can
+from rollouts.models import ASSIGNED_NODE_STATES, NodeState, Rollout, RolloutNode, RolloutState
 from sites.liveness import node_status
 from sites.models import Node, NodeStatus
 

@@ -9,15 +9,15 @@ import pytest
 
 from audit.models import AuditEvent
 from audit.services import Actor
-from orchestrator.models import Rollout, RolloutState
-from orchestrator.rollouts import services
-from orchestrator.rollouts.selectors import approval_inbox
-from orchestrator.rollouts.services import RolloutError
 from policies import services as policy_services
 from policies.models import Approval
+from rollouts import services
+from rollouts.models import Rollout, RolloutState
+from rollouts.selectors import approval_inbox
+from rollouts.services import RolloutError
 from sites.models import Site
 from tests.fixtures.personas import make_user
-from tests.orchestrator.rollout_factories import ACTOR, deploy, fleet, two_versions
+from tests.rollouts.rollout_factories import ACTOR, deploy, fleet, two_versions
 
 
 def needing(approvals: int = 1, role: str = "Approver", ttl: float = 3600) -> None:

@@ -24,11 +24,11 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from audit.services import Actor
-from orchestrator.models import TERMINAL_STATES, Rollout, RolloutState
-from orchestrator.rollouts import selectors, services
-from orchestrator.rollouts.forms import RolloutForm
 from policies.permissions import restrict, site_ids_for, user_can
 from policies.selectors import approvals_for, rollout_policy_current
+from rollouts import selectors, services
+from rollouts.forms import RolloutForm
+from rollouts.models import TERMINAL_STATES, Rollout, RolloutState
 from sites.models import Region, Site
 
 ACTIONS = {
@@ -60,7 +60,7 @@ def _rollout_for(request: HttpRequest, rollout_id: uuid.UUID) -> Rollout:
 
 
 def _detail_url(rollout: Rollout) -> str:
-    return reverse("orchestrator:rollout-detail", args=[rollout.uuid])
+    return reverse("rollouts:rollout-detail", args=[rollout.uuid])
 
 
 def _done(request: HttpRequest, rollout: Rollout) -> HttpResponseBase:
@@ -77,7 +77,7 @@ def rollout_list(request: HttpRequest) -> HttpResponse:
     context = {"rows": rows, "can_create": site_ids_for(request.user, "operate") is None
                or bool(site_ids_for(request.user, "operate").exists()),  # type: ignore[union-attr]
                "live": any(r.state not in TERMINAL_STATES for r in rollouts)}
-    return _render(request, "orchestrator/rollout_list.html", "rollout-table", context)
+    return _render(request, "rollouts/rollout_list.html", "rollout-table", context)
 
 
 def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
@@ -121,7 +121,7 @@ def rollout_create(request: HttpRequest) -> HttpResponseBase:
                 form.add_error(field, exc.message)
             else:
                 return redirect(_detail_url(rollout))
-    return render(request, "orchestrator/rollout_form.html", {"form": form}, status=status)
+    return render(request, "rollouts/rollout_form.html", {"form": form}, status=status)
 
 
 def _detail_context(request: HttpRequest, rollout: Rollout, **extra: Any) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def _actions(rollout: Rollout) -> list[str]:
 @require_GET
 def rollout_detail(request: HttpRequest, rollout_id: uuid.UUID) -> HttpResponse:
     rollout = _rollout_for(request, rollout_id)
-    return _render(request, "orchestrator/rollout_detail.html", "rollout-live", _detail_context(request, rollout))
+    return _render(request, "rollouts/rollout_detail.html", "rollout-live", _detail_context(request, rollout))
 
 
 @login_required
@@ -182,7 +182,7 @@ def rollout_action(request: HttpRequest, rollout_id: uuid.UUID, action: str) -> 
     try:
         service(actor=Actor.from_request(request), rollout=rollout)
     except services.RolloutError as exc:
-        return _render(request, "orchestrator/rollout_detail.html", "rollout-live",
+        return _render(request, "rollouts/rollout_detail.html", "rollout-live",
                        _detail_context(request, rollout, error=exc.message), status=422)
     return _done(request, rollout)
 
@@ -200,7 +200,7 @@ def rollout_decide(request: HttpRequest, rollout_id: uuid.UUID, decision: str) -
     except services.RolloutError as exc:
         if exc.status == 403:
             raise PermissionDenied(exc.message) from exc
-        return _render(request, "orchestrator/rollout_detail.html", "rollout-live",
+        return _render(request, "rollouts/rollout_detail.html", "rollout-live",
                        _detail_context(request, rollout, error=exc.message), status=422)
     return _done(request, rollout)
 
@@ -214,7 +214,7 @@ def approval_list(request: HttpRequest) -> HttpResponse:
     history = Approval.objects.filter(subject_type="rollout", subject_uuid__in=visible).select_related("user")[:100]
     rollouts = {r.uuid: r for r in Rollout.objects.filter(uuid__in=[a.subject_uuid for a in history])
                 .select_related("version__model")}
-    return render(request, "orchestrator/approval_list.html", {
+    return render(request, "rollouts/approval_list.html", {
         "inbox": selectors.approval_inbox(user=request.user),
         "history": [{"approval": a, "rollout": rollouts.get(a.subject_uuid)} for a in history],
     })

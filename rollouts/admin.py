@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib import admin
 
 from audit.admin import NotFoundAdminMixin
-from orchestrator.models import Rollout, RolloutEvent
+from rollouts.models import Rollout, RolloutEvent
 
 
 class ReadOnly(NotFoundAdminMixin, admin.ModelAdmin):

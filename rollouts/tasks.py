@@ -1,10 +1,10 @@
-"""Celery tasks of the orchestrator: thin, idempotent, carrying ids only."""
+"""Celery tasks of rollouts: thin, idempotent, carrying ids only; their names are stable identifiers."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from orchestrator.rollouts import engine
+from rollouts import engine
 
 
 @shared_task(name="orchestrator.rollout_advance", ignore_result=True)

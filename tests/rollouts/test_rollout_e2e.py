@@ -27,9 +27,10 @@ from edge_runtime import protocol, signing
 from models_registry import services as registry
 from models_registry.selectors import Placement, desired_model
 from orchestrator import keys
-from orchestrator.models import DesiredState, NodeState, Rollout, RolloutEvent, RolloutState
-from orchestrator.rollouts import services
+from orchestrator.models import DesiredState
 from policies import services as policy_services
+from rollouts import services
+from rollouts.models import NodeState, Rollout, RolloutEvent, RolloutState
 from sites.models import Node, Site
 from tests.fixtures.personas import make_site
 from tests.fixtures.processes import BIN, REPO, ControlPlane, _database_url, process_env, wait_until

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from django.urls import path
 
-from orchestrator.rollouts import views
+from rollouts import views
 
-app_name = "orchestrator"
+app_name = "rollouts"
 
 urlpatterns = [
     path("rollouts/", views.rollout_list, name="rollout-list"),

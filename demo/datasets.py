@@ -70,8 +70,8 @@ DEMO_DATA_POLICY: dict[str, Any] = {
 
 def data_policy_ensure() -> None:
     """Write the demo's data policy as version 1 if the estate has none (an operator's own policy stays)."""
+    from policies.selectors import data_policy_current
     from policies.services import policy_update
-    from queries.selectors import data_policy_current
 
     if data_policy_current()[0] == 0:
         policy_update(actor=ACTOR, kind="data", document=DEMO_DATA_POLICY, comment="demo data policy")

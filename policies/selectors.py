@@ -1,4 +1,5 @@
-"""Reads of policies: the documents in force, a site's policy bundle, approvals of a plan."""
+"""Reads of policies: the documents in force (placement, rollout, data), a site's policy bundle, approvals of a
+plan."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from edge_runtime.policy.data import DataPolicy, DataPolicyDocument
 from edge_runtime.policy.placement import PlacementPolicy, SiteFacts
 from edge_runtime.policy.rollout import RolloutPolicy
 from policies.models import Approval, Decision, Policy, PolicyKind, PolicyVersion
@@ -52,6 +54,22 @@ def rollout_policy_current() -> tuple[int, RolloutPolicy]:
     if current is None:
         return 0, RolloutPolicy()
     return current.number, RolloutPolicy.model_validate(current.document)
+
+
+def data_policy_current() -> tuple[int, DataPolicyDocument]:
+    """(version number, document) of the data policy in force; (0, the default that allows nothing) before the
+    first version is written."""
+    current = policy_version_current(PolicyKind.DATA)
+    if current is None:
+        return 0, DataPolicyDocument()
+    return current.number, DataPolicyDocument.model_validate(current.document)
+
+
+def data_policy_for_site(site: Any) -> tuple[int, str, DataPolicy]:
+    """(version, the rule that decides, the policy) of the data policy in force at ``site``."""
+    number, document = data_policy_current()
+    rule, policy = document.for_site(site_facts(site))
+    return number, rule, policy
 
 
 def site_facts(site: Any) -> SiteFacts:

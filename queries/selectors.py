@@ -1,4 +1,4 @@
-"""Reads of the catalog, of queries, and of the data policy in force at a site."""
+"""Reads of the catalog, of queries, and the data part of a node's desired state."""
 
 from __future__ import annotations
 
@@ -8,39 +8,21 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from edge_runtime.policy.data import DataPolicy, DataPolicyDocument
 from policies.permissions import restrict, site_ids_for
-from policies.selectors import policy_version_current, site_facts
+from policies.selectors import data_policy_for_site
 from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
 from sites.models import Clearance, Site
 
-DATA_KIND = "data"
 # A site labelled so (or cleared Secret) is sovereign: no row-level output ever leaves it, whatever the policy.
 SOVEREIGN_LABEL = "sovereign"
 
 
-# -- the data policy ----------------------------------------------------------------------------------------------
-
-
-def data_policy_current() -> tuple[int, DataPolicyDocument]:
-    """(version number, document) of the data policy in force; (0, the default that allows nothing) before the
-    first version is written."""
-    current = policy_version_current(DATA_KIND)
-    if current is None:
-        return 0, DataPolicyDocument()
-    return current.number, DataPolicyDocument.model_validate(current.document)
+# -- the data policy's part of a node's desired state -------------------------------------------------------------
 
 
 def site_is_sovereign(site: Site) -> bool:
     label = str((site.labels or {}).get(SOVEREIGN_LABEL, "")).strip().lower()
     return label in {"true", "yes", "1"} or site.clearance >= Clearance.SECRET
-
-
-def data_policy_for_site(site: Site) -> tuple[int, str, DataPolicy]:
-    """(version, the rule that decides, the policy) of the data policy in force at ``site``."""
-    number, document = data_policy_current()
-    rule, policy = document.for_site(site_facts(site))
-    return number, rule, policy
 
 
 def data_bundle_for_site(site: Site) -> dict[str, Any]:

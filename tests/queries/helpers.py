@@ -104,7 +104,7 @@ def answer_locally(query: FederatedQuery, nodes: dict[str, tuple[Any, Path, list
     """Answer ``query`` at each site as its node would (the real engine over the real files), then record it."""
     from edge_runtime.data.engine import run_query
     from edge_runtime.policy.data import SiteFacts
-    from queries.selectors import data_policy_for_site
+    from policies.selectors import data_policy_for_site
     from queries.services import query_result_record
 
     for row in query.sites.select_related("site", "node"):

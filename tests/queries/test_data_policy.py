@@ -9,8 +9,8 @@ import pytest
 
 from orchestrator.models import DesiredState
 from policies.models import PolicyVersion
+from policies.selectors import data_policy_for_site
 from policies.services import PoliciesError, policy_update
-from queries.selectors import data_policy_for_site
 from sites.models import Site
 from tests.fixtures.personas import make_site
 from tests.models_registry.helpers import make_node

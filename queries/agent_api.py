@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from audit.services import Actor, client_ip
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.protocol import MAX_QUERY_RESULT_BYTES
-from queries import services
+from queries.services import QueriesError
+from queries.services.results import query_result_record
 from sites.agent_api import error, node_view, validation_error
 from sites.models import Node
 
@@ -45,8 +46,8 @@ def query_result(request: HttpRequest, node: Node, query_id: str) -> HttpRespons
     if result.query_id and result.query_id != query_id:
         return error(f"query_id: the answer is for {result.query_id!r}, not {query_id!r}", 400, "query_id")
     try:
-        row, stored = services.query_result_record(node=node, query_id=query_id, result=result,
-                                                   actor=Actor.node(node, client_ip(request)))
-    except services.QueriesError as exc:
+        row, stored = query_result_record(node=node, query_id=query_id, result=result,
+                                          actor=Actor.node(node, client_ip(request)))
+    except QueriesError as exc:
         return error(exc.message, exc.status, exc.field)
     return JsonResponse({"stored": stored, "state": row.state}, status=201 if stored else 200)

@@ -2,7 +2,7 @@
 scoring step, target sites and what to do about sites that are offline.
 
 The form only builds the query document; validating it against the sites'
-catalogs is :func:`queries.services.query_validate`'s, whose errors
+catalogs is :func:`queries.services.lifecycle.query_validate`'s, whose errors
 name the document's field (``filters.0.value``). ``spec`` (a JSON document)
 may be given instead of the fields, for what the fields do not offer
 (``order_by``, rows mode).

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from orchestrator.features import NodeFeatureBase, NodeSync
-from queries.services import dataset_catalog_report, query_deliveries
+from queries.services.catalog import dataset_catalog_report
+from queries.services.lifecycle import query_deliveries
 
 
 class QueriesFeature(NodeFeatureBase):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from queries.services import query_expire
+from queries.services.lifecycle import query_expire
 
 
 @shared_task(name="queries.query_expire", ignore_result=True)

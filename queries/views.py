@@ -27,10 +27,11 @@ from django.views.decorators.http import require_GET, require_http_methods
 
 from audit.services import Actor
 from policies.permissions import restrict, user_can
-from queries import selectors, services
+from queries import selectors
 from queries.charts import chart_for
 from queries.forms import AGGREGATE_SLOTS, FILTER_SLOTS, QueryForm
 from queries.models import FederatedQuery, SiteState
+from queries.services import QueriesError, QueryForbidden, lifecycle
 from sites.models import Site
 
 TABLE_ROWS = 1000
@@ -104,13 +105,13 @@ def query_new(request: HttpRequest) -> HttpResponseBase:
             spec = form.build_spec()
             if not form.errors:
                 try:
-                    query = services.query_create(
+                    query = lifecycle.query_create(
                         actor=Actor.from_request(request), user=request.user, spec=spec, sites=sites,
                         offline_behaviour=form.cleaned_data["offline_behaviour"],
                         deadline_s=form.cleaned_data["deadline_s"], wait_s=form.cleaned_data["wait_hours"] * 3600)
-                except services.QueryForbidden as exc:
+                except QueryForbidden as exc:
                     raise PermissionDenied(exc.message) from exc
-                except services.QueriesError as exc:
+                except QueriesError as exc:
                     form.add_error(None, exc.message)
                 else:
                     return redirect(reverse("queries:query-detail", args=[query.uuid]))

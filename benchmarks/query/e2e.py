@@ -157,7 +157,7 @@ def _measure_query(fleet: Any, admin: Any, sites: list[Any]) -> dict[str, Any]:
     """One query from ``query_create`` until it is finished, with its phases read from the database."""
     from audit.services import Actor
     from queries.models import FederatedQuery, QuerySite
-    from queries.services import query_create
+    from queries.services.lifecycle import query_create
 
     fleet.measuring = True
     started = time.perf_counter()

@@ -26,7 +26,7 @@ from models_registry import services as registry
 from models_registry.models import ModelVersion
 from policies import services as policy_services
 from queries.models import FederatedQuery
-from queries.services import query_create
+from queries.services.lifecycle import query_create
 from rollouts import services as rollouts
 from rollouts.models import Rollout
 from sites import services

@@ -24,7 +24,7 @@ from django.utils import timezone
 from playwright.sync_api import Browser, Page, expect
 
 from queries.models import FederatedQuery
-from queries.services import query_expire
+from queries.services.lifecycle import query_expire
 from sites.models import Site
 from tests.browser.support import log_in, snap, watch_outside
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until

@@ -14,7 +14,8 @@ from audit.services import Actor
 from edge_runtime.data.catalog import Catalog
 from policies import services as policy_services
 from queries.models import FederatedQuery
-from queries.services import dataset_catalog_report, query_create
+from queries.services.catalog import dataset_catalog_report
+from queries.services.lifecycle import query_create
 
 ACTOR = Actor.system("test")
 SPEC: dict[str, Any] = {
@@ -105,7 +106,7 @@ def answer_locally(query: FederatedQuery, nodes: dict[str, tuple[Any, Path, list
     from edge_runtime.data.engine import run_query
     from edge_runtime.policy.data import SiteFacts
     from policies.selectors import data_policy_for_site
-    from queries.services import query_result_record
+    from queries.services.results import query_result_record
 
     for row in query.sites.select_related("site", "node"):
         node, folder, entries = nodes[row.site.slug]

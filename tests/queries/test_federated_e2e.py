@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from django.utils import timezone
+from edge_runtime.data.audit import NodeAudit
 
 from audit.models import AuditEvent
-from edge_runtime.data.audit import NodeAudit
 from queries.models import DatasetSchema, FederatedQuery, QuerySite
-from queries.services import query_expire
+from queries.services.lifecycle import query_expire
 from sites.models import Site
 from tests.fixtures.processes import ControlPlane, EdgeNode, wait_until
 from tests.queries.helpers import (

@@ -10,7 +10,9 @@ import pytest
 from audit.models import AuditEvent
 from audit.services import Actor
 from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
-from queries.services import QueriesError, QueryForbidden, dataset_catalog_report, query_deliveries
+from queries.services import QueriesError, QueryForbidden
+from queries.services.catalog import dataset_catalog_report
+from queries.services.lifecycle import query_deliveries
 from sites.models import Site
 from tests.models_registry.helpers import make_node
 from tests.queries.conftest import Estate

@@ -333,7 +333,7 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
 
 def _query_service(state: StateDir, identity: Identity, args: argparse.Namespace, registry: Any) -> QueryService:
     """The node's federated query service: its datasets, its audit chain, its model server as scorer."""
-    from edge_runtime.data.audit import AuditError, NodeAudit
+    from edge_runtime.audit import AuditError, NodeAudit
     from edge_runtime.data.catalog import DATASETS_FILE, Catalog, CatalogError
     from edge_runtime.data.node import registry_scorer
     from edge_runtime.queries import QueryService

@@ -39,7 +39,6 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,8 +46,8 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from edge_runtime import __version__
-from edge_runtime.data.audit import NodeAudit
+from edge_runtime import __version__, sqlite
+from edge_runtime.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.compute import Scorer
 from edge_runtime.data.engine import run_query, spec_digest
@@ -100,18 +99,10 @@ class Outbox:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+        sqlite.connect(self.path, synchronous="FULL", schema=_SCHEMA).close()
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite.connection(self.path, synchronous="FULL")
 
     def take(self, query_id: str) -> bool:
         """Record that ``query_id`` starts now; False if this node took it before (it must not run again)."""

@@ -62,10 +62,11 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime import sqlite
 from edge_runtime.protocol import (
     MAX_TELEMETRY_ITEMS,
     ModelTelemetry,
@@ -284,13 +285,11 @@ class TelemetryQueue:
         # Items up to this number are in a frame awaiting its ack: not to be evicted.
         self.in_flight_upto = 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # A power cut may lose the last moments of WAL, never corrupt the file;
-        # an unacknowledged point lost that way is one the node never told
-        # anyone it had, and the sequence restarts after the last durable one.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # NORMAL: a power cut may lose the last moments of WAL, never corrupt
+        # the file; an unacknowledged point lost that way is one the node never
+        # told anyone it had, and the sequence restarts after the last durable one.
+        # One connection for the queue's life, waiting 5 s for a lock (sqlite3's default).
+        self._db = sqlite.connect(path, synchronous="NORMAL", timeout=5.0, schema=_SCHEMA)
         self.next_seq = self._meta("next_seq", 1)
         self.acked_seq = self._meta("acked_seq", 0)
         self.lost_points = self._meta("lost_points", 0)
@@ -305,15 +304,8 @@ class TelemetryQueue:
     def close(self) -> None:
         self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return sqlite.immediate(self._db)
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

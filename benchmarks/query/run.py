@@ -55,7 +55,7 @@ import duckdb
 
 from benchmarks.harness import machine, write_report
 from benchmarks.query.data import TEMPERATURE_AGGREGATES, generate
-from edge_runtime.data.audit import NodeAudit
+from edge_runtime.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
 from edge_runtime.data.merge import merge_results

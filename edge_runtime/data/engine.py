@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from edge_runtime.data.audit import AuditError, NodeAudit
+from edge_runtime.audit import AuditError, NodeAudit
 from edge_runtime.data.binding import BoundQuery, bind
 from edge_runtime.data.catalog import Catalog, CatalogError
 from edge_runtime.data.chunks import chunked_row_groups, merge_chunks, read_chunks

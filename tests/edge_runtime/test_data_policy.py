@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.data.audit import NodeAudit
+from edge_runtime.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
 from edge_runtime.data.wire import QueryResult

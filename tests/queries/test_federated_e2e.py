@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from django.utils import timezone
-from edge_runtime.data.audit import NodeAudit
 
 from audit.models import AuditEvent
+from edge_runtime.audit import NodeAudit
 from queries.models import DatasetSchema, FederatedQuery, QuerySite
 from queries.services.lifecycle import query_expire
 from sites.models import Site

@@ -10,7 +10,7 @@ import pytest
 
 from audit.models import AuditEvent
 from edge_runtime import protocol
-from edge_runtime.data.audit import NodeAudit
+from edge_runtime.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.queries import OUTBOX_FILE, Outbox, QueryService
 from edge_runtime.state import StateDir

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.data.audit import GENESIS_HASH, NodeAudit
+from edge_runtime.audit import GENESIS_HASH, NodeAudit
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_it_detects_a_removed_record(audit: NodeAudit) -> None:
 
 def test_it_detects_a_rehashed_record_by_the_next_link(audit: NodeAudit) -> None:
     # Rewriting a record and its own hash still breaks the link from the record after it.
-    from edge_runtime.data.audit import event_hash
+    from edge_runtime.audit import event_hash
     from edge_runtime.signing import canonical_json
 
     event = audit.events_after(1, limit=1)[0]

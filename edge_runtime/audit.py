@@ -23,11 +23,11 @@ import datetime as dt
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime import sqlite
 from edge_runtime.signing import canonical_json
 
 AUDIT_FILE = "audit.sqlite3"
@@ -94,16 +94,9 @@ class NodeAudit:
     def in_state_dir(cls, state_dir: Path) -> NodeAudit:
         return cls(state_dir / AUDIT_FILE)
 
-    @contextlib.contextmanager
-    def _connect(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        # A connection per operation: safe from any thread or process; autocommit, transactions explicit.
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self, *, durable: bool = True) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        # A connection per operation: safe from any thread or process.
+        return sqlite.connection(self.path, synchronous="FULL" if durable else "NORMAL")
 
     def append(self, action: str, detail: dict[str, Any] | None = None, *, durable: bool = True) -> AuditEvent:
         """Append one event and return it; :class:`AuditError` if it could not be written.
@@ -118,19 +111,13 @@ class NodeAudit:
         detail_json = canonical_json(detail)
         at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
         try:
-            with self._connect(durable=durable) as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    seq, prev = conn.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
-                    seq += 1
-                    digest = event_hash(seq=seq, at=at, action=action, detail_json=detail_json, prev_hash=prev)
-                    conn.execute("INSERT INTO events (seq, at, action, detail, prev_hash, hash) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)", (seq, at, action, detail_json, prev, digest))
-                    conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, digest))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+            with self._connect(durable=durable) as conn, sqlite.immediate(conn):
+                seq, prev = conn.execute("SELECT seq, hash FROM head WHERE id = 1").fetchone()
+                seq += 1
+                digest = event_hash(seq=seq, at=at, action=action, detail_json=detail_json, prev_hash=prev)
+                conn.execute("INSERT INTO events (seq, at, action, detail, prev_hash, hash) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (seq, at, action, detail_json, prev, digest))
+                conn.execute("UPDATE head SET seq = ?, hash = ? WHERE id = 1", (seq, digest))
         except sqlite3.Error as exc:
             raise AuditError(f"audit log {str(self.path)!r} cannot be written: {exc}") from None
         return AuditEvent(seq=seq, at=at, action=action, detail=json.loads(detail_json), prev_hash=prev,

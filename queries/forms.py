@@ -100,6 +100,28 @@ class QueryForm(forms.Form):
         if data.get("spec") is not None:
             return dict(data["spec"])
         spec: dict[str, Any] = {"dataset": data["dataset"]}
+        filters = self._spec_filters()
+        if filters:
+            spec["filters"] = filters
+        if data.get("group_by"):
+            spec["group_by"] = list(data["group_by"])
+        if data.get("bucket_column"):
+            spec["time_bucket"] = {"column": data["bucket_column"], "interval": data.get("bucket_interval") or "hour"}
+        spec["aggregates"] = _spec_aggregates(data)
+        if data.get("score_model"):
+            output: dict[str, Any] = {"output": data.get("score_output") or "", "column":
+                                      data.get("score_column") or "score"}
+            if data.get("score_index") is not None:
+                output["index"] = data["score_index"]
+            spec["score"] = {"model": data["score_model"], "inputs": list(data.get("score_inputs") or []),
+                             "outputs": [output]}
+        if data.get("limit"):
+            spec["limit"] = data["limit"]
+        return spec
+
+    def _spec_filters(self) -> list[dict[str, Any]]:
+        """The filled filter slots; a value that does not fit its column's type is a field error, left out."""
+        data = self.cleaned_data
         types = dict(self.entry.columns) if self.entry else {}
         filters = []
         for i in range(1, FILTER_SLOTS + 1):
@@ -116,34 +138,22 @@ class QueryForm(forms.Form):
                     self.add_error(f"filter_value_{i}", str(exc))
                     continue
             filters.append(entry)
-        if filters:
-            spec["filters"] = filters
-        if data.get("group_by"):
-            spec["group_by"] = list(data["group_by"])
-        if data.get("bucket_column"):
-            spec["time_bucket"] = {"column": data["bucket_column"], "interval": data.get("bucket_interval") or "hour"}
-        aggregates = []
-        for i in range(1, AGGREGATE_SLOTS + 1):
-            op = data.get(f"agg_op_{i}")
-            if not op:
-                continue
-            aggregate: dict[str, Any] = {"op": op}
-            if data.get(f"agg_column_{i}"):
-                aggregate["column"] = data[f"agg_column_{i}"]
-            if op == "quantile":
-                aggregate["q"] = data.get(f"agg_q_{i}") if data.get(f"agg_q_{i}") is not None else 0.5
-            aggregates.append(aggregate)
-        spec["aggregates"] = aggregates
-        if data.get("score_model"):
-            output: dict[str, Any] = {"output": data.get("score_output") or "", "column":
-                                      data.get("score_column") or "score"}
-            if data.get("score_index") is not None:
-                output["index"] = data["score_index"]
-            spec["score"] = {"model": data["score_model"], "inputs": list(data.get("score_inputs") or []),
-                             "outputs": [output]}
-        if data.get("limit"):
-            spec["limit"] = data["limit"]
-        return spec
+        return filters
+
+
+def _spec_aggregates(data: dict[str, Any]) -> list[dict[str, Any]]:
+    aggregates = []
+    for i in range(1, AGGREGATE_SLOTS + 1):
+        op = data.get(f"agg_op_{i}")
+        if not op:
+            continue
+        aggregate: dict[str, Any] = {"op": op}
+        if data.get(f"agg_column_{i}"):
+            aggregate["column"] = data[f"agg_column_{i}"]
+        if op == "quantile":
+            aggregate["q"] = data.get(f"agg_q_{i}") if data.get(f"agg_q_{i}") is not None else 0.5
+        aggregates.append(aggregate)
+    return aggregates
 
 
 def _scalar(text: str, type_: str) -> Any:

@@ -198,7 +198,7 @@ class PinsKey(Protocol):
 
 @runtime_checkable
 class AnswersQueries(Protocol):
-    """A reconciler that answers federated queries (:class:`edge_runtime.queries.QueryService`).
+    """A reconciler that answers federated queries (:class:`edge_runtime.datasets.DatasetService`).
 
     ``report`` is asked on every sync (its datasets change between desired
     states); ``queries_received`` gets the queries of every successful sync

@@ -26,7 +26,7 @@ Federated queries (``run``): the node's datasets are declared in
 datasets, see :mod:`edge_runtime.data.catalog`), queries run in
 ``--query-workers`` threads (default 2) under the site's signed data policy,
 and every query and decision goes to the node's audit chain
-(``<state dir>/audit.sqlite3``); see :mod:`edge_runtime.queries`.
+(``<state dir>/audit.sqlite3``); see :mod:`edge_runtime.datasets`.
 Exit status: 0 on success, 1 when the request was refused or failed, 2 for
 bad usage.
 """
@@ -62,7 +62,7 @@ from edge_runtime.protocol import API_PREFIX, EnrollRequest, EnrollResponse
 from edge_runtime.state import Identity, StateDir, StateError, default_state_dir
 
 if TYPE_CHECKING:
-    from edge_runtime.queries import QueryService
+    from edge_runtime.datasets import DatasetService
 
 ENROLL_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -289,7 +289,7 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
     desired state loads, so local applications keep their inference while the
     control plane is out of reach.
     """
-    from edge_runtime.model_store import ModelReconciler, ModelStore
+    from edge_runtime.models import ModelService, ModelStore
     from edge_runtime.serving.metrics import read_series
     from edge_runtime.serving.registry import ModelRegistry
     from edge_runtime.serving.server import run_server
@@ -318,7 +318,7 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
     queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=args.telemetry_budget)
     telemetry = Telemetry(queue, interval_s=args.telemetry_interval,
                           read_models=lambda: read_series(registry.metrics), disk_path=state.path)
-    agent = Agent(state, reconcilers=[ModelReconciler(store), queries], telemetry=telemetry)
+    agent = Agent(state, reconcilers=[ModelService(store), queries], telemetry=telemetry)
     agent.status.model_server_url = handle.url if handle is not None else ""
     try:
         await agent.run()
@@ -331,12 +331,12 @@ async def _run_node(state: StateDir, args: argparse.Namespace) -> None:
         await registry.close()
 
 
-def _query_service(state: StateDir, identity: Identity, args: argparse.Namespace, registry: Any) -> QueryService:
+def _query_service(state: StateDir, identity: Identity, args: argparse.Namespace, registry: Any) -> DatasetService:
     """The node's federated query service: its datasets, its audit chain, its model server as scorer."""
     from edge_runtime.audit import AuditError, NodeAudit
     from edge_runtime.data.catalog import DATASETS_FILE, Catalog, CatalogError
     from edge_runtime.data.node import registry_scorer
-    from edge_runtime.queries import QueryService
+    from edge_runtime.datasets import DatasetService
 
     try:
         if args.datasets is None:
@@ -349,7 +349,7 @@ def _query_service(state: StateDir, identity: Identity, args: argparse.Namespace
     except (CatalogError, AuditError) as exc:
         raise CliError(str(exc)) from exc
     logging.getLogger("edge_runtime").info("datasets: %s (from %s)", ", ".join(catalog.names()) or "none", where)
-    return QueryService(state_dir=state.path, catalog=catalog, audit=audit, base_url=identity.url,
+    return DatasetService(state_dir=state.path, catalog=catalog, audit=audit, base_url=identity.url,
                         node_id=identity.node_id, credential=identity.credential, site=identity.site,
                         scorer=registry_scorer(registry), workers=args.query_workers)
 

@@ -27,7 +27,7 @@ from edge_runtime import protocol, signing
 from edge_runtime.agent import stream_url
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
-from edge_runtime.queries import data_policy_from_bundle
+from edge_runtime.datasets import data_policy_from_bundle
 
 SYNC_EVERY_S = 5.0
 

@@ -13,7 +13,7 @@ import pytest
 
 from edge_runtime import signing
 from tests.edge_runtime import onnx_models as om
-from tests.edge_runtime.test_model_store import ArtifactServer
+from tests.edge_runtime.test_models import ArtifactServer
 
 
 @pytest.fixture()

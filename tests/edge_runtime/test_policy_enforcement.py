@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 
-from edge_runtime.model_store import ModelReconciler, policy_bundle
+from edge_runtime.models import ModelService, policy_bundle
 from edge_runtime.policy.placement import PolicyBundle
 from edge_runtime.protocol import DesiredState
 from tests.edge_runtime import onnx_models as om
-from tests.edge_runtime.test_model_store import ArtifactServer, added, make_store, model_bytes, publish
+from tests.edge_runtime.test_models import ArtifactServer, added, make_store, model_bytes, publish
 
 EU_ONLY_SECRET = {"rules": [{"name": "secret-stays-in-eu", "effect": "only", "classifications": [3],
                              "where": {"jurisdictions": ["DE"]}}]}
@@ -56,7 +56,7 @@ def test_it_fails_closed_on_a_bundle_that_does_not_validate(
         server: om.ServerUnderTest, artifacts: ArtifactServer, key: Any, tmp_path: Path) -> None:
     store = make_store(server, artifacts, key, tmp_path / "state")
     public = publish(artifacts, key, "m", "1", model_bytes(tmp_path, 1.0), classification=0)
-    reconciler = ModelReconciler(store)
+    reconciler = ModelService(store)
     state = DesiredState(node_id="node-1", generation=1, issued_at="2026-01-01T00:00:00Z", sync_interval_s=1,
                          site="plant", models=[public], policy={"site": {"slug": "plant", "clearance": 9}})
     detail = server.thread.run(reconciler.reconcile(state))

@@ -12,7 +12,7 @@ from audit.models import AuditEvent
 from edge_runtime import protocol
 from edge_runtime.audit import NodeAudit
 from edge_runtime.data.catalog import Catalog
-from edge_runtime.queries import OUTBOX_FILE, Outbox, QueryService
+from edge_runtime.datasets import OUTBOX_FILE, DatasetService, Outbox
 from edge_runtime.state import StateDir
 from orchestrator.models import DesiredState
 from queries.models import QuerySite
@@ -23,9 +23,9 @@ from tests.queries.helpers import OPEN_POLICY, create, data_policy, plant_frame,
 pytestmark = pytest.mark.process
 
 
-def _service(state_dir: Any, entries: list[dict[str, Any]]) -> QueryService:
+def _service(state_dir: Any, entries: list[dict[str, Any]]) -> DatasetService:
     identity = StateDir(state_dir).load_identity()
-    return QueryService(state_dir=state_dir, catalog=Catalog.from_config({"datasets": entries}, base_dir=state_dir),
+    return DatasetService(state_dir=state_dir, catalog=Catalog.from_config({"datasets": entries}, base_dir=state_dir),
                         audit=NodeAudit.in_state_dir(state_dir), base_url=identity.url, node_id=identity.node_id,
                         credential=identity.credential, site=identity.site)
 

@@ -1,4 +1,4 @@
-"""The node's model artifacts: download, verify, load; and the models reconciler.
+"""The node's model artifacts: download, verify, load; and the agent's ``models`` plug-in (:class:`ModelService`).
 
 :class:`ModelStore` brings the model server in line with a list of
 :class:`~edge_runtime.protocol.DesiredModel`. For each one it
@@ -53,7 +53,7 @@ from edge_runtime.policy.placement import PolicyBundle, site_decision
 from edge_runtime.protocol import API_PREFIX, DesiredModel, DesiredState, ModelStats, ModelStatus
 from edge_runtime.serving.registry import ModelRegistry
 
-logger = logging.getLogger("edge_runtime.model_store")
+logger = logging.getLogger("edge_runtime.models")
 
 CHUNK_BYTES = 1024 * 1024
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
@@ -334,8 +334,8 @@ class ModelStore:
         return self._client
 
 
-class ModelReconciler:
-    """The agent's reconciler for models: reports what serves as ``actual.detail["models"]``."""
+class ModelService:
+    """The agent's ``models`` plug-in: reconciles models, reports what serves as ``actual.detail["models"]``."""
 
     name = "models"
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from edge_runtime import signing
-from edge_runtime.model_store import ModelReconciler, ModelStore
+from edge_runtime.models import ModelService, ModelStore
 from edge_runtime.protocol import DesiredModel, DesiredState
 from tests.edge_runtime import onnx_models as om
 
@@ -279,7 +279,7 @@ def test_it_reports_models_to_the_agent_as_a_reconciler(server: om.ServerUnderTe
     model = publish(artifacts, key, "m", "1", model_bytes(tmp_path, 1.0))
     desired = DesiredState(node_id=NODE, generation=1, issued_at=dt.datetime.now(dt.UTC), sync_interval_s=5,
                            site="s", models=[model])
-    reconciler = ModelReconciler(store)
+    reconciler = ModelService(store)
     assert reconciler.name == "models"
     detail = server.thread.run(reconciler.reconcile(desired))
     assert detail["models"][0]["state"] == "serving"

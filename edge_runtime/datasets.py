@@ -1,6 +1,6 @@
 """The node's side of federated queries: receive, run once, answer, and keep the answer until it is delivered.
 
-:class:`QueryService` plugs into the agent in two ways:
+:class:`DatasetService` plugs into the agent in two ways:
 
 * as a :class:`~edge_runtime.agent.Reconciler` named ``datasets``: each
   applied desired state brings the site's data policy and facts (the signed
@@ -8,7 +8,7 @@
   reports its catalog (schemas and row counts, never rows) as
   ``actual.detail["datasets"]`` on every sync;
 * as what the agent hands the queries of each sync answer to
-  (:meth:`QueryService.queries_received`).
+  (:meth:`DatasetService.queries_received`).
 
 Each query runs in a worker thread (``run_query`` is synchronous and
 CPU-bound), at most ``workers`` at a time, under the policy in force when it
@@ -55,7 +55,7 @@ from edge_runtime.data.wire import QueryResult
 from edge_runtime.policy.data import DataPolicy, SiteFacts
 from edge_runtime.protocol import API_PREFIX, DesiredState, QueryRequest
 
-logger = logging.getLogger("edge_runtime.queries")
+logger = logging.getLogger("edge_runtime.datasets")
 
 OUTBOX_FILE = "queries.sqlite3"
 KEEP_ANSWERED_S = 7 * 86_400
@@ -140,8 +140,10 @@ class Outbox:
         return None if row is None else str(row[0])
 
 
-class QueryService:
-    """Runs this node's federated queries (see the module doc); one per agent."""
+class DatasetService:
+    """The agent's ``datasets`` plug-in: reports this node's datasets and runs its federated queries (see the
+    module doc); one per agent.
+    """
 
     name = "datasets"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
 from edge_runtime.signing import canonical_json
 
 GENESIS_HASH = "0" * 64
@@ -34,7 +35,9 @@ class ActorType(models.TextChoices):
     SYSTEM = "system", "System"  # the control plane itself (sweeps, workers)
 
 
-class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+class AuditEventQuerySet(RestrictedQuerySet["AuditEvent"]):
+    """Append-only: a queryset that refuses to update or delete."""
+
     def update(self, **kwargs: Any) -> int:
         raise AppendOnlyError("audit events cannot be updated")
 
@@ -63,6 +66,7 @@ class AuditEvent(models.Model):
     hash = models.CharField(max_length=64, unique=True, editable=False)
 
     objects = AuditEventQuerySet.as_manager()
+    scope = Scope.site("site_uuid", key="uuid", bypass="audit.view_auditevent")
 
     class Meta:
         ordering = ["-seq"]
@@ -110,6 +114,9 @@ class AuditChainHead(models.Model):
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)
     seq = models.BigIntegerField(default=0)
     hash = models.CharField(max_length=64, default=GENESIS_HASH)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     def __str__(self) -> str:
         return f"audit head #{self.seq}"

@@ -23,7 +23,6 @@ from django.views.decorators.http import require_GET
 from django_htmx.middleware import HtmxDetails
 
 from audit.models import ActorType, AuditEvent
-from policies.permissions import restrict
 
 PAGE_SIZE = 50
 
@@ -82,7 +81,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     params = request.GET.copy()
     page_number = params.pop("page", ["1"])[-1]
     form = AuditFilterForm(params or None)
-    events = restrict(AuditEvent.objects.all(), request.user).order_by("-seq")
+    events = AuditEvent.objects.all().restrict(request.user).order_by("-seq")
     status = 200
     if form.is_bound and not form.is_valid():
         # A filter that cannot be applied shows nothing rather than everything.
@@ -102,7 +101,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
 @login_required
 @require_GET
 def event_detail(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
-    event = get_object_or_404(restrict(AuditEvent.objects.all(), request.user), uuid=event_id)
+    event = get_object_or_404(AuditEvent.objects.all().restrict(request.user), uuid=event_id)
     context = {
         "event": event,
         "before_json": _pretty(event.before),

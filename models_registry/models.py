@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
 from edge_runtime import protocol
 from sites.models import Clearance, Node, Site
 
@@ -37,6 +38,9 @@ class Model(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["slug"]
@@ -83,6 +87,9 @@ class ModelVersion(models.Model):
     claimed_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
+
     class Meta:
         ordering = ["model", "-created_at"]
         constraints = [models.UniqueConstraint(fields=["model", "version"], name="model_version_unique")]
@@ -104,6 +111,9 @@ class ModelVersionEvent(models.Model):
     message = models.TextField(blank=True)
     at = models.DateTimeField(auto_now_add=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
+
     class Meta:
         ordering = ["at", "pk"]
 
@@ -122,6 +132,9 @@ class ModelVariant(models.Model):
     # Largest absolute difference of its outputs from the original's on the smoke inputs.
     max_abs_diff = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["kind"]
@@ -143,6 +156,9 @@ class Deployment(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Set when removed; the row stays as history.
     removed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("site", "node__site")
 
     class Meta:
         ordering = ["-created_at"]
@@ -179,6 +195,9 @@ class NodeModelReport(models.Model):
     state = models.CharField(max_length=12)
     error = models.TextField(blank=True)
     first_reported_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         ordering = ["-first_reported_at"]

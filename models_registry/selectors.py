@@ -32,7 +32,6 @@ from django.db.models import Q, QuerySet
 from edge_runtime import protocol
 from edge_runtime.policy import placement as placement_policy
 from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, VersionStatus
-from policies.permissions import restrict, site_ids_for
 from policies.selectors import placement_policy_current, site_facts
 from sites.models import Node, Site
 
@@ -235,13 +234,13 @@ def model_placements(version: ModelVersion, *, user: Any = None) -> list[Placeme
     rows: dict[int, PlacementRow] = {}
     deployments = version.deployments.filter(removed_at__isnull=True).select_related(
         "version__model", "site", "node__site")
-    visible = site_ids_for(user, "view") if user is not None else None
+    visible = set(Site.objects.restrict(user).values_list("pk", flat=True)) if user is not None else None
     for deployment in deployments:
         for placement in deployment_placement(deployment):
             node = placement.node
             if node.pk in rows:
                 continue
-            if visible is not None and not visible.filter(pk=node.site_id).exists():
+            if visible is not None and node.site_id not in visible:
                 continue
             rows[node.pk] = PlacementRow(placement=placement, reported=_reported(node, version.model.slug))
     return sorted(rows.values(), key=lambda r: (r.node.site.name, r.node.name))
@@ -256,15 +255,11 @@ def model_list() -> list[dict[str, Any]]:
 
 def deployment_list(*, user: Any, version: ModelVersion) -> QuerySet[Deployment]:
     """Active deployments of ``version`` whose target site ``user`` may see."""
-    deployments = version.deployments.filter(removed_at__isnull=True).select_related("site", "node__site")
-    ids = site_ids_for(user, "view")
-    if ids is None:
-        return deployments
-    return deployments.filter(Q(site__in=ids) | Q(node__site__in=ids))
+    return version.deployments.filter(removed_at__isnull=True).select_related("site", "node__site").restrict(user)
 
 
 def operable_targets(user: Any) -> tuple[QuerySet[Any], QuerySet[Node]]:
     """The sites and active nodes ``user`` may deploy to."""
-    sites = restrict(Site.objects.order_by("name"), user, "operate")
-    nodes = restrict(Node.objects.filter(revoked_at__isnull=True).select_related("site"), user, "operate")
+    sites = Site.objects.order_by("name").restrict(user, "operate")
+    nodes = Node.objects.filter(revoked_at__isnull=True).select_related("site").restrict(user, "operate")
     return sites, nodes.order_by("site__name", "name")

@@ -22,10 +22,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseClientRefresh
 
 from audit.services import Actor
+from core.permissions import may_anywhere, may_everywhere, user_can
 from models_registry import selectors, services
 from models_registry.forms import ModelCreateForm, VersionUploadForm
 from models_registry.models import Deployment, Model, ModelVersion, VersionStatus
-from policies.permissions import restrict, site_ids_for, user_can
 from sites.models import Node, Site
 
 PENDING = (VersionStatus.UPLOADED, VersionStatus.VALIDATING)
@@ -34,15 +34,12 @@ PENDING = (VersionStatus.UPLOADED, VersionStatus.VALIDATING)
 def can_view_registry(user: Any) -> bool:
     if not user.is_authenticated:
         return False
-    if user.is_staff or user.is_superuser:
-        return True
-    ids = site_ids_for(user, "view")
-    return ids is None or ids.exists()
+    return user.is_staff or user.is_superuser or may_anywhere(user, "view")
 
 
 def can_manage_registry(user: Any) -> bool:
     """Estate-wide Operator or Admin: a model goes everywhere, so a regional grant is not enough."""
-    return bool(user.is_authenticated and (user.is_superuser or user.has_perm("sites.operate_site")))
+    return may_everywhere(user, "operate")
 
 
 def _viewer(request: HttpRequest) -> None:
@@ -171,12 +168,12 @@ def deployment_create(request: HttpRequest, slug: str) -> HttpResponseBase:
     version = get_object_or_404(ModelVersion, model=model, uuid=_uuid(request.POST.get("version")))
     sites: list[Site] = []
     for site_slug in request.POST.getlist("sites"):
-        site = get_object_or_404(restrict(Site.objects.all(), request.user), slug=site_slug)
+        site = get_object_or_404(Site.objects.all().restrict(request.user), slug=site_slug)
         _target_site(request, site)
         sites.append(site)
     nodes: list[Node] = []
     for node_id in request.POST.getlist("nodes"):
-        node = get_object_or_404(restrict(Node.objects.select_related("site"), request.user), uuid=_uuid(node_id))
+        node = get_object_or_404(Node.objects.select_related("site").restrict(request.user), uuid=_uuid(node_id))
         _target_site(request, node.site)
         nodes.append(node)
     try:
@@ -204,7 +201,7 @@ def deployment_remove(request: HttpRequest, slug: str, deployment_id: uuid.UUID)
         Deployment.objects.select_related("site", "node__site", "version__model"),
         uuid=deployment_id, version__model=model)
     site = deployment.target_site
-    if not restrict(Site.objects.filter(pk=site.pk), request.user).exists():
+    if not Site.objects.filter(pk=site.pk).restrict(request.user).exists():
         raise Http404("no such deployment")
     _target_site(request, site)
     try:

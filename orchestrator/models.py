@@ -6,6 +6,8 @@ import uuid
 
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 # -- trust: the signing keys and the epochs their generations count in ------------------
 
 
@@ -24,6 +26,9 @@ class SigningKey(models.Model):
     endorsement = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField()
     retired_at = models.DateTimeField(null=True, blank=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["created_at", "pk"]
@@ -44,6 +49,9 @@ class Epoch(models.Model):
     started_at = models.DateTimeField()
     key_fingerprint = models.CharField(max_length=64)
     reason = models.CharField(max_length=200)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["-started_at", "-pk"]
@@ -73,6 +81,9 @@ class DesiredState(models.Model):
     # The epoch (orchestrator.models.Epoch uuid) the generation counts in; "" before epochs.
     epoch = models.CharField(max_length=64, blank=True, default="")
     published_at = models.DateTimeField()
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         # The table it has had since it was part of the sites app.

@@ -20,6 +20,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 
 class PolicyKind(models.TextChoices):
     PLACEMENT = "placement", "Placement"  # which classification may run where; evaluated by planner and nodes
@@ -31,6 +33,9 @@ class Policy(models.Model):
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     kind = models.CharField(max_length=20, choices=PolicyKind.choices, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["kind"]
@@ -51,6 +56,9 @@ class PolicyVersion(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["policy", "-number"]
@@ -79,6 +87,9 @@ class Approval(models.Model):
     comment = models.CharField(max_length=500, blank=True)
     decided_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
 
     class Meta:
         ordering = ["-decided_at"]

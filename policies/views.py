@@ -19,22 +19,21 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from audit.services import Actor
+from core.permissions import may_anywhere, may_everywhere
 from policies import selectors, services
 from policies.forms import PolicyForm
 from policies.models import PolicyKind
-from policies.permissions import site_ids_for
 from policies.services import DOCUMENTS
 
 
 def can_view_policies(user: Any) -> bool:
     if not user.is_authenticated:
         return False
-    ids = site_ids_for(user, "view")
-    return user.is_staff or ids is None or ids.exists()
+    return user.is_staff or may_anywhere(user, "view")
 
 
 def can_edit_policies(user: Any) -> bool:
-    return bool(user.is_authenticated and (user.is_superuser or user.has_perm("sites.administer_site")))
+    return may_everywhere(user, "administer")
 
 
 def _viewer(request: HttpRequest) -> None:

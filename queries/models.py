@@ -23,6 +23,8 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 
 class DatasetSchema(models.Model):
     node = models.ForeignKey("sites.Node", on_delete=models.CASCADE, related_name="dataset_schemas")
@@ -35,6 +37,9 @@ class DatasetSchema(models.Model):
     # Why the node could not read the dataset; such a dataset cannot be queried there.
     error = models.CharField(max_length=500, blank=True)
     reported_at = models.DateTimeField()
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         ordering = ["name"]
@@ -85,6 +90,9 @@ class FederatedQuery(models.Model):
     result_json = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.owned("created_by")
 
     class Meta:
         ordering = ["-created_at"]
@@ -137,6 +145,9 @@ class QuerySite(models.Model):
     sent_at = models.DateTimeField(null=True, blank=True)
     answered_at = models.DateTimeField(null=True, blank=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.owned("query__created_by")
+
     class Meta:
         ordering = ["site__name"]
         constraints = [models.UniqueConstraint(fields=["query", "site"], name="query_site_unique")]
@@ -159,6 +170,9 @@ class QueryEvent(models.Model):
     to_state = models.CharField(max_length=10)
     detail = models.JSONField(default=dict, blank=True)
     at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.owned("query__created_by")
 
     class Meta:
         ordering = ["at", "pk"]

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from policies.permissions import restrict, site_ids_for
+from core.permissions import may_anywhere
 from policies.selectors import data_policy_for_site
 from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
 from sites.models import Clearance, Site
@@ -66,14 +66,11 @@ class CatalogEntry:
 
 
 def queryable_sites(user: Any) -> QuerySet[Site]:
-    return restrict(Site.objects.select_related("region"), user, "query")
+    return Site.objects.select_related("region").restrict(user, "query")
 
 
 def may_query_somewhere(user: Any) -> bool:
-    if not user.is_authenticated:
-        return False
-    ids = site_ids_for(user, "query")
-    return ids is None or ids.exists()
+    return may_anywhere(user, "query")
 
 
 def catalog_for_user(user: Any) -> dict[str, CatalogEntry]:

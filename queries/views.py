@@ -26,7 +26,7 @@ from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_http_methods
 
 from audit.services import Actor
-from policies.permissions import restrict, user_can
+from core.permissions import user_can
 from queries import selectors
 from queries.charts import chart_for
 from queries.forms import AGGREGATE_SLOTS, FILTER_SLOTS, QueryForm
@@ -77,7 +77,7 @@ def query_list(request: HttpRequest) -> HttpResponse:
 def _target_sites(request: HttpRequest) -> list[Site]:
     """The posted sites: 404 for one the person may not see, 403 for one they may see but not query."""
     sites = []
-    visible = restrict(Site.objects.select_related("region"), request.user, "view")
+    visible = Site.objects.select_related("region").restrict(request.user, "view")
     for slug in request.POST.getlist("sites"):
         site = visible.filter(slug=slug).first()
         if site is None:

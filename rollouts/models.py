@@ -16,6 +16,8 @@ import uuid
 from django.conf import settings
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 
 class RolloutState(models.TextChoices):
     PENDING_APPROVAL = "pending_approval", "Pending approval"  # planned; waiting for the approvals its policy requires
@@ -87,6 +89,9 @@ class Rollout(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("sites")
+
     class Meta:
         db_table = "orchestrator_rollout"
         ordering = ["-created_at"]
@@ -132,6 +137,9 @@ class RolloutNode(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     detail = models.TextField(blank=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
+
     class Meta:
         db_table = "orchestrator_rolloutnode"
         ordering = ["wave", "position"]
@@ -156,6 +164,9 @@ class RolloutEvent(models.Model):
     actor = models.CharField(max_length=160, blank=True)
     at = models.DateTimeField(auto_now_add=True, db_index=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("rollout__sites")
+
     class Meta:
         db_table = "orchestrator_rolloutevent"
         ordering = ["at", "pk"]
@@ -175,6 +186,9 @@ class HealthSample(models.Model):
     errors = models.BigIntegerField()
     latency_bounds = models.JSONField(default=list)
     latency_counts = models.JSONField(default=list)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         db_table = "orchestrator_healthsample"

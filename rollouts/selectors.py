@@ -9,8 +9,8 @@ from typing import Any
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from core.permissions import user_can
 from models_registry.models import ModelVersion, VersionStatus
-from policies.permissions import site_ids_for, user_can
 from rollouts.models import ASSIGNED_NODE_STATES, NodeState, Rollout, RolloutNode, RolloutState
 from sites.liveness import node_status
 from sites.models import Node, NodeStatus
@@ -64,10 +64,7 @@ def rollout_list(*, user: Any, state: str | None = None) -> QuerySet[Rollout]:
     rollouts = Rollout.objects.select_related("version__model", "requested_by").order_by("-created_at")
     if state:
         rollouts = rollouts.filter(state=state)
-    ids = site_ids_for(user, "view")
-    if ids is None:
-        return rollouts
-    return rollouts.filter(sites__in=ids).distinct()
+    return rollouts.restrict(user)
 
 
 def rollout_get(*, user: Any, rollout_uuid: Any) -> Rollout | None:

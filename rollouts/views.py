@@ -24,7 +24,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import HttpResponseClientRedirect
 
 from audit.services import Actor
-from policies.permissions import restrict, site_ids_for, user_can
+from core.permissions import may_anywhere, may_everywhere, user_can
 from policies.selectors import approvals_for, rollout_policy_current
 from rollouts import selectors, services
 from rollouts.forms import RolloutForm
@@ -74,15 +74,14 @@ def _done(request: HttpRequest, rollout: Rollout) -> HttpResponseBase:
 def rollout_list(request: HttpRequest) -> HttpResponse:
     rollouts = list(selectors.rollout_list(user=request.user)[:200])
     rows = [{"rollout": r, "progress": selectors.rollout_progress(r)} for r in rollouts]
-    context = {"rows": rows, "can_create": site_ids_for(request.user, "operate") is None
-               or bool(site_ids_for(request.user, "operate").exists()),  # type: ignore[union-attr]
+    context = {"rows": rows, "can_create": may_anywhere(request.user, "operate"),
                "live": any(r.state not in TERMINAL_STATES for r in rollouts)}
     return _render(request, "rollouts/rollout_list.html", "rollout-table", context)
 
 
 def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
-    sites = restrict(Site.objects.select_related("region").order_by("name"), request.user, "operate")
-    regions = restrict(Region.objects.order_by("slug"), request.user, "operate")
+    sites = Site.objects.select_related("region").order_by("name").restrict(request.user, "operate")
+    regions = Region.objects.order_by("slug").restrict(request.user, "operate")
     return RolloutForm(data, defaults=rollout_policy_current()[1].defaults,
                        regions=list(regions.values_list("slug", flat=True)),
                        sites=[(s.slug, f"{s.name} ({s.region.slug})") for s in sites])
@@ -90,7 +89,7 @@ def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
 
 def _check_target(request: HttpRequest, target: dict[str, Any]) -> None:
     if not target["regions"] and not target["sites"]:
-        if site_ids_for(request.user, "operate") is not None:
+        if not may_everywhere(request.user, "operate"):
             raise PermissionDenied("an estate-wide rollout needs the estate-wide Operator role")
         return
     sites = Site.objects.filter(slug__in=target["sites"]) | Site.objects.filter(region__slug__in=target["regions"])
@@ -102,8 +101,7 @@ def _check_target(request: HttpRequest, target: dict[str, Any]) -> None:
 @login_required
 @require_http_methods(["GET", "POST"])
 def rollout_create(request: HttpRequest) -> HttpResponseBase:
-    ids = site_ids_for(request.user, "operate")
-    if ids is not None and not ids.exists():
+    if not may_anywhere(request.user, "operate"):
         raise PermissionDenied("creating a rollout needs the Operator role somewhere")
     form = _form(request, request.POST or None)
     status = 200

@@ -42,7 +42,6 @@ from pydantic import ValidationError
 
 from edge_runtime import protocol
 from orchestrator.realtime import FLEET_GROUP, node_group, site_group
-from policies.permissions import restrict
 from sites import services
 from sites.models import Node, Site
 from sites.telemetry.committer import committer
@@ -149,7 +148,7 @@ def _visible_sites(user_id: int) -> set[str] | None:
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if user is None:
         return None
-    return {str(u) for u in restrict(Site.objects.all(), user).values_list("uuid", flat=True)}
+    return {str(u) for u in Site.objects.all().restrict(user).values_list("uuid", flat=True)}
 
 
 class BrowserConsumer(LiveConsumer):

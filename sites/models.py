@@ -8,6 +8,8 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 SITE_PERMISSIONS = [
     ("operate_site", "Operate the site (tokens, installers, deployments)"),
     ("approve_site", "Approve changes at the site"),
@@ -25,6 +27,9 @@ class Region(models.Model):
     slug = models.SlugField(max_length=60, unique=True)
     name = models.CharField(max_length=100)
     description = models.TextField(blank=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("sites")
 
     class Meta:
         ordering = ["name"]
@@ -60,6 +65,9 @@ class Site(models.Model):
     longitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-180), MaxValueValidator(180)])
     labels = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site()
 
     class Meta:
         ordering = ["name"]
@@ -106,6 +114,9 @@ class Node(models.Model):
     health = models.JSONField(default=dict, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("site")
+
     class Meta:
         ordering = ["site__name", "name"]
         constraints = [
@@ -134,6 +145,9 @@ class EnrollmentToken(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("site")
 
     class Meta:
         ordering = ["-created_at"]

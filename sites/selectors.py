@@ -17,7 +17,6 @@ from django.db.models import F, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from orchestrator.models import DesiredState
-from policies.permissions import restrict
 from sites.liveness import node_status, site_status
 from sites.models import EnrollmentToken, Node, NodeStatus, Region, Site
 
@@ -72,7 +71,7 @@ class TokenRow:
 
 def region_list(*, user: Any) -> QuerySet[Region]:
     """The regions with at least one site ``user`` may see (all of them for estate-wide roles)."""
-    return restrict(Region.objects.order_by("name"), user)
+    return Region.objects.order_by("name").restrict(user)
 
 
 def site_list(*, user: Any, region: str | None = None, status: str | None = None, q: str | None = None,
@@ -84,7 +83,7 @@ def site_list(*, user: Any, region: str | None = None, status: str | None = None
     so it is applied after the counts are computed.
     """
     now = now or timezone.now()
-    sites = restrict(Site.objects.select_related("region"), user)
+    sites = Site.objects.select_related("region").restrict(user)
     if region:
         sites = sites.filter(region__slug=region)
     if q:
@@ -118,7 +117,7 @@ def _site_row(site: Site, now: dt.datetime) -> SiteRow:
 def node_list(*, user: Any, site: Site, now: dt.datetime | None = None) -> list[NodeRow]:
     """The nodes of ``site``, active ones first, with live status and desired generation."""
     now = now or timezone.now()
-    nodes = restrict(Node.objects.filter(site=site).select_related("desired"), user)
+    nodes = Node.objects.filter(site=site).select_related("desired").restrict(user)
     rows = [node_row(node, now=now) for node in nodes.order_by("revoked_at", "name")]
     return rows
 
@@ -249,7 +248,7 @@ def memory_label(mb: int) -> str:
 def token_list(*, user: Any, site: Site, now: dt.datetime | None = None) -> list[TokenRow]:
     """The enrollment tokens of ``site``, newest first, with their state now."""
     now = now or timezone.now()
-    tokens = restrict(EnrollmentToken.objects.filter(site=site), user).order_by("-created_at")
+    tokens = EnrollmentToken.objects.filter(site=site).restrict(user).order_by("-created_at")
     return [TokenRow(token=t, state=token_state(t, now=now)) for t in tokens]
 
 

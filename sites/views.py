@@ -31,8 +31,8 @@ from django_htmx.middleware import HtmxDetails
 
 from audit.models import AuditEvent
 from audit.services import Actor
+from core.permissions import Action, user_can
 from orchestrator import keys
-from policies.permissions import Action, restrict, user_can
 from sites import services
 from sites.forms import FleetFilterForm, InstallerForm, TokenCreateForm
 from sites.models import EnrollmentToken, Node, Site
@@ -61,7 +61,7 @@ def _render(request: HtmxHttpRequest, template: str, partial: str, context: dict
 
 
 def _site_for(request: HttpRequest, slug: str, action: Action = "view") -> Site:
-    site = get_object_or_404(restrict(Site.objects.select_related("region"), request.user), slug=slug)
+    site = get_object_or_404(Site.objects.select_related("region").restrict(request.user), slug=slug)
     if action != "view" and not user_can(request.user, action, site):
         raise PermissionDenied(f"you may see site {site.slug} but not {action} it")
     return site
@@ -69,7 +69,7 @@ def _site_for(request: HttpRequest, slug: str, action: Action = "view") -> Site:
 
 def _node_for(request: HttpRequest, node_id: uuid.UUID, action: Action = "view") -> Node:
     nodes = Node.objects.select_related("site__region", "desired", "enrolled_with")
-    node = get_object_or_404(restrict(nodes, request.user), uuid=node_id)
+    node = get_object_or_404(nodes.restrict(request.user), uuid=node_id)
     if action != "view" and not user_can(request.user, action, node.site):
         raise PermissionDenied(f"you may see node {node.name} but not {action} it")
     return node
@@ -221,7 +221,7 @@ def node_detail(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponse:
         context = {"node": node, "row": node_row(node), "models": node_models(node), "oob": True,
                    "actual_json": _actual_json(node)}
         return _render(request, "sites/node_detail.html", "node-models", context)
-    events = restrict(AuditEvent.objects.filter(object_id=str(node.uuid)), request.user)[:NODE_EVENTS_SHOWN]
+    events = AuditEvent.objects.filter(object_id=str(node.uuid)).restrict(request.user)[:NODE_EVENTS_SHOWN]
     context = {
         "node": node,
         "row": node_row(node),

@@ -41,11 +41,13 @@ def _version(model: Any, label: str) -> Any:
 
 def setup(nodes: int, sites: int) -> dict[str, Any]:
     from models_registry.models import Deployment, Model
+    from orchestrator.desired_state import desired_state_content
+    from orchestrator.models import DesiredState
     from policies import services as policy_services
     from policies.selectors import placement_policy_pinned
     from sites import services
-    from sites.models import DesiredState, Node, NodeRole, Site
-    from sites.services import CREDENTIAL_PREFIX, desired_state_content, secret_hash
+    from sites.models import Node, NodeRole, Site
+    from sites.services import CREDENTIAL_PREFIX, secret_hash
 
     started = time.perf_counter()
     regions = [services.region_create(actor=ACTOR, slug=f"region-{i}", name=f"Region {i}") for i in range(4)]
@@ -110,8 +112,8 @@ def _load_nodes() -> int:
 
 def measure(version_uuid: str, wave: int, repeats: int) -> dict[str, Any]:
     from models_registry.models import ModelVersion
-    from orchestrator.models import NodeState, Rollout
-    from orchestrator.rollouts import engine, services
+    from rollouts import engine, services
+    from rollouts.models import NodeState, Rollout
 
     version = ModelVersion.objects.select_related("model").get(uuid=version_uuid)
     _load_nodes()  # warm: connections, caches, imports

@@ -14,13 +14,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import Actor, audit_record
+from core.permissions import user_can
 from edge_runtime.data.binding import bind
 from edge_runtime.data.catalog import DatasetSchema as WireSchema
 from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, parse_spec
 from edge_runtime.protocol import QueryRequest
 from edge_runtime.signing import canonical_json
 from orchestrator.realtime import broadcast, node_group
-from policies.permissions import user_can
 from queries.models import (
     OPEN_SITE_STATES,
     DatasetSchema,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from django.db import models
 
+from core.permissions import RestrictedQuerySet, Scope
+
 # Bucket widths of the history, in seconds.
 FINE = 10
 COARSE = 300
@@ -28,6 +30,9 @@ class TelemetryStream(models.Model):
     # When the newest point was taken (node clock), and the point itself, for a page's first render.
     last_point_at = models.DateTimeField(null=True, blank=True)
     latest = models.JSONField(default=dict, blank=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         app_label = "sites"
@@ -71,6 +76,9 @@ class TelemetrySample(models.Model):
     disk_total_max = models.FloatField(default=0)
     backlog_max = models.IntegerField(default=0)
 
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
+
     class Meta:
         app_label = "sites"
         constraints = [
@@ -102,6 +110,9 @@ class TelemetryGap(models.Model):
     end = models.DateTimeField(null=True, blank=True)
     reason = models.CharField(max_length=20, choices=GapReason.choices)
     received_at = models.DateTimeField(db_index=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("node__site")
 
     class Meta:
         app_label = "sites"

@@ -18,7 +18,6 @@ from django.db.models import F, Max, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from policies.permissions import restrict
 from sites.liveness import node_status, site_status
 from sites.models import Node, NodeStatus, Site
 from sites.telemetry.models import COARSE, FINE, TelemetryGap, TelemetrySample, TelemetryStream
@@ -174,7 +173,7 @@ def model_health(*, model: str, version: str, since: dt.datetime, until: dt.date
 def site_map_list(*, user: Any, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """Every site ``user`` may see, as the fleet map draws it (sites without coordinates too, flagged)."""
     now = now or timezone.now()
-    sites = list(restrict(Site.objects.select_related("region"), user).order_by("name"))
+    sites = list(Site.objects.select_related("region").restrict(user).order_by("name"))
     nodes = (Node.objects.filter(site__in=[s.pk for s in sites], revoked_at__isnull=True)
              .annotate(telemetry_at=F("telemetry_stream__received_at"))
              .only("id", "site_id", "last_seen_at", "revoked_at"))

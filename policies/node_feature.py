@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.features import NodeFeatureBase
-from policies.selectors import policy_bundle_for_site
-from queries.selectors import data_bundle_for_site
+from policies.selectors import data_bundle_for_site, policy_bundle_for_site
 
 
 class PolicyFeature(NodeFeatureBase):

@@ -16,6 +16,7 @@ from edge_runtime.policy.data import DataPolicy, DataPolicyDocument
 from edge_runtime.policy.placement import PlacementPolicy, SiteFacts
 from edge_runtime.policy.rollout import RolloutPolicy
 from policies.models import Approval, Decision, Policy, PolicyKind, PolicyVersion
+from sites.models import Clearance, Site
 
 
 def policy_version_current(kind: str) -> PolicyVersion | None:
@@ -120,3 +121,27 @@ def approvals_valid(subject_type: str, subject_uuid: Any, plan_hash: str, *, exc
     if exclude_user_id is not None:
         approvals = approvals.exclude(user_id=exclude_user_id)
     return approvals
+
+
+# -- the data policy's part of a node's desired state ------------------------------------------
+
+
+# A site labelled so (or cleared Secret) is sovereign: no row-level output ever leaves it, whatever the policy.
+SOVEREIGN_LABEL = "sovereign"
+
+
+def site_is_sovereign(site: Site) -> bool:
+    label = str((site.labels or {}).get(SOVEREIGN_LABEL, "")).strip().lower()
+    return label in {"true", "yes", "1"} or site.clearance >= Clearance.SECRET
+
+
+def data_bundle_for_site(site: Site) -> dict[str, Any]:
+    """The ``data`` part of a node's signed policy bundle (read by the node's dataset service)."""
+    number, rule, policy = data_policy_for_site(site)
+    return {
+        "version": number,
+        "rule": rule,
+        "policy": policy.model_dump(mode="json"),
+        "facts": {"connectivity": site.connectivity, "sovereign": site_is_sovereign(site),
+                  "jurisdiction": site.jurisdiction or ""},
+    }

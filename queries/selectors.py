@@ -9,33 +9,8 @@ from typing import Any
 from django.db.models import QuerySet
 
 from core.permissions import may_anywhere
-from policies.selectors import data_policy_for_site
 from queries.models import DatasetSchema, FederatedQuery, QueryEvent, QuerySite
-from sites.models import Clearance, Site
-
-# A site labelled so (or cleared Secret) is sovereign: no row-level output ever leaves it, whatever the policy.
-SOVEREIGN_LABEL = "sovereign"
-
-
-# -- the data policy's part of a node's desired state -------------------------------------------------------------
-
-
-def site_is_sovereign(site: Site) -> bool:
-    label = str((site.labels or {}).get(SOVEREIGN_LABEL, "")).strip().lower()
-    return label in {"true", "yes", "1"} or site.clearance >= Clearance.SECRET
-
-
-def data_bundle_for_site(site: Site) -> dict[str, Any]:
-    """The ``data`` part of a node's signed policy bundle (read by ``edge_runtime.queries``)."""
-    number, rule, policy = data_policy_for_site(site)
-    return {
-        "version": number,
-        "rule": rule,
-        "policy": policy.model_dump(mode="json"),
-        "facts": {"connectivity": site.connectivity, "sovereign": site_is_sovereign(site),
-                  "jurisdiction": site.jurisdiction or ""},
-    }
-
+from sites.models import Site
 
 # -- the catalog --------------------------------------------------------------------------------------------------
 

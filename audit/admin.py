@@ -3,43 +3,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.http import Http404
 
 from audit.models import AuditEvent
-
-
-class NotFoundAdminMixin:
-    """An id that names no object answers 404, on the change, delete and history pages alike.
-
-    Django's admin redirects to its index for a missing object; for an id
-    that is not even a valid key (``abc`` for an integer key, a UUID) the
-    pages it reaches are not all as careful. One answer for both, as every
-    other page of the console gives: 404.
-    """
-
-    def get_object(self, request: Any, object_id: str, from_field: str | None = None) -> Any:
-        obj = super().get_object(request, object_id, from_field)  # type: ignore[misc]
-        if obj is None:
-            raise Http404(f"no {self.model._meta.verbose_name} with id {object_id!r}")  # type: ignore[attr-defined]
-        return obj
+from core.admin import ReadOnlyAdmin
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(NotFoundAdminMixin, admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     """Read-only: the audit trail is append-only for everyone."""
 
     list_display = ["seq", "created_at", "actor_type", "actor", "action", "object_repr"]
     list_filter = ["actor_type", "action"]
     search_fields = ["actor", "action", "object_repr", "object_id"]
-
-    def has_add_permission(self, request: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
 
 class AuditedAdminMixin:

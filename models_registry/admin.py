@@ -14,8 +14,9 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin
 
-from audit.admin import AuditedAdminMixin, NotFoundAdminMixin
+from audit.admin import AuditedAdminMixin
 from audit.services import Actor
+from core.admin import NotFoundAdminMixin, ReadOnlyAdmin
 from models_registry import services
 from models_registry.forms import VersionUploadForm
 from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, ModelVersionEvent, NodeModelReport
@@ -26,17 +27,6 @@ VERSION_READONLY = [
     "preferred_providers", "allow_quantized", "max_batch_size", "max_queue_delay_ms", "created_by", "created_at",
     "claimed_at", "attempts",
 ]
-
-
-class ReadOnlyAdmin(NotFoundAdminMixin, admin.ModelAdmin):
-    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Model)

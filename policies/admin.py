@@ -21,8 +21,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 
-from audit.admin import NotFoundAdminMixin
 from audit.services import Actor, audit_record
+from core.admin import NotFoundAdminMixin, ReadOnlyAdmin
 from policies import services
 from policies.models import Approval, Policy, PolicyKind, PolicyVersion
 
@@ -79,32 +79,14 @@ class PolicyVersionAdmin(NotFoundAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(Policy)
-class PolicyAdmin(NotFoundAdminMixin, admin.ModelAdmin):
+class PolicyAdmin(ReadOnlyAdmin):
     list_display = ["kind", "created_at"]
-
-    def has_add_permission(self, request: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Approval)
-class ApprovalAdmin(NotFoundAdminMixin, admin.ModelAdmin):
+class ApprovalAdmin(ReadOnlyAdmin):
     list_display = ["subject_type", "subject_uuid", "decision", "user", "role", "decided_at", "expires_at"]
     list_filter = ["decision", "role"]
-
-    def has_add_permission(self, request: Any) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
 
 def _user_roles(user: Any) -> dict[str, Any]:

@@ -31,8 +31,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
 from guardian.admin import GuardedModelAdmin
 
-from audit.admin import AuditedAdminMixin, NotFoundAdminMixin
+from audit.admin import AuditedAdminMixin
 from audit.services import Actor
+from core.admin import NotFoundAdminMixin, ReadOnlyAdmin
 from orchestrator.models import DesiredState
 from sites import services
 from sites.models import EnrollmentToken, Node, Region, Site
@@ -123,20 +124,13 @@ class SiteAdmin(GuardedAdmin):
 
 
 @admin.register(Node)
-class NodeAdmin(NotFoundAdminMixin, admin.ModelAdmin):
+class NodeAdmin(ReadOnlyAdmin):
+    """Nodes enroll with a token; the admin can only revoke them."""
+
     list_display = ["name", "site", "role", "status", "last_seen_at", "runtime_version", "revoked_at"]
     list_filter = ["role", "status", "site__region"]
     search_fields = ["name", "uuid", "site__name"]
     actions = ["revoke"]
-
-    def has_add_permission(self, request: Any) -> bool:
-        return False  # nodes enroll with a token
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
 
     def has_revoke_permission(self, request: Any) -> bool:
         return bool(request.user.has_perm("sites.change_node"))
@@ -223,17 +217,8 @@ class EnrollmentTokenAdmin(NotFoundAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(DesiredState)
-class DesiredStateAdmin(NotFoundAdminMixin, admin.ModelAdmin):
+class DesiredStateAdmin(ReadOnlyAdmin):
     """Signed by the control plane; a node refuses a generation lower than the one it applied."""
 
     list_display = ["node", "generation", "published_at", "key_fingerprint"]
     readonly_fields = ["node", "generation", "content_hash", "payload", "signature", "key_fingerprint", "published_at"]
-
-    def has_add_permission(self, request: object) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False

@@ -78,6 +78,7 @@ from edge_runtime.protocol import (
     SyncResponse,
     TelemetryAck,
 )
+from edge_runtime.replies import refusal
 from edge_runtime.state import REMEMBERED_REFUSALS, Identity, StateDir, StateError, Status
 from edge_runtime.telemetry import Telemetry, TelemetryStalled
 
@@ -654,10 +655,7 @@ class Agent:
 
 
 def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return _one_line(body["error"])[:300]
+    error, _ = refusal(response)
+    if error is not None:
+        return _one_line(error)[:300]
     return _one_line(response.reason_phrase) or "no error message"

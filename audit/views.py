@@ -15,20 +15,15 @@ from django import forms
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET
-from django_htmx.middleware import HtmxDetails
 
 from audit.models import ActorType, AuditEvent
+from core.htmx import HtmxHttpRequest, render_page
 
 PAGE_SIZE = 50
-
-
-class HtmxHttpRequest(HttpRequest):
-    htmx: HtmxDetails
 
 
 class AuditFilterForm(forms.Form):
@@ -71,10 +66,6 @@ def _day_start(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time.min, tzinfo=timezone.get_current_timezone())
 
 
-def _wants_partial(request: HtmxHttpRequest) -> bool:
-    return bool(request.htmx) and not request.htmx.boosted and not request.htmx.history_restore_request
-
-
 @login_required
 @require_GET
 def event_list(request: HtmxHttpRequest) -> HttpResponse:
@@ -92,10 +83,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     page = Paginator(events, PAGE_SIZE).get_page(page_number)
     context = {"form": form, "page": page, "query": params.urlencode()}
     template = "audit/auditevent_list.html"
-    response = render(request, f"{template}#audit-table" if _wants_partial(request) else template, context,
-                      status=status)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    return render_page(request, template, "audit-table", context, status=status)
 
 
 @login_required
@@ -108,9 +96,7 @@ def event_detail(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
         "after_json": _pretty(event.after),
     }
     template = "audit/auditevent_detail.html"
-    response = render(request, f"{template}#event-body" if _wants_partial(request) else template, context)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    return render_page(request, template, "event-body", context)
 
 
 def _pretty(value: Any) -> str:

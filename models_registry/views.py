@@ -17,11 +17,11 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect, HttpResponseClientRefresh
 
 from audit.services import Actor
+from core.htmx import render_page, wants_partial
 from core.permissions import may_anywhere, may_everywhere, user_can
 from models_registry import selectors, services
 from models_registry.forms import ModelCreateForm, VersionUploadForm
@@ -52,17 +52,12 @@ def _manager(request: HttpRequest) -> None:
         raise PermissionDenied("creating models and uploading versions needs the estate-wide Operator role")
 
 
-def _partial(request: HttpRequest) -> bool:
-    htmx = getattr(request, "htmx", None)
-    return bool(htmx) and not htmx.boosted and not htmx.history_restore_request
-
-
 def _detail_url(model: Model) -> str:
     return reverse("models_registry:model-detail", args=[model.slug])
 
 
 def _done(request: HttpRequest, model: Model) -> HttpResponseBase:
-    if _partial(request):
+    if wants_partial(request):
         return HttpResponseClientRedirect(_detail_url(model))
     return redirect(_detail_url(model))
 
@@ -123,15 +118,10 @@ def model_detail(request: HttpRequest, slug: str) -> HttpResponseBase:
     _viewer(request)
     model = get_object_or_404(Model, slug=slug)
     context = _detail_context(request, model)
-    if _partial(request):
-        if request.GET.get("poll") and not context["pending"]:
-            # Validation finished: reload once so deploy choices and placements follow.
-            return HttpResponseClientRefresh()
-        response = render(request, "models_registry/model_detail.html#versions-panel", context)
-    else:
-        response = render(request, "models_registry/model_detail.html", context)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
+    if wants_partial(request) and request.GET.get("poll") and not context["pending"]:
+        # Validation finished: reload once so deploy choices and placements follow.
+        return HttpResponseClientRefresh()
+    return render_page(request, "models_registry/model_detail.html", "versions-panel", context)
 
 
 @login_required
@@ -152,7 +142,7 @@ def version_upload(request: HttpRequest, slug: str) -> HttpResponseBase:
             return _done(request, model)
     context = _detail_context(request, model, upload_form=form)
     template = "models_registry/model_detail.html"
-    return render(request, f"{template}#upload-panel" if _partial(request) else template, context, status=422)
+    return render_page(request, template, "upload-panel", context, status=422)
 
 
 def _target_site(request: HttpRequest, site: Site) -> None:
@@ -181,7 +171,7 @@ def deployment_create(request: HttpRequest, slug: str) -> HttpResponseBase:
     except services.RegistryError as exc:
         context = _detail_context(request, model, deploy_error=exc.message)
         template = "models_registry/model_detail.html"
-        return render(request, f"{template}#deploy-panel" if _partial(request) else template, context, status=422)
+        return render_page(request, template, "deploy-panel", context, status=422)
     return _done(request, model)
 
 

@@ -22,10 +22,10 @@ from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_http_methods
 
 from audit.services import Actor
+from core.htmx import render_page
 from core.permissions import user_can
 from queries import selectors
 from queries.charts import chart_for
@@ -41,18 +41,6 @@ STATE_CLASS = {
     SiteState.ERROR: "status-invalid", "complete": "status-online", "partial": "status-warning",
     "failed": "status-invalid", "running": "status-pending", "pending": "status-pending",
 }
-
-
-def _partial(request: HttpRequest) -> bool:
-    htmx = getattr(request, "htmx", None)
-    return bool(htmx) and not htmx.boosted and not htmx.history_restore_request
-
-
-def _render(request: HttpRequest, template: str, partial: str, context: dict[str, Any],
-            status: int = 200) -> HttpResponse:
-    response = render(request, f"{template}#{partial}" if _partial(request) else template, context, status=status)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
 
 
 def _query_for(request: HttpRequest, query_id: uuid.UUID) -> FederatedQuery:
@@ -124,7 +112,7 @@ def query_new(request: HttpRequest) -> HttpResponseBase:
                                   for i in range(1, AGGREGATE_SLOTS + 1)],
                "filter_rows": [(form[f"filter_column_{i}"], form[f"filter_op_{i}"], form[f"filter_value_{i}"])
                                for i in range(1, FILTER_SLOTS + 1)]}
-    return _render(request, "queries/query_new.html", "query-form", context, status=status)
+    return render_page(request, "queries/query_new.html", "query-form", context, status=status)
 
 
 def _cell(value: Any, type_: str) -> str:
@@ -176,7 +164,7 @@ def _detail_context(query: FederatedQuery) -> dict[str, Any]:
 @require_GET
 def query_detail(request: HttpRequest, query_id: uuid.UUID) -> HttpResponse:
     query = _query_for(request, query_id)
-    return _render(request, "queries/query_detail.html", "query-live", _detail_context(query))
+    return render_page(request, "queries/query_detail.html", "query-live", _detail_context(query))
 
 
 @login_required

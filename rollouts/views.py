@@ -19,11 +19,11 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
 from audit.services import Actor
+from core.htmx import render_page, wants_partial
 from core.permissions import may_anywhere, may_everywhere, user_can
 from policies.selectors import approvals_for, rollout_policy_current
 from rollouts import selectors, services
@@ -40,18 +40,6 @@ ACTIONS = {
 }
 
 
-def _partial(request: HttpRequest) -> bool:
-    htmx = getattr(request, "htmx", None)
-    return bool(htmx) and not htmx.boosted and not htmx.history_restore_request
-
-
-def _render(request: HttpRequest, template: str, partial: str, context: dict[str, Any],
-            status: int = 200) -> HttpResponse:
-    response = render(request, f"{template}#{partial}" if _partial(request) else template, context, status=status)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
-
-
 def _rollout_for(request: HttpRequest, rollout_id: uuid.UUID) -> Rollout:
     rollout = selectors.rollout_get(user=request.user, rollout_uuid=rollout_id)
     if rollout is None:
@@ -64,7 +52,7 @@ def _detail_url(rollout: Rollout) -> str:
 
 
 def _done(request: HttpRequest, rollout: Rollout) -> HttpResponseBase:
-    if _partial(request):
+    if wants_partial(request):
         return HttpResponseClientRedirect(_detail_url(rollout))
     return redirect(_detail_url(rollout))
 
@@ -76,7 +64,7 @@ def rollout_list(request: HttpRequest) -> HttpResponse:
     rows = [{"rollout": r, "progress": selectors.rollout_progress(r)} for r in rollouts]
     context = {"rows": rows, "can_create": may_anywhere(request.user, "operate"),
                "live": any(r.state not in TERMINAL_STATES for r in rollouts)}
-    return _render(request, "rollouts/rollout_list.html", "rollout-table", context)
+    return render_page(request, "rollouts/rollout_list.html", "rollout-table", context)
 
 
 def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
@@ -165,7 +153,7 @@ def _actions(rollout: Rollout) -> list[str]:
 @require_GET
 def rollout_detail(request: HttpRequest, rollout_id: uuid.UUID) -> HttpResponse:
     rollout = _rollout_for(request, rollout_id)
-    return _render(request, "rollouts/rollout_detail.html", "rollout-live", _detail_context(request, rollout))
+    return render_page(request, "rollouts/rollout_detail.html", "rollout-live", _detail_context(request, rollout))
 
 
 @login_required
@@ -180,7 +168,7 @@ def rollout_action(request: HttpRequest, rollout_id: uuid.UUID, action: str) -> 
     try:
         service(actor=Actor.from_request(request), rollout=rollout)
     except services.RolloutError as exc:
-        return _render(request, "rollouts/rollout_detail.html", "rollout-live",
+        return render_page(request, "rollouts/rollout_detail.html", "rollout-live",
                        _detail_context(request, rollout, error=exc.message), status=422)
     return _done(request, rollout)
 
@@ -198,7 +186,7 @@ def rollout_decide(request: HttpRequest, rollout_id: uuid.UUID, decision: str) -
     except services.RolloutError as exc:
         if exc.status == 403:
             raise PermissionDenied(exc.message) from exc
-        return _render(request, "rollouts/rollout_detail.html", "rollout-live",
+        return render_page(request, "rollouts/rollout_detail.html", "rollout-live",
                        _detail_context(request, rollout, error=exc.message), status=422)
     return _done(request, rollout)
 

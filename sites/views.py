@@ -24,13 +24,12 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.templatetags.static import static
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRefresh
-from django_htmx.middleware import HtmxDetails
 
 from audit.models import AuditEvent
 from audit.services import Actor
+from core.htmx import HtmxHttpRequest, render_page, wants_partial
 from core.permissions import Action, user_can
 from orchestrator import keys
 from sites import services
@@ -40,24 +39,6 @@ from sites.selectors import memory_label, node_list, node_models, node_row, site
 from sites.telemetry.selectors import site_confirmation, site_map_list, site_telemetry
 
 NODE_EVENTS_SHOWN = 25
-
-
-class HtmxHttpRequest(HttpRequest):
-    htmx: HtmxDetails
-
-
-def wants_partial(request: HtmxHttpRequest) -> bool:
-    # A history restore (back button after a cache miss) needs the whole page.
-    return bool(request.htmx) and not request.htmx.boosted and not request.htmx.history_restore_request
-
-
-def _render(request: HtmxHttpRequest, template: str, partial: str, context: dict[str, Any],
-            status: int = 200) -> HttpResponse:
-    name = f"{template}#{partial}" if wants_partial(request) else template
-    response = render(request, name, context, status=status)
-    # The same URL answers with a page or a fragment: caches must tell them apart.
-    patch_vary_headers(response, ["HX-Request"])
-    return response
 
 
 def _site_for(request: HttpRequest, slug: str, action: Action = "view") -> Site:
@@ -96,7 +77,7 @@ def fleet(request: HtmxHttpRequest) -> HttpResponse:
             q=filters.get("q") or None,
         )
     context = {"form": form, "rows": rows, "query": request.GET.urlencode()}
-    return _render(request, "sites/site_list.html", "fleet-table", context, status=status)
+    return render_page(request, "sites/site_list.html", "fleet-table", context, status=status)
 
 
 # -- site --------------------------------------------------------------------
@@ -129,7 +110,7 @@ def site_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
             "nodes": [{"uuid": str(n.node.uuid), "name": n.node.name, "seq": n.last_seq}
                       for n in extra["telemetry"].nodes],
         }
-    return _render(request, "sites/site_detail.html", "nodes-table", _site_context(request, site, **extra))
+    return render_page(request, "sites/site_detail.html", "nodes-table", _site_context(request, site, **extra))
 
 
 @login_required
@@ -150,9 +131,9 @@ def token_create(request: HtmxHttpRequest, slug: str) -> HttpResponse:
             context = _site_context(request, site, created_token={"row": token, "value": value},
                                     public_url=_public_url(request),
                                     oob=wants_partial(request))
-            return _render(request, "sites/site_detail.html", "token-panel", context)
+            return render_page(request, "sites/site_detail.html", "token-panel", context)
     context = _site_context(request, site, token_form=form)
-    return _render(request, "sites/site_detail.html", "token-panel", context, status=422)
+    return render_page(request, "sites/site_detail.html", "token-panel", context, status=422)
 
 
 def _form_field(field: str | None) -> str | None:
@@ -172,7 +153,7 @@ def token_revoke(request: HtmxHttpRequest, slug: str, token_id: uuid.UUID) -> Ht
     if not wants_partial(request) and not error:
         return redirect("sites:site-detail", slug=site.slug)
     context = _site_context(request, site, tokens_error=error)
-    return _render(request, "sites/site_detail.html", "tokens-table", context, status=400 if error else 200)
+    return render_page(request, "sites/site_detail.html", "tokens-table", context, status=400 if error else 200)
 
 
 @login_required
@@ -220,7 +201,7 @@ def node_detail(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponse:
         # The models panel refreshing itself, with the generation and actual state beside it (out of band).
         context = {"node": node, "row": node_row(node), "models": node_models(node), "oob": True,
                    "actual_json": _actual_json(node)}
-        return _render(request, "sites/node_detail.html", "node-models", context)
+        return render_page(request, "sites/node_detail.html", "node-models", context)
     events = AuditEvent.objects.filter(object_id=str(node.uuid)).restrict(request.user)[:NODE_EVENTS_SHOWN]
     context = {
         "node": node,
@@ -233,7 +214,7 @@ def node_detail(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponse:
         "actual_json": _actual_json(node),
         "models": node_models(node),
     }
-    return _render(request, "sites/node_detail.html", "node-models", context)
+    return render_page(request, "sites/node_detail.html", "node-models", context)
 
 
 def _actual_json(node: Node) -> str:
@@ -270,7 +251,7 @@ def node_revoke(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponseBas
     if not wants_partial(request) and not error:
         return redirect("sites:site-detail", slug=node.site.slug)
     context = _site_context(request, node.site, nodes_error=error)
-    return _render(request, "sites/site_detail.html", "nodes-table", context, status=400 if error else 200)
+    return render_page(request, "sites/site_detail.html", "nodes-table", context, status=400 if error else 200)
 
 
 # -- fleet map ---------------------------------------------------------------

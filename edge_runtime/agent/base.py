@@ -1,0 +1,82 @@
+"""The agent's state: identity, status, applied desired state, plug-ins; and how its status is saved."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from edge_runtime.agent.plugins import Reconciler
+from edge_runtime.protocol import (
+    API_PREFIX,
+    DesiredState,
+    Hardware,
+    SignedDesiredState,
+)
+from edge_runtime.state import Identity, StateDir, Status
+from edge_runtime.telemetry import Telemetry
+
+logger = logging.getLogger("edge_runtime.agent")
+
+
+def stream_url(base_url: str, node_id: str) -> str:
+    """The node's websocket URL: ws:// for http://, wss:// for https://, same host and path prefix."""
+    parts = urlsplit(base_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"control-plane URL must be http:// or https://, not {base_url!r}")
+    path = f"{parts.path.rstrip('/')}{API_PREFIX}/nodes/{node_id}/stream"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def one_line(value: object) -> str:
+    return " ".join(str(value).split())
+
+
+class AgentBase:
+    """The agent's state and bookkeeping, shared by its desired-state, sync and stream parts."""
+
+    def __init__(self, state: StateDir, *, reconcilers: Sequence[Reconciler] = (),
+                 rng: random.Random | None = None, hardware: Hardware | None = None,
+                 telemetry: Telemetry | None = None) -> None:
+        self.state = state
+        self.telemetry = telemetry
+        self.identity: Identity = state.load_identity()
+        self.public_key = self.identity.public_key()
+        self.status: Status = state.load_status()
+        self.status.highest_generation = max(self.status.highest_generation, self.status.applied_generation)
+        self.reconcilers = list(reconcilers)
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.hardware = hardware
+        self.signed: SignedDesiredState | None = None
+        self.desired: DesiredState | None = None
+        self.detail: dict[str, Any] = {}
+        self.problems: dict[str, str] = {}
+        self.interval = self.identity.sync_interval_s
+        self.base_url = self.identity.url.rstrip("/")
+        self.sync_url = f"{self.base_url}{API_PREFIX}/nodes/{self.identity.node_id}/sync"
+        self.stream_url = stream_url(self.base_url, self.identity.node_id)
+        self.started = time.monotonic()
+        self.synced_once = False
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self._client: httpx.AsyncClient | None = None
+
+
+    def _note_error(self, message: str) -> None:
+        self.status.last_error = one_line(message)[:500]
+        self.status.last_error_at = dt.datetime.now(dt.UTC)
+
+    def _save_status(self, *, durable: bool = False) -> None:
+        try:
+            self.state.save_status(self.status, durable=durable)
+        except OSError as exc:
+            # The report is lost, the node keeps running; the next write may succeed.
+            logger.error("cannot write %s: %s", self.state.status_path, one_line(exc))

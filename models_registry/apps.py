@@ -8,6 +8,8 @@ class ModelsRegistryConfig(AppConfig):
     verbose_name = "Model registry"
 
     def ready(self) -> None:
+        # The tasks register in every process, so the services enqueue them by name (eager runs too).
+        from models_registry import tasks  # noqa: F401
         from models_registry.node_feature import ModelsFeature
         from orchestrator import features
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from celery import signature
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -45,6 +46,9 @@ from sites.models import Clearance, Node, NodeRole, Site
 # A worker that holds a version this long without finishing is presumed lost.
 MAX_VALIDATION_ATTEMPTS = 3
 _PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,59}$")
+
+# The validation task (models_registry.tasks.model_version_validate_task).
+VALIDATE_TASK = "models_registry.model_version_validate"
 
 
 class RegistryError(Exception):
@@ -141,9 +145,8 @@ def _event(version: ModelVersion, *, to: str, before: str, message: str, actor: 
 
 
 def _enqueue_validation(version_id: int) -> None:
-    from models_registry.tasks import model_version_validate_task
-
-    transaction.on_commit(lambda: model_version_validate_task.delay(version_id))
+    # By the task's stable name (models_registry.tasks defines it): the tasks module imports this one.
+    transaction.on_commit(lambda: signature(VALIDATE_TASK, args=(version_id,)).apply_async())
 
 
 def _artifact_unused(sha256: str) -> bool:

@@ -32,7 +32,6 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
@@ -42,9 +41,7 @@ from django.utils import timezone
 
 from edge_runtime import protocol, signing
 from orchestrator import features
-
-if TYPE_CHECKING:
-    from orchestrator.models import Epoch, SigningKey
+from orchestrator.models import DesiredState, Epoch, SigningKey
 
 logger = logging.getLogger("edgewise.keys")
 
@@ -132,8 +129,6 @@ def current(*, fresh: bool = False) -> Trust:
     signs in an epoch older than one that already started.
     """
     global _trust
-    from orchestrator.models import Epoch
-
     latest = Epoch.objects.order_by("-started_at", "-pk").values_list("uuid", flat=True).first()
     path = key_path()
     with _trust_lock:
@@ -160,8 +155,6 @@ def forget() -> None:
 
 
 def _establish() -> Trust:
-    from orchestrator.models import Epoch, SigningKey
-
     path = key_path()
     known = list(SigningKey.objects.order_by("created_at", "pk"))
     epoch = Epoch.objects.order_by("-started_at", "-pk").first()
@@ -199,15 +192,11 @@ def trust_lock() -> None:
 
 def _signed_before() -> str | None:
     """The key fingerprint of states this database signed before keys were recorded (an upgrade), if any."""
-    from orchestrator.models import DesiredState
-
     return DesiredState.objects.exclude(key_fingerprint="").values_list("key_fingerprint", flat=True).first()
 
 
 def _key_row(path: Path, active: SigningKey | None, known: list[SigningKey]) -> SigningKey:
     """The row of the key in ``path``, creating the file on a control plane that never signed."""
-    from orchestrator.models import SigningKey
-
     signed_with = _signed_before() if active is None else None
     if not path.exists():
         if signed_with is not None:
@@ -254,8 +243,6 @@ def _chain_path(path: Path) -> Path:
 
 def _write_chain(path: Path) -> None:
     """Keep every endorsement beside the key file: a database restored from before a rotation can follow them."""
-    from orchestrator.models import SigningKey
-
     chain = [k.endorsement for k in SigningKey.objects.order_by("created_at", "pk") if k.endorsement]
     tmp = _chain_path(path).with_name(f".{_chain_path(path).name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(chain, indent=1))
@@ -269,8 +256,6 @@ def _adopt(path: Path, key: Ed25519PrivateKey, active: SigningKey, known: list[S
     already pinned the newer key in the file, so the control plane takes it
     on (rows, artifacts signed again, a new epoch) instead of refusing to start.
     """
-    from orchestrator.models import SigningKey
-
     try:
         chain = [protocol.KeyEndorsement.model_validate(e) for e in json.loads(_chain_path(path).read_text())]
     except (OSError, ValueError):
@@ -300,8 +285,6 @@ def _adopt(path: Path, key: Ed25519PrivateKey, active: SigningKey, known: list[S
 
 
 def new_epoch(fingerprint: str, reason: str) -> Epoch:
-    from orchestrator.models import Epoch
-
     # Strictly later than the epoch before, whatever the clock did: nodes order epochs by this time.
     latest = Epoch.objects.order_by("-started_at").values_list("started_at", flat=True).first()
     started = timezone.now()

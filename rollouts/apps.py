@@ -9,6 +9,9 @@ class RolloutsConfig(AppConfig):
 
     def ready(self) -> None:
         from models_registry.selectors import assignment_source_register
+
+        # The tasks register in every process, so the engine enqueues ticks by name (eager runs too).
+        from rollouts import tasks  # noqa: F401
         from rollouts.selectors import rollout_assignments
 
         # A rollout's version reaches a node as an assignment that wins over earlier deployments.

@@ -25,6 +25,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from audit.services import Actor
 from core.htmx import render_page, wants_partial
 from core.permissions import may_anywhere, may_everywhere, user_can
+from policies.models import Approval
 from policies.selectors import approvals_for, rollout_policy_current
 from rollouts import selectors, services
 from rollouts.forms import RolloutForm
@@ -194,8 +195,6 @@ def rollout_decide(request: HttpRequest, rollout_id: uuid.UUID, decision: str) -
 @login_required
 @require_GET
 def approval_list(request: HttpRequest) -> HttpResponse:
-    from policies.models import Approval
-
     visible = selectors.rollout_list(user=request.user).values("uuid")
     history = Approval.objects.filter(subject_type="rollout", subject_uuid__in=visible).select_related("user")[:100]
     rollouts = {r.uuid: r for r in Rollout.objects.filter(uuid__in=[a.subject_uuid for a in history])

@@ -24,6 +24,7 @@ from django.utils import timezone
 from audit.services import Actor, audit_record
 from edge_runtime import protocol
 from orchestrator.realtime import FLEET_GROUP, site_group
+from sites.models import Node
 from sites.telemetry import events
 from sites.telemetry.models import RESOLUTIONS, GapReason, TelemetryGap, TelemetrySample, TelemetryStream
 
@@ -237,8 +238,6 @@ def telemetry_commit(*, submissions: Sequence[Submission], now: dt.datetime | No
 
 def _audit_gaps(gaps: list[TelemetryGap]) -> None:
     """Lost telemetry is on the record: one audit event per gap (rare: only after the node's disk budget ran out)."""
-    from sites.models import Node
-
     nodes = Node.objects.select_related("site").in_bulk({g.node_id for g in gaps})
     for gap in gaps:
         node = nodes[gap.node_id]

@@ -7,10 +7,14 @@ import secrets
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
+
+N = TypeVar("N", int, float)
 
 
 class ConfigError(ImproperlyConfigured):
@@ -113,28 +117,28 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 
 def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a number") from exc
-    if value <= 0:
-        raise ConfigError(f"{name}={raw!r} must be positive")
-    return value
+    return _env_number(name, default, float, kind="a number", valid=lambda value: value > 0,
+                       must="must be positive")
 
 
 def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    return _env_number(name, default, int, kind="a whole number", valid=lambda value: value >= minimum,
+                       must=f"must be at least {minimum}")
+
+
+def _env_number(name: str, default: N, parse: Callable[[str], N], *, kind: str, valid: Callable[[N], bool],
+                must: str) -> N:
+    """``name`` parsed by ``parse`` (``default`` when unset or empty); ConfigError naming it if it does not
+    parse or is not ``valid``."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from exc
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+        raise ConfigError(f"{name}={raw!r} is not {kind}") from exc
+    if not valid(value):
+        raise ConfigError(f"{name}={raw!r} {must}")
     return value
 
 

@@ -46,9 +46,8 @@ Three parts:
   unacknowledged goes again (what the control plane already holds is
   skipped there).
 
-SQLite calls run on the event loop: each touches a few rows of a local file
-(well under a millisecond), and the loop's other work, inference included,
-never waits on the network because of them.
+The queue's SQLite calls run on the event loop and never wait on the
+network (see docs/decisions/0009-telemetry-queue-on-the-event-loop.md).
 """
 
 from __future__ import annotations

@@ -155,6 +155,18 @@ def _write(sql: str, rows: list[list[Any]]) -> None:
         cursor.execute(sql, [list(column) for column in zip(*rows, strict=True)])
 
 
+@dataclasses.dataclass
+class _Round:
+    """What one commit gathers from its submissions before writing it."""
+
+    now: dt.datetime
+    rows: dict[tuple[Any, ...], dict[str, float]] = dataclasses.field(
+        default_factory=lambda: defaultdict(lambda: dict.fromkeys((*SUMMED, *MAXED), 0.0)))
+    gaps: list[TelemetryGap] = dataclasses.field(default_factory=list)
+    live_points: dict[str, list[events.PointEvent]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    summary: dict[str, events.SiteConfirmation] = dataclasses.field(default_factory=dict)
+
+
 def telemetry_commit(*, submissions: Sequence[Submission], now: dt.datetime | None = None) -> Committed:
     """Commit ``submissions`` in one transaction; returns each node's high-water mark after it.
 
@@ -169,71 +181,80 @@ def telemetry_commit(*, submissions: Sequence[Submission], now: dt.datetime | No
     """
     if not submissions:
         return Committed(marks={}, events=[])
-    now = now or timezone.now()
+    gathered = _Round(now=now or timezone.now())
     node_ids = sorted({s.node_id for s in submissions})
-    rows: dict[tuple[Any, ...], dict[str, float]] = defaultdict(lambda: dict.fromkeys((*SUMMED, *MAXED), 0.0))
-    gaps: list[TelemetryGap] = []
-    live_points: dict[str, list[events.PointEvent]] = defaultdict(list)
-    summary: dict[str, events.SiteConfirmation] = {}
     with transaction.atomic():
-        # Locked in node order, so two processes committing overlapping nodes wait rather than deadlock.
-        streams = {s.node_id: s for s in TelemetryStream.objects.select_for_update().filter(node_id__in=node_ids)
-                   .order_by("node_id")}
-        missing = [n for n in node_ids if n not in streams]
-        if missing:
-            TelemetryStream.objects.bulk_create([TelemetryStream(node_id=n) for n in missing], ignore_conflicts=True)
-            streams.update({s.node_id: s for s in TelemetryStream.objects.select_for_update()
-                            .filter(node_id__in=missing).order_by("node_id")})
-        touched: set[int] = set()
+        streams = _locked_streams(node_ids)
         for sub in submissions:
-            stream = streams[sub.node_id]
-            new_lost = 0
-            for item in sub.frame.items:
-                if item.last_seq <= stream.last_seq:
-                    continue  # already committed: a resend after a lost ack
-                first = max(item.seq, stream.last_seq + 1)
-                if first > stream.last_seq + 1:
-                    skipped = first - stream.last_seq - 1
-                    gaps.append(TelemetryGap(node_id=sub.node_id, first_seq=stream.last_seq + 1, last_seq=first - 1,
-                                             count=skipped, reason=GapReason.MISSING, received_at=now))
-                    new_lost += skipped
-                if isinstance(item, protocol.TelemetryPoint):
-                    _fold_point(rows, sub.node_id, item)
-                    stream.points += 1
-                    stream.last_point_at = item.at
-                    stream.latest = item.model_dump(mode="json")
-                    if item.at >= now - LIVE_WINDOW:
-                        live_points[sub.site_uuid].append(events.point_event(sub.node_uuid, item))
-                else:
-                    count = item.last_seq - first + 1
-                    gaps.append(TelemetryGap(node_id=sub.node_id, first_seq=first, last_seq=item.last_seq,
-                                             count=count, start=item.start, end=item.end, reason=item.reason,
-                                             received_at=now))
-                    new_lost += count
-                stream.last_seq = item.last_seq
-            stream.lost += new_lost
-            stream.received_at = now
-            touched.add(sub.node_id)
-            site = summary.setdefault(sub.site_uuid, {"confirmed_at": now.isoformat(), "nodes": {}})
-            site["nodes"][sub.node_uuid] = {"seq": stream.last_seq, "confirmed_at": now.isoformat(),
-                                            "lost": new_lost + site["nodes"].get(sub.node_uuid, {}).get("lost", 0)}
-        if rows:
-            _write(_upsert_sql(), [[*key, *(_typed(c, values[c]) for c in (*SUMMED, *MAXED))]
-                                   for key, values in sorted(rows.items())])
-        if gaps:
-            TelemetryGap.objects.bulk_create(gaps)
-            _audit_gaps(gaps)
-        streams_rows = [[st.pk, st.last_seq, st.points, st.lost, st.received_at, st.last_point_at,
-                         json.dumps(st.latest, separators=(",", ":"))] for st in (streams[n] for n in sorted(touched))]
-        if connection.vendor != "postgresql":
-            streams_rows = [[*row[1:], row[0]] for row in streams_rows]  # the WHERE id = %s comes last
-        _write(_stream_update_sql(), streams_rows)
+            _gather(gathered, sub, streams[sub.node_id])
+        _store(gathered, [streams[n] for n in sorted({s.node_id for s in submissions})])
     to_send: list[tuple[str, str, dict[str, Any]]] = [
         (site_group(site_uuid), "site.telemetry", {"site": site_uuid, "points": points})
-        for site_uuid, points in live_points.items()
+        for site_uuid, points in gathered.live_points.items()
     ]
-    to_send.append((FLEET_GROUP, "fleet.telemetry", {"sites": summary}))
+    to_send.append((FLEET_GROUP, "fleet.telemetry", {"sites": gathered.summary}))
     return Committed(marks={n: streams[n].last_seq for n in node_ids}, events=to_send)
+
+
+def _locked_streams(node_ids: list[int]) -> dict[int, TelemetryStream]:
+    """Each node's stream row, created if new, locked in node order (two overlapping commits wait, never deadlock)."""
+    streams = {s.node_id: s for s in TelemetryStream.objects.select_for_update().filter(node_id__in=node_ids)
+               .order_by("node_id")}
+    missing = [n for n in node_ids if n not in streams]
+    if missing:
+        TelemetryStream.objects.bulk_create([TelemetryStream(node_id=n) for n in missing], ignore_conflicts=True)
+        streams.update({s.node_id: s for s in TelemetryStream.objects.select_for_update()
+                        .filter(node_id__in=missing).order_by("node_id")})
+    return streams
+
+
+def _gather(gathered: _Round, sub: Submission, stream: TelemetryStream) -> None:
+    """Fold one submission's items above the stream's mark into ``gathered``, moving the mark."""
+    now = gathered.now
+    new_lost = 0
+    for item in sub.frame.items:
+        if item.last_seq <= stream.last_seq:
+            continue  # already committed: a resend after a lost ack
+        first = max(item.seq, stream.last_seq + 1)
+        if first > stream.last_seq + 1:
+            skipped = first - stream.last_seq - 1
+            gathered.gaps.append(TelemetryGap(node_id=sub.node_id, first_seq=stream.last_seq + 1, last_seq=first - 1,
+                                              count=skipped, reason=GapReason.MISSING, received_at=now))
+            new_lost += skipped
+        if isinstance(item, protocol.TelemetryPoint):
+            _fold_point(gathered.rows, sub.node_id, item)
+            stream.points += 1
+            stream.last_point_at = item.at
+            stream.latest = item.model_dump(mode="json")
+            if item.at >= now - LIVE_WINDOW:
+                gathered.live_points[sub.site_uuid].append(events.point_event(sub.node_uuid, item))
+        else:
+            count = item.last_seq - first + 1
+            gathered.gaps.append(TelemetryGap(node_id=sub.node_id, first_seq=first, last_seq=item.last_seq,
+                                              count=count, start=item.start, end=item.end, reason=item.reason,
+                                              received_at=now))
+            new_lost += count
+        stream.last_seq = item.last_seq
+    stream.lost += new_lost
+    stream.received_at = now
+    site = gathered.summary.setdefault(sub.site_uuid, {"confirmed_at": now.isoformat(), "nodes": {}})
+    site["nodes"][sub.node_uuid] = {"seq": stream.last_seq, "confirmed_at": now.isoformat(),
+                                    "lost": new_lost + site["nodes"].get(sub.node_uuid, {}).get("lost", 0)}
+
+
+def _store(gathered: _Round, touched: list[TelemetryStream]) -> None:
+    """Write the gathered history rows, gaps (audited) and the touched streams' marks."""
+    if gathered.rows:
+        _write(_upsert_sql(), [[*key, *(_typed(c, values[c]) for c in (*SUMMED, *MAXED))]
+                               for key, values in sorted(gathered.rows.items())])
+    if gathered.gaps:
+        TelemetryGap.objects.bulk_create(gathered.gaps)
+        _audit_gaps(gathered.gaps)
+    streams_rows = [[st.pk, st.last_seq, st.points, st.lost, st.received_at, st.last_point_at,
+                     json.dumps(st.latest, separators=(",", ":"))] for st in touched]
+    if connection.vendor != "postgresql":
+        streams_rows = [[*row[1:], row[0]] for row in streams_rows]  # the WHERE id = %s comes last
+    _write(_stream_update_sql(), streams_rows)
 
 
 def _audit_gaps(gaps: list[TelemetryGap]) -> None:

@@ -14,15 +14,14 @@ new tick replaces it, so an older or duplicated chain exits at its next
 tick. :func:`rollout_reconcile` (periodic) starts a fresh chain for any
 active rollout whose next tick is overdue (its worker died with it).
 
-Node confirmation: a node counts as having done what it was told only when it
-reports a generation at least the one that carried the change and its model
-status says so; its report before that may predate the change.
+Node confirmation (:mod:`rollouts.reports`): a node counts as having done
+what it was told only when it reports a generation at least the one that
+carried the change and its model status says so.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -35,8 +34,6 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime.policy.rollout import GateResult, GateSpec, Strategy, evaluate_gate, window_sum
-from orchestrator.desired_state import desired_state_publish_many
-from orchestrator.models import DesiredState
 from policies.selectors import placement_policy_pinned
 from rollouts.health import health_record, model_health
 from rollouts.models import (
@@ -49,6 +46,7 @@ from rollouts.models import (
     RolloutState,
     WavePhase,
 )
+from rollouts.reports import desired_versions, publish_row, publish_rows, reports_new, reports_previous
 from rollouts.selectors import offline_share, unreachable
 from sites.models import Node
 
@@ -111,65 +109,6 @@ def _set_node(row: RolloutNode, to: str, *, actor: Actor, rollout: Rollout, mess
                  message=message)
 
 
-# -- what nodes report ---------------------------------------------------------
-
-
-def _statuses(node: Node, model: str) -> list[dict[str, Any]]:
-    return [s for s in (node.actual_state or {}).get("models") or []
-            if isinstance(s, dict) and s.get("name") == model]
-
-
-def _caught_up(node: Node, row: RolloutNode) -> bool:
-    return node.applied_generation >= row.generation > 0
-
-
-def reports_new(node: Node, row: RolloutNode, model: str, version: str) -> tuple[str, str]:
-    """("serving" | "failed" | "", error) for the new version, from a report at or after the change."""
-    if not _caught_up(node, row):
-        return "", ""
-    for status in _statuses(node, model):
-        if status.get("version") == version:
-            if status.get("state") == "serving":
-                return "serving", ""
-            if status.get("state") in ("failed", "refused"):
-                return "failed", str(status.get("error") or status.get("state"))
-    return "", ""
-
-
-def reports_previous(node: Node, row: RolloutNode, model: str, version: str) -> bool:
-    """Is the node back on its previous version (or without the model, if it had none)?"""
-    if not _caught_up(node, row):
-        return False
-    statuses = _statuses(node, model)
-    if any(s.get("version") == version and s.get("state") == "serving" for s in statuses):
-        return False
-    if not row.previous_version:
-        return True
-    return any(s.get("version") == row.previous_version and s.get("state") == "serving" for s in statuses)
-
-
-def _desired_versions(nodes: Iterable[Node], model: str) -> dict[int, str]:
-    """Per node id, the version of ``model`` its current desired state names ("" for none)."""
-    found: dict[int, str] = {}
-    for node_id, payload in DesiredState.objects.filter(node__in=[n.pk for n in nodes]).values_list(
-            "node_id", "payload"):
-        for entry in json.loads(payload).get("models", []):
-            if entry.get("name") == model:
-                found[node_id] = str(entry.get("version", ""))
-    return found
-
-
-def _publish(row: RolloutNode, actor: Actor) -> None:
-    _publish_rows([row], actor)
-
-
-def _publish_rows(rows: list[RolloutNode], actor: Actor) -> None:
-    """Publish the nodes' desired states together (one transaction, one batch of nudges)."""
-    states = desired_state_publish_many(nodes=[row.node for row in rows], actor=actor)
-    for row in rows:
-        row.generation = states[row.node.pk].generation
-
-
 # -- steps -------------------------------------------------------------------
 
 
@@ -178,7 +117,7 @@ def switch_wave(rollout: Rollout, rows: list[RolloutNode], *, now: dt.datetime, 
     model = rollout.version.model.slug
     pending = [r for r in rows if r.state == NodeState.PENDING]
     health_record([r.node for r in pending], model=model)
-    previous = _desired_versions([r.node for r in pending], model)
+    previous = desired_versions([r.node for r in pending], model)
     for row in pending:
         row.previous_version = previous.get(row.node_id, "")
         row.assigned_at = now
@@ -188,7 +127,7 @@ def switch_wave(rollout: Rollout, rows: list[RolloutNode], *, now: dt.datetime, 
     RolloutNode.objects.bulk_update(pending, ["state", "previous_version", "assigned_at", "updated_at"],
                                     batch_size=1000)
     with placement_policy_pinned():
-        _publish_rows(pending, actor)
+        publish_rows(pending, actor)
     RolloutNode.objects.bulk_update(pending, ["generation"], batch_size=1000)
     RolloutEvent.objects.bulk_create([
         RolloutEvent(rollout=rollout, node=row.node, kind="node", from_state=NodeState.PENDING,
@@ -223,7 +162,7 @@ def rollback_start(rollout: Rollout, *, end: str, reason: str, actor: Actor,
         row.updated_at = timezone.now()
     RolloutNode.objects.bulk_update(touched, ["state", "updated_at"], batch_size=1000)
     with placement_policy_pinned():
-        _publish_rows(touched, actor)
+        publish_rows(touched, actor)
     RolloutNode.objects.bulk_update(touched, ["generation"], batch_size=1000)
     RolloutEvent.objects.bulk_create([
         RolloutEvent(rollout=rollout, node=row.node, kind="node", to_state=NodeState.ROLLING_BACK, wave=row.wave,
@@ -296,6 +235,7 @@ def _confirm(rollout: Rollout, rows: list[RolloutNode], actor: Actor) -> list[Ro
 
 
 def progress(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> None:
+    """One tick of a progressing rollout: confirm reports, then start, wait on or judge the current wave."""
     strategy = Strategy.model_validate(rollout.strategy)
     # Only the rows this tick can change are loaded: nodes waiting to confirm, and the current wave.
     waiting_rows = list(rollout.nodes.select_related("node__site__region").filter(state=NodeState.UPDATING))
@@ -316,36 +256,49 @@ def progress(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> No
         switch_wave(rollout, wave, now=now, actor=actor)
         return
     if rollout.wave_phase == WavePhase.UPDATING:
-        started = rollout.wave_started_at or now
-        overdue = (now - started).total_seconds() >= strategy.offline_timeout_s
-        waiting = [r for r in wave if r.state == NodeState.UPDATING]
-        if overdue:
-            late = [r for r in waiting if not unreachable(r.node, now)]
-            if late:
-                names = ", ".join(f"{r.node.site.slug}/{r.node.name}" for r in late)
-                rollback_start(rollout, end=RolloutState.FAILED, actor=actor,
-                               reason=f"{names} did not report {rollout.version.version} serving within "
-                                      f"{strategy.offline_timeout_s:g}s")
-                return
-            if waiting and strategy.on_offline == "pause":
-                names = ", ".join(f"{r.node.site.slug}/{r.node.name}" for r in waiting)
-                pause(rollout, PauseKind.NODE_OFFLINE, actor=actor,
-                      reason=f"{names} offline for more than {strategy.offline_timeout_s:g}s (policy: pause)")
-                return
-            for row in waiting:
-                _skip(rollout, row, actor=actor,
-                      message=f"offline for more than {strategy.offline_timeout_s:g}s; skipped")
-            waiting = []
-        if waiting:
+        _updating(rollout, wave, strategy, now=now, actor=actor)
+    else:
+        _baking(rollout, wave, strategy, now=now, actor=actor)
+
+
+def _updating(rollout: Rollout, wave: list[RolloutNode], strategy: Strategy, *, now: dt.datetime,
+              actor: Actor) -> None:
+    """Wait for the wave's nodes to serve the version; the late fail it, the offline are skipped or pause it."""
+    started = rollout.wave_started_at or now
+    overdue = (now - started).total_seconds() >= strategy.offline_timeout_s
+    waiting = [r for r in wave if r.state == NodeState.UPDATING]
+    if overdue:
+        late = [r for r in waiting if not unreachable(r.node, now)]
+        if late:
+            names = ", ".join(f"{r.node.site.slug}/{r.node.name}" for r in late)
+            rollback_start(rollout, end=RolloutState.FAILED, actor=actor,
+                           reason=f"{names} did not report {rollout.version.version} serving within "
+                                  f"{strategy.offline_timeout_s:g}s")
             return
-        rollout.wave_phase = WavePhase.BAKING
-        rollout.bake_started_at = now
-        rollout.save(update_fields=["wave_phase", "bake_started_at"])
-        record_event(rollout, kind="wave", actor=actor, wave=rollout.current_wave, to_state=WavePhase.BAKING,
-                     message=f"{_wave_label(rollout.current_wave)}: every reachable node serves "
-                             f"{rollout.version.version}; baking {strategy.bake_s:g}s")
+        if waiting and strategy.on_offline == "pause":
+            names = ", ".join(f"{r.node.site.slug}/{r.node.name}" for r in waiting)
+            pause(rollout, PauseKind.NODE_OFFLINE, actor=actor,
+                  reason=f"{names} offline for more than {strategy.offline_timeout_s:g}s (policy: pause)")
+            return
+        for row in waiting:
+            _skip(rollout, row, actor=actor,
+                  message=f"offline for more than {strategy.offline_timeout_s:g}s; skipped")
+        waiting = []
+    if waiting:
         return
-    # Baking: the gate may fail at any moment on enough data; it passes only when the bake is over.
+    rollout.wave_phase = WavePhase.BAKING
+    rollout.bake_started_at = now
+    rollout.save(update_fields=["wave_phase", "bake_started_at"])
+    record_event(rollout, kind="wave", actor=actor, wave=rollout.current_wave, to_state=WavePhase.BAKING,
+                 message=f"{_wave_label(rollout.current_wave)}: every reachable node serves "
+                         f"{rollout.version.version}; baking {strategy.bake_s:g}s")
+    return
+
+
+def _baking(rollout: Rollout, wave: list[RolloutNode], strategy: Strategy, *, now: dt.datetime,
+            actor: Actor) -> None:
+    """Judge the baking wave: a failed gate rolls back at once; at the end a pass promotes, else it pauses."""
+    # The gate may fail at any moment on enough data; it passes only when the bake is over.
     updated = [r for r in wave if r.state == NodeState.UPDATED]
     result: GateResult | None = None
     if strategy.gate is not None:
@@ -410,7 +363,7 @@ def _skip(rollout: Rollout, row: RolloutNode, *, actor: Actor, message: str) -> 
     # had; the rollout's report lists it.
     row.assigned_at = None
     _set_node(row, NodeState.SKIPPED, actor=actor, rollout=rollout, message=message)
-    _publish(row, actor)
+    publish_row(row, actor)
     row.save(update_fields=["generation"])
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from demo.fleet import ACTOR
+from policies.selectors import data_policy_current
+from policies.services import policy_update
 
 # Which node of a site keeps its data, and in which file kind each dataset is kept there: every kind the data
 # engine reads appears at every site, each dataset in a different kind per site.
@@ -70,9 +72,6 @@ DEMO_DATA_POLICY: dict[str, Any] = {
 
 def data_policy_ensure() -> None:
     """Write the demo's data policy as version 1 if the estate has none (an operator's own policy stays)."""
-    from policies.selectors import data_policy_current
-    from policies.services import policy_update
-
     if data_policy_current()[0] == 0:
         policy_update(actor=ACTOR, kind="data", document=DEMO_DATA_POLICY, comment="demo data policy")
 

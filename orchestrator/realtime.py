@@ -4,19 +4,10 @@ Sends happen after the surrounding transaction commits, so nobody is told of
 a change that then rolls back. Group names are ``<entity>-<uuid>`` or
 ``fleet`` for the estate-wide feed.
 
-However many messages a change sends (a wave of desired states nudges
-hundreds of nodes), at most :data:`SEND_CONCURRENCY` ``group_send`` calls run
-at once in a process's event loop. channels_redis keeps one connection pool
-per event loop and each ``group_send`` holds one of its connections while it
-runs (four round trips: expire the group, read it, expire the channels, one
-Lua call that queues the message), so unbounded concurrency opens one Redis
-connection per message and, past the pool's ``max_connections`` (or the
-server's ``maxclients``), fails the rest with "Too many connections". Bounded,
-the sends share at most that many connections, reused one message after the
-other. Sending a pipeline of many groups at once would need channels_redis's
-private helpers and Lua script; the bound gets the same safety through its
-public API. A message that still fails is retried once; what fails twice is
-logged with its count.
+However many messages a change sends, at most :data:`SEND_CONCURRENCY`
+``group_send`` calls run at once in a process's event loop, so a burst shares
+a few Redis connections (docs/decisions/0010). A message that fails is retried
+once; what fails twice is logged with its count, never raised.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Group commit of telemetry frames: one transaction for every node stream of a process.
 
-A thousand nodes reporting every second are a thousand small transactions a
-second if each stream commits its own frames. Instead every
-:class:`~sites.consumers.NodeStreamConsumer` of an event loop hands its frame
+Every :class:`~sites.consumers.NodeStreamConsumer` of an event loop hands its frame
 to that loop's :class:`Committer` and waits; the committer commits whatever
 has gathered in one :func:`~sites.telemetry.services.telemetry_commit` call,
 then wakes each waiter with its node's high-water mark, hands the round's
@@ -15,23 +13,11 @@ A round that fails (the database went away) fails each of its frames; their
 streams close and the nodes send them again after reconnecting, which is
 harmless since commits are idempotent.
 
-Two things keep the websockets of the process from waiting on each other:
-
-* The rounds run on a thread of the committer's own, not on the one thread
-  that ``database_sync_to_async`` shares between every consumer of the
-  process (authentication, sessions, permission checks). A round takes tens
-  to hundreds of milliseconds at a thousand nodes; on the shared thread
-  every permission check, and with it every message to a browser, queued
-  behind it, as did every frame (see ``sites.consumers.LiveConsumer``).
-* The events go through an :class:`Outbox`: per group, the events of the
-  rounds committed since the last send are merged into one message
-  (:func:`~sites.telemetry.events.coalesce`: every point, the newest mark of
-  every node) and sent at most once per :data:`BROADCAST_INTERVAL_S`. A send
-  through the Redis channel layer costs several round trips and each
-  receiving process takes its messages off Redis one at a time, so a
-  message per round per group (tens a second under load) queued up there
-  for seconds. An outbox idle for longer than the interval sends at once,
-  so a quiet fleet is not delayed.
+The rounds run on a thread of the committer's own, so no other consumer of
+the process waits on a commit; the events go through an :class:`Outbox` that
+merges them per group (:func:`~sites.telemetry.events.coalesce`) and sends at
+most once per :data:`BROADCAST_INTERVAL_S`, at once when it was idle for
+longer (docs/decisions/0011).
 """
 
 from __future__ import annotations

@@ -85,17 +85,22 @@ def _first_error(exc: ValidationError) -> tuple[str, str | None]:
     return " ".join(exc.messages), None
 
 
+def _save_valid(model: Model) -> None:
+    """Save ``model`` once Django's validation passes; its first error is the :class:`RegistryError`."""
+    try:
+        model.full_clean()
+    except ValidationError as exc:
+        message, field = _first_error(exc)
+        raise RegistryError(message, field=field) from exc
+    model.save()
+
+
 def model_create(*, actor: Actor, slug: str, name: str, description: str = "",
                  classification: int = Clearance.INTERNAL) -> Model:
     with transaction.atomic():
         model = Model(slug=slug, name=name, description=description, classification=classification,
                       created_by_id=_user_id(actor))
-        try:
-            model.full_clean()
-        except ValidationError as exc:
-            message, field = _first_error(exc)
-            raise RegistryError(message, field=field) from exc
-        model.save()
+        _save_valid(model)
         audit_record(actor=actor, action="model.create", obj=model,
                      after={"slug": slug, "name": name, "classification": classification})
     return model
@@ -406,12 +411,7 @@ def model_update(*, actor: Actor, model: Model, **fields: Any) -> Model:
         before = {name: getattr(model, name) for name in MODEL_UPDATABLE}
         for name, value in fields.items():
             setattr(model, name, value)
-        try:
-            model.full_clean()
-        except ValidationError as exc:
-            message, field = _first_error(exc)
-            raise RegistryError(message, field=field) from exc
-        model.save()
+        _save_valid(model)
         after = {name: getattr(model, name) for name in MODEL_UPDATABLE}
         if after != before:
             changed = [name for name in MODEL_UPDATABLE if after[name] != before[name]]

@@ -51,34 +51,29 @@ def roles_sync() -> None:
 
 def role_grant(*, actor: Actor, principal: Any, role: str, obj: models.Model) -> None:
     """Grant ``role`` to a user or group on one region or site, audited."""
+    _role_change(actor=actor, principal=principal, role=role, obj=obj, grant=True)
+
+
+def role_revoke(*, actor: Actor, principal: Any, role: str, obj: models.Model) -> None:
+    """Take ``role`` on one region or site away from a user or group, audited."""
+    _role_change(actor=actor, principal=principal, role=role, obj=obj, grant=False)
+
+
+def _role_change(*, actor: Actor, principal: Any, role: str, obj: models.Model, grant: bool) -> None:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
     model_name = obj._meta.model_name
     if model_name not in {"region", "site"}:
         raise TypeError("roles are granted on a region or a site")
+    change = assign_perm if grant else remove_perm
+    record = {"principal": str(principal), "role": role, "scope": f"{model_name}:{obj}"}
     with transaction.atomic():
         for action in ROLES[role]:
-            assign_perm(f"sites.{codename(action, model_name)}", principal, obj)
+            change(f"sites.{codename(action, model_name)}", principal, obj)
         audit_record(
             actor=actor,
-            action="role.grant",
+            action="role.grant" if grant else "role.revoke",
             obj=obj,
             site_uuid=getattr(obj, "uuid", None) if model_name == "site" else None,
-            after={"principal": str(principal), "role": role, "scope": f"{model_name}:{obj}"},
-        )
-
-
-def role_revoke(*, actor: Actor, principal: Any, role: str, obj: models.Model) -> None:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-    model_name = obj._meta.model_name
-    with transaction.atomic():
-        for action in ROLES[role]:
-            remove_perm(f"sites.{codename(action, model_name)}", principal, obj)
-        audit_record(
-            actor=actor,
-            action="role.revoke",
-            obj=obj,
-            site_uuid=getattr(obj, "uuid", None) if model_name == "site" else None,
-            before={"principal": str(principal), "role": role, "scope": f"{model_name}:{obj}"},
+            **({"after": record} if grant else {"before": record}),
         )

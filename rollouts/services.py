@@ -184,18 +184,24 @@ def _valid_approvals(rollout: Rollout) -> int:
     return approvals_valid(SUBJECT, rollout.uuid, rollout.plan_hash, exclude_user_id=rollout.requested_by_id).count()
 
 
+def _decide(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str, decision: str, comment: str) -> None:
+    """Record ``user``'s decision on the plan, once they were found allowed to make it (in the caller's lock)."""
+    _decision_checks(rollout, user, plan_hash)
+    ttl = dt.timedelta(seconds=rollout_policy_current()[1].approval_ttl_s)
+    try:
+        policy_services.approval_record(
+            actor=actor, user=user, subject_type=SUBJECT, subject_uuid=rollout.uuid, plan_hash=plan_hash,
+            decision=decision, role=rollout.approval_role or "Approver", ttl=ttl, comment=comment)
+    except policy_services.PoliciesError as exc:
+        raise RolloutError(exc.message) from exc
+
+
 def rollout_approve(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str, comment: str = "") -> Rollout:
     """Approve the plan ``plan_hash`` of ``rollout``; ready once it has the approvals it needs."""
     with transaction.atomic():
         rollout = _locked(rollout)
-        _decision_checks(rollout, user, plan_hash)
-        ttl = dt.timedelta(seconds=rollout_policy_current()[1].approval_ttl_s)
-        try:
-            policy_services.approval_record(
-                actor=actor, user=user, subject_type=SUBJECT, subject_uuid=rollout.uuid, plan_hash=plan_hash,
-                decision=Decision.APPROVE, role=rollout.approval_role or "Approver", ttl=ttl, comment=comment)
-        except policy_services.PoliciesError as exc:
-            raise RolloutError(exc.message) from exc
+        _decide(actor=actor, user=user, rollout=rollout, plan_hash=plan_hash, decision=Decision.APPROVE,
+                comment=comment)
         count = _valid_approvals(rollout)
         engine.record_event(rollout, kind="approval", actor=actor, to_state=rollout.state,
                             message=f"approved by {user.get_username()} ({count} of {rollout.approvals_required})"
@@ -209,14 +215,8 @@ def rollout_approve(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str
 def rollout_reject(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str, comment: str = "") -> Rollout:
     with transaction.atomic():
         rollout = _locked(rollout)
-        _decision_checks(rollout, user, plan_hash)
-        ttl = dt.timedelta(seconds=rollout_policy_current()[1].approval_ttl_s)
-        try:
-            policy_services.approval_record(
-                actor=actor, user=user, subject_type=SUBJECT, subject_uuid=rollout.uuid, plan_hash=plan_hash,
-                decision=Decision.REJECT, role=rollout.approval_role or "Approver", ttl=ttl, comment=comment)
-        except policy_services.PoliciesError as exc:
-            raise RolloutError(exc.message) from exc
+        _decide(actor=actor, user=user, rollout=rollout, plan_hash=plan_hash, decision=Decision.REJECT,
+                comment=comment)
         engine.transition(rollout, RolloutState.REJECTED, actor=actor,
                           message=f"rejected by {user.get_username()}" + (f": {comment}" if comment else ""))
     return rollout

@@ -85,16 +85,21 @@ def site_create(*, actor: Actor, region: Region, slug: str, name: str, **fields:
     return site
 
 
+def _changed(obj: Any, fields: dict[str, Any], read: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Set ``fields`` on ``obj``, validate and save it; its audited fields (``read``) before and after."""
+    before = read(obj)
+    for name, value in fields.items():
+        setattr(obj, name, value)
+    obj.full_clean()
+    obj.save()
+    return before, read(obj)
+
+
 def site_update(*, actor: Actor, site: Site, **fields: Any) -> Site:
     """Change a site's attributes; its nodes get a new desired state if it changed."""
     with transaction.atomic():
         site = Site.objects.select_for_update().select_related("region").get(pk=site.pk)
-        before = _site_fields(site)
-        for name, value in fields.items():
-            setattr(site, name, value)
-        site.full_clean()
-        site.save()
-        after = _site_fields(site)
+        before, after = _changed(site, fields, _site_fields)
         if after != before:
             audit_record(actor=actor, action="site.update", obj=site, site_uuid=site.uuid, before=before, after=after)
             desired_state_publish_many(nodes=list(site.nodes.filter(revoked_at__isnull=True).select_related("site")),
@@ -286,12 +291,7 @@ def region_update(*, actor: Actor, region: Region, **fields: Any) -> Region:
     """
     with transaction.atomic():
         region = Region.objects.select_for_update().get(pk=region.pk)
-        before = _region_fields(region)
-        for name, value in fields.items():
-            setattr(region, name, value)
-        region.full_clean()
-        region.save()
-        after = _region_fields(region)
+        before, after = _changed(region, fields, _region_fields)
         if after != before:
             audit_record(actor=actor, action="region.update", obj=region, before=before, after=after)
             nodes = Node.objects.filter(site__region=region, revoked_at__isnull=True).select_related("site")

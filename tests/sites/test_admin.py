@@ -154,7 +154,8 @@ def test_it_refuses_deletions_that_would_orphan_things(
     assert token is not None
     assert admin_client_.post(f"/admin/sites/enrollmenttoken/{token.pk}/delete/", {"post": "yes"}).status_code == 403
     state = DesiredState.objects.get()
-    assert admin_client_.post(f"/admin/orchestrator/desiredstate/{state.pk}/delete/", {"post": "yes"}).status_code == 403
+    delete = f"/admin/orchestrator/desiredstate/{state.pk}/delete/"
+    assert admin_client_.post(delete, {"post": "yes"}).status_code == 403
 
 
 def test_it_deletes_an_empty_region_with_an_audit_event(admin_client_: Client, region_us: Region) -> None:

@@ -72,7 +72,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     params = request.GET.copy()
     page_number = params.pop("page", ["1"])[-1]
     form = AuditFilterForm(params or None)
-    events = AuditEvent.objects.all().restrict(request.user).order_by("-seq")
+    events: QuerySet[AuditEvent] = AuditEvent.objects.all().restrict(request.user).order_by("-seq")
     status = 200
     if form.is_bound and not form.is_valid():
         # A filter that cannot be applied shows nothing rather than everything.

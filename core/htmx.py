@@ -26,7 +26,7 @@ def wants_partial(request: HttpRequest) -> bool:
     """Whether ``request`` asks for a fragment: an HTMX request that is neither boosted nor a history restore
     (the back button after a cache miss needs the whole page)."""
     htmx = getattr(request, "htmx", None)
-    return bool(htmx) and not htmx.boosted and not htmx.history_restore_request
+    return htmx is not None and bool(htmx) and not htmx.boosted and not htmx.history_restore_request
 
 
 def render_page(request: HttpRequest, template: str, partial: str, context: dict[str, Any],

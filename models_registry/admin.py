@@ -53,7 +53,7 @@ class ModelAdmin(AuditedAdminMixin, NotFoundAdminMixin, admin.ModelAdmin):
         return False
 
 
-class VersionAddForm(VersionUploadForm, forms.ModelForm):  # type: ignore[misc]
+class VersionAddForm(VersionUploadForm, forms.ModelForm):
     class Meta:
         model = ModelVersion
         fields = ["model"]

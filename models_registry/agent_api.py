@@ -22,7 +22,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @require_safe
-@node_view
+@node_view  # type: ignore[arg-type]  # a file response is an HttpResponseBase, as node_view passes it on
 def artifact(request: HttpRequest, node: Node, sha256: str) -> HttpResponseBase:
     if not _SHA256.match(sha256):
         return error("the artifact is named by its sha256: 64 lower-case hex digits", 400, "sha256")

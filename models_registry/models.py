@@ -175,11 +175,14 @@ class Deployment(models.Model):
 
     @property
     def target_label(self) -> str:
-        return f"site {self.site.slug}" if self.site_id else f"node {self.node}"
+        return f"site {self.site.slug}" if self.site is not None else f"node {self.node}"
 
     @property
     def target_site(self) -> Site:
-        return self.site if self.site_id else self.node.site
+        if self.site is not None:
+            return self.site
+        assert self.node is not None  # the check constraint: a site or a node, exactly one
+        return self.node.site
 
 
 class NodeModelReport(models.Model):

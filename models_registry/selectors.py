@@ -176,9 +176,10 @@ def desired_models_for_node(node: Node) -> list[protocol.DesiredModel]:
 
 
 def _target_nodes(deployment: Deployment) -> list[Node]:
-    if deployment.node_id:
-        return [deployment.node] if deployment.node.revoked_at is None else []
-    return list(deployment.site.nodes.filter(revoked_at__isnull=True).select_related("site"))
+    node = deployment.node
+    if node is not None:
+        return [node] if node.revoked_at is None else []
+    return list(deployment.target_site.nodes.filter(revoked_at__isnull=True).select_related("site"))
 
 
 def deployment_placement(deployment: Deployment) -> list[Placement]:

@@ -304,10 +304,10 @@ def model_version_reconcile(*, now: dt.datetime | None = None) -> int:
 def _affected_nodes(deployments: Iterable[Deployment]) -> list[Node]:
     nodes: dict[int, Node] = {}
     for deployment in deployments:
-        if deployment.node_id:
-            nodes[deployment.node_id] = deployment.node
+        if deployment.node is not None:
+            nodes[deployment.node.pk] = deployment.node
         else:
-            for node in deployment.site.nodes.filter(revoked_at__isnull=True).select_related("site"):
+            for node in deployment.target_site.nodes.filter(revoked_at__isnull=True).select_related("site"):
                 nodes[node.pk] = node
     return [n for n in nodes.values() if n.revoked_at is None]
 

@@ -57,12 +57,12 @@ def _chunks(source: BinaryIO | Iterable[bytes]) -> Iterable[bytes]:
         return
     if hasattr(source, "read"):
         while True:
-            block = source.read(CHUNK)  # type: ignore[union-attr]
+            block = source.read(CHUNK)
             if not block:
                 return
             yield block
         return
-    yield from source  # type: ignore[misc]
+    yield from source
 
 
 def artifact_store(source: BinaryIO | Iterable[bytes], *, max_bytes: int | None = None) -> StoredArtifact:

@@ -33,7 +33,7 @@ keys.check_at_startup()
 
 application = ProtocolTypeRouter(
     {
-        "http": BodyLimits(django_asgi_app),
+        "http": BodyLimits(django_asgi_app),  # type: ignore[arg-type]  # the stubs type ASGIHandler with dict scopes
         "websocket": URLRouter(
             [
                 path("agent/", URLRouter(agent_websocket_urlpatterns)),

@@ -134,6 +134,7 @@ def desired_state_republish_all(*, actor: Actor, batch: int = 500) -> int:
     """Publish every enrolled node's desired state again (a new epoch or key changes every one)."""
     # The node model, as the desired state's relation declares it: this layer sits below the sites app.
     node_model = DesiredState._meta.get_field("node").related_model
+    assert isinstance(node_model, type)  # a model class, not "self"
     active = node_model._default_manager.filter(revoked_at__isnull=True)
     ids = list(active.order_by("pk").values_list("pk", flat=True))
     for start in range(0, len(ids), batch):

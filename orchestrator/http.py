@@ -81,10 +81,10 @@ def ranged_file_response(request: HttpRequest, path: Path, *, content_type: str,
         try:
             first, last = parse_range(header, size)
         except RangeNotSatisfiable as exc:
-            response = HttpResponse(f"{exc.message}\n", status=416, content_type="text/plain; charset=utf-8")
-            response["Content-Range"] = f"bytes */{size}"
-            response["Accept-Ranges"] = "bytes"
-            return response
+            refused = HttpResponse(f"{exc.message}\n", status=416, content_type="text/plain; charset=utf-8")
+            refused["Content-Range"] = f"bytes */{size}"
+            refused["Accept-Ranges"] = "bytes"
+            return refused
         status = 206
     length = max(0, last - first + 1)
     response: HttpResponseBase
@@ -99,6 +99,7 @@ def ranged_file_response(request: HttpRequest, path: Path, *, content_type: str,
     response["ETag"] = etag
     if status == 206:
         response["Content-Range"] = f"bytes {first}-{last}/{size}"
-    if filename:
-        response["Content-Disposition"] = content_disposition_header(True, filename)
+    disposition = content_disposition_header(True, filename) if filename else None  # None only without a name
+    if disposition:
+        response["Content-Disposition"] = disposition
     return response

@@ -52,7 +52,7 @@ class PolicyVersionAdmin(NotFoundAdminMixin, admin.ModelAdmin):
     readonly_fields = ["policy", "number", "document_json", "sha256", "comment", "created_by", "created_at"]
     form = PolicyVersionForm
 
-    def get_fields(self, request: Any, obj: Any = None) -> list[str]:
+    def get_fields(self, request: Any, obj: Any = None) -> list[Any]:
         return ["kind", "text", "comment"] if obj is None else self.readonly_fields
 
     def get_readonly_fields(self, request: Any, obj: Any = None) -> list[str]:

@@ -75,5 +75,6 @@ def _role_change(*, actor: Actor, principal: Any, role: str, obj: models.Model, 
             action="role.grant" if grant else "role.revoke",
             obj=obj,
             site_uuid=getattr(obj, "uuid", None) if model_name == "site" else None,
-            **({"after": record} if grant else {"before": record}),
+            before=None if grant else record,
+            after=record if grant else None,
         )

@@ -51,20 +51,26 @@ class QueryForm(forms.Form):
     wait_hours = forms.FloatField(label="Wait for offline sites (hours)", initial=24, min_value=0.001,
                                   max_value=168)
 
+    def choice(self, name: str) -> forms.ChoiceField:
+        """The choice field ``name``, typed as one (``self.fields`` holds plain Fields to the type checker)."""
+        field = self.fields[name]
+        assert isinstance(field, forms.ChoiceField), name
+        return field
+
     def __init__(self, *args: Any, catalog: dict[str, CatalogEntry], dataset: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.catalog = catalog
-        self.fields["dataset"].choices = [(name, f"{name} ({len(e.sites)} site{'s' if len(e.sites) != 1 else ''})")
+        self.choice("dataset").choices = [(name, f"{name} ({len(e.sites)} site{'s' if len(e.sites) != 1 else ''})")
                                           for name, e in sorted(catalog.items())]
         self.entry = catalog.get(dataset or "") or (next(iter(sorted(catalog.items())))[1] if catalog else None)
         entry = self.entry
         columns = [(c, f"{c} ({t})") for c, t in entry.column_list if t != "mixed"] if entry else []
-        self.fields["sites"].choices = [(s, s) for s in entry.sites] if entry else []
-        self.fields["group_by"].choices = columns
-        self.fields["bucket_column"].choices = [("", "none")] + [(c, c) for c in (entry.timestamp_columns
+        self.choice("sites").choices = [(s, s) for s in entry.sites] if entry else []
+        self.choice("group_by").choices = columns
+        self.choice("bucket_column").choices = [("", "none")] + [(c, c) for c in (entry.timestamp_columns
                                                                                  if entry else [])]
-        self.fields["score_inputs"].choices = [(c, c) for c in (entry.numeric_columns if entry else [])]
+        self.choice("score_inputs").choices = [(c, c) for c in (entry.numeric_columns if entry else [])]
         for i in range(1, AGGREGATE_SLOTS + 1):
             self.fields[f"agg_op_{i}"] = forms.ChoiceField(
                 label=f"Aggregate {i}", required=False, choices=[("", "—")] + [(o, o) for o in AGGREGATE_OPS],

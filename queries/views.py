@@ -87,7 +87,7 @@ def query_new(request: HttpRequest) -> HttpResponseBase:
         sites = _target_sites(request)
         form = QueryForm(request.POST, catalog=catalog, dataset=request.POST.get("dataset"))
         # Any queryable site may be named; whether it has the dataset is the service's to say, naming it.
-        form.fields["sites"].choices = [(s.slug, s.slug) for s in sites]
+        form.choice("sites").choices = [(s.slug, s.slug) for s in sites]
         status = 422
         if form.is_valid():
             spec = form.build_spec()

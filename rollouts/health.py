@@ -46,13 +46,15 @@ def health_record(nodes: Iterable[Node], *, model: str) -> int:
               .values("node_id", "version").annotate(last=Max("at"))}
     new = []
     for node in nodes:
+        seen = node.last_seen_at
+        assert seen is not None  # nodes that never synced were left out above
         for version, stats in _reported_stats(node, model):
             last = latest.get((node.pk, version))
-            if last is not None and last >= node.last_seen_at:
+            if last is not None and last >= seen:
                 continue
             try:
                 new.append(HealthSample(
-                    node=node, model=model, version=version, at=node.last_seen_at,
+                    node=node, model=model, version=version, at=seen,
                     requests=int(stats.get("requests", 0)), errors=int(stats.get("errors", 0)),
                     latency_bounds=[float(b) for b in stats.get("latency_bounds") or []],
                     latency_counts=[int(c) for c in stats.get("latency_counts") or []]))

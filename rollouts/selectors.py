@@ -39,7 +39,7 @@ def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime
     assigned: dict[int, tuple[ModelVersion, dt.datetime, str]] = {}
     for rollout_id, assigned_at in rows:
         rollout = rollouts.get(rollout_id)
-        if rollout is not None:
+        if rollout is not None and assigned_at is not None:  # not null: filtered above
             assigned[rollout.version.model_id] = (rollout.version, assigned_at, f"rollout {rollout.uuid}")
     return assigned
 

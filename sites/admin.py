@@ -38,8 +38,8 @@ from orchestrator.models import DesiredState
 from sites import services
 from sites.models import EnrollmentToken, Node, Region, Site
 
-SITE_FIELDS = ["region", "slug", "name", "jurisdiction", "clearance", "connectivity", "latitude", "longitude",
-               "labels"]
+SITE_FIELDS = ("region", "slug", "name", "jurisdiction", "clearance", "connectivity", "latitude", "longitude",
+               "labels")
 
 
 def _pk_or_404(model: Any, value: str) -> Any:
@@ -51,7 +51,7 @@ def _pk_or_404(model: Any, value: str) -> Any:
         raise Http404(f"no {model._meta.verbose_name} with id {value!r}") from None
 
 
-class GuardedAdmin(NotFoundAdminMixin, GuardedModelAdmin):
+class GuardedAdmin(NotFoundAdminMixin, GuardedModelAdmin):  # type: ignore[misc]  # guardian: a str, stubs: a ClassVar
     """guardian's object-permission pages: 404 for ids that name nothing, and shown read-only."""
 
     def obj_perms_manage_view(self, request: HttpRequest, object_pk: str) -> HttpResponse:
@@ -80,7 +80,7 @@ class GuardedAdmin(NotFoundAdminMixin, GuardedModelAdmin):
 
 
 @admin.register(Region)
-class RegionAdmin(AuditedAdminMixin, GuardedAdmin):
+class RegionAdmin(AuditedAdminMixin, GuardedAdmin):  # type: ignore[misc]  # as GuardedAdmin
     list_display = ["name", "slug"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}

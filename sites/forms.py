@@ -26,7 +26,9 @@ class FleetFilterForm(forms.Form):
         # Only the regions this person may see: any other slug is "not a valid
         # choice", the same answer as for a region that does not exist.
         regions = [(r.slug, r.name) for r in region_list(user=user)]
-        self.fields["region"].choices = [("", "All regions"), *regions]
+        region = self.fields["region"]
+        assert isinstance(region, forms.ChoiceField)
+        region.choices = [("", "All regions"), *regions]
 
 
 class TokenCreateForm(forms.Form):

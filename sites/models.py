@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -10,12 +11,16 @@ from django.db import models
 
 from core.permissions import RestrictedQuerySet, Scope
 
-SITE_PERMISSIONS = [
+if TYPE_CHECKING:
+    from django_stubs_ext import StrPromise
+
+# Typed as Meta.permissions is, so that each model's Meta takes them as they are.
+SITE_PERMISSIONS: list[tuple[str, str | StrPromise]] = [
     ("operate_site", "Operate the site (tokens, installers, deployments)"),
     ("approve_site", "Approve changes at the site"),
     ("administer_site", "Administer the site"),
 ]
-REGION_PERMISSIONS = [
+REGION_PERMISSIONS: list[tuple[str, str | StrPromise]] = [
     ("operate_region", "Operate every site in the region"),
     ("approve_region", "Approve changes at every site in the region"),
     ("administer_region", "Administer every site in the region"),

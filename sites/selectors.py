@@ -91,8 +91,8 @@ def site_list(*, user: Any, region: str | None = None, status: str | None = None
         sites = sites.filter(Q(name__icontains=q) | Q(slug__icontains=q) | Q(jurisdiction__icontains=q))
     liveness = (Node.objects.only("id", "site_id", "last_seen_at", "revoked_at")
                 .annotate(telemetry_at=F("telemetry_stream__received_at")))
-    sites = sites.prefetch_related(Prefetch("nodes", queryset=liveness, to_attr="liveness_nodes"))
-    rows = [_site_row(site, now) for site in sites.order_by("name")]
+    with_nodes = sites.prefetch_related(Prefetch("nodes", queryset=liveness, to_attr="liveness_nodes"))
+    rows = [_site_row(site, now) for site in with_nodes.order_by("name")]
     if status:
         rows = [row for row in rows if row.status == status]
     return rows

@@ -114,13 +114,14 @@ def _version_from_source(init_source: bytes) -> str:
     version: object = None
     for node in body:
         target: ast.expr | None = None
+        value: ast.expr | None = None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
+            target, value = node.targets[0], node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target = node.target
-        if isinstance(target, ast.Name) and target.id == "__version__":
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id == "__version__" and value is not None:
             try:
-                version = ast.literal_eval(node.value)  # type: ignore[arg-type]
+                version = ast.literal_eval(value)
             except ValueError:
                 version = None  # not a literal: reported below by name
     if not isinstance(version, str) or not version:

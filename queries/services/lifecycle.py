@@ -190,9 +190,9 @@ def query_expire(*, now: dt.datetime | None = None) -> int:
                     .filter(query=query, state__in=OPEN_SITE_STATES, deadline__lte=now))
             for row in rows:
                 previous = row.state
-                why = {SiteState.OFFLINE: "its node was offline and did not come back",
-                       SiteState.PENDING: "its node did not sync",
-                       SiteState.SENT: "its node received the query but did not answer"}.get(previous, "")
+                why = {SiteState.OFFLINE.value: "its node was offline and did not come back",
+                       SiteState.PENDING.value: "its node did not sync",
+                       SiteState.SENT.value: "its node received the query but did not answer"}.get(previous, "")
                 row.state = SiteState.TIMED_OUT
                 row.reason = f"no answer by the deadline {row.deadline.isoformat(timespec='seconds')}: {why}"
                 row.answered_at = now

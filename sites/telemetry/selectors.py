@@ -211,6 +211,6 @@ def site_confirmation(*, site: Site, now: dt.datetime | None = None) -> SiteConf
     statuses, times = [], []
     for n in nodes:
         statuses.append(node_status(last_seen_at=n.last_seen_at, revoked=False, now=now))
-        if (c := confirmed_at(n.last_seen_at, n.telemetry_at)) is not None:  # type: ignore[attr-defined]
+        if (c := confirmed_at(n.last_seen_at, n.telemetry_at)) is not None:
             times.append(c)
     return SiteConfirmation(status=site_status(statuses), confirmed_at=max(times) if times else None)

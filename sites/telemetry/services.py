@@ -238,8 +238,9 @@ def _gather(gathered: _Round, sub: Submission, stream: TelemetryStream) -> None:
     stream.lost += new_lost
     stream.received_at = now
     site = gathered.summary.setdefault(sub.site_uuid, {"confirmed_at": now.isoformat(), "nodes": {}})
+    known = site["nodes"].get(sub.node_uuid)
     site["nodes"][sub.node_uuid] = {"seq": stream.last_seq, "confirmed_at": now.isoformat(),
-                                    "lost": new_lost + site["nodes"].get(sub.node_uuid, {}).get("lost", 0)}
+                                    "lost": new_lost + (known["lost"] if known else 0)}
 
 
 def _store(gathered: _Round, touched: list[TelemetryStream]) -> None:

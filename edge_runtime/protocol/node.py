@@ -101,7 +101,7 @@ class DatasetEntry(BaseModel):
 
 
 class DatasetsReport(BaseModel):
-    """``actual.detail["datasets"]``: what a node's data engine reports (``edge_runtime.queries``)."""
+    """``actual.detail["datasets"]``: what a node's data engine reports (``edge_runtime.datasets``)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 

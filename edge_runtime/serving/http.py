@@ -49,13 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
 if TYPE_CHECKING:
-    from edge_runtime.serving.app import Answer
-    from edge_runtime.serving.http_server import HTTPServer
+    from edge_runtime.serving.app import Answer, OIPApp
 
 MAX_HEAD_BYTES = 64 * 1024
 # Pipelined requests waiting for their answers before reading pauses.
@@ -99,10 +98,47 @@ class _Slot:
         self.keep_alive = keep_alive
 
 
+class _Notice(Protocol):
+    def add(self, now: float) -> None: ...
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of the server that accepted it (``.http_server.HTTPServer``)."""
+
+    @property
+    def app(self) -> OIPApp: ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def connections(self) -> set[Connection]: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def refusal(self) -> bytes: ...
+
+    @property
+    def refused(self) -> _Notice: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    @property
+    def header_timeout_s(self) -> float: ...
+
+    @property
+    def body_timeout_s(self) -> float: ...
+
+    def connection_closed(self) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """One client connection: its requests parsed, dispatched and answered in order."""
 
-    def __init__(self, server: HTTPServer) -> None:
+    def __init__(self, server: ConnectionOwner) -> None:
         self.server = server
         self.app = server.app
         self.loop = server.loop

@@ -5,7 +5,7 @@ the suffix, as version ``"1"``. Files whose name is not a usable model name,
 or that fail to load or smoke-test, are reported and skipped; the others
 serve. SIGINT or SIGTERM stops the server after the requests in progress.
 No hash or signature is checked here: the operator chose these files by
-hand; models from the control plane go through :mod:`edge_runtime.model_store`.
+hand; models from the control plane go through :mod:`edge_runtime.models`.
 """
 
 from __future__ import annotations

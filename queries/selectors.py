@@ -75,18 +75,9 @@ def catalog_for_node(node: Any) -> QuerySet[DatasetSchema]:
 # -- queries ------------------------------------------------------------------------------------------------------
 
 
-def _sees_every_query(user: Any) -> bool:
-    return bool(user.is_authenticated and (user.is_superuser or user.has_perm("sites.administer_site")))
-
-
 def query_list(*, user: Any) -> QuerySet[FederatedQuery]:
-    """The queries ``user`` made (every query for an estate-wide administrator)."""
-    queries = FederatedQuery.objects.select_related("created_by").order_by("-created_at")
-    if _sees_every_query(user):
-        return queries
-    if not user.is_authenticated:
-        return queries.none()
-    return queries.filter(created_by=user)
+    """The queries ``user`` made (every query for an estate-wide administrator: the model's declared scope)."""
+    return FederatedQuery.objects.select_related("created_by").order_by("-created_at").restrict(user)
 
 
 def query_get(*, user: Any, query_uuid: uuid.UUID | str) -> FederatedQuery | None:

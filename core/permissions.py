@@ -19,6 +19,7 @@ federated queries against a site) comes with ``operate`` (:data:`IMPLIED_BY`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, TypeVar
 
 from django.apps import apps
@@ -148,7 +149,9 @@ class RestrictedQuerySet(models.QuerySet[M]):
         return narrowed.distinct() if any(_many_valued(self.model, p) for p in scope.paths) else narrowed
 
 
+@functools.cache
 def _many_valued(model: type[models.Model], path: str) -> bool:
+    """Whether ``path`` crosses a many-valued relation (worked out once per model and path)."""
     for name in path.split("__") if path else ():
         field = model._meta.get_field(name)
         if field.many_to_many or field.one_to_many:

@@ -7,7 +7,7 @@ from celery import shared_task
 from rollouts import engine
 
 
-@shared_task(name="orchestrator.rollout_advance", ignore_result=True)
+@shared_task(name=engine.ADVANCE_TASK, ignore_result=True)
 def rollout_advance_task(rollout_id: int, tick: str) -> None:
     # Safe to deliver twice: a tick that is not the rollout's current one exits, and the
     # row lock lets only one run at a time do the step.

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
+import os
+import uuid
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -21,16 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from edge_runtime.canonical import canonical_json
 from edge_runtime.protocol import DesiredState, KeyEndorsement, SignedDesiredState
 
 
 class SignatureError(Exception):
     """A signed document did not verify; the message says why."""
-
-
-def canonical_json(data: Any) -> str:
-    """One byte-exact JSON form: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def public_key_raw(key: Ed25519PublicKey) -> bytes:
@@ -59,6 +56,22 @@ def private_key_to_pem(key: Ed25519PrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def write_key_file(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write ``key`` to a new file at ``path`` (PEM, 0600, durable); fails if the file exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_key_to_pem(key))
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        # link() fails if another process created the file first: both then use that one.
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:

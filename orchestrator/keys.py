@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -67,6 +66,10 @@ _trust: tuple[float, Trust] | None = None
 _trust_lock = threading.Lock()
 
 
+# Kept by this name for the callers of this module.
+write_key_file = signing.write_key_file
+
+
 def key_path() -> Path:
     return Path(settings.SIGNING_KEY_PATH)
 
@@ -77,22 +80,6 @@ def next_key_path(path: Path) -> Path:
 
 def fingerprint_of(key: Ed25519PrivateKey) -> str:
     return signing.fingerprint(signing.public_key_raw(key.public_key()))
-
-
-def write_key_file(path: Path, key: Ed25519PrivateKey) -> None:
-    """Write ``key`` to a new file at ``path`` (0600, durable); fails if the file exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(signing.private_key_to_pem(key))
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        # link() fails if another process created the file first: both then use that one.
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> Ed25519PrivateKey:

@@ -54,13 +54,22 @@ Errors are ``{"error": "...", "field": "..."}`` with a 4xx status.
 
 The models live in :mod:`.base` (the strictness classes and bounds),
 :mod:`.node` (enroll and sync bodies), :mod:`.desired` (what the control plane
-answers) and :mod:`.stream` (the websocket's messages); every name is
+answers), :mod:`.audit` (a node's audit log upload and its cosigned answer) and
+:mod:`.stream` (the websocket's messages); every name is
 importable from ``edge_runtime.protocol`` itself, as nodes of every version
 and the control plane import them.
 """
 
 from __future__ import annotations
 
+from edge_runtime.protocol.audit import (
+    AUDIT_BATCH_BYTES,
+    AUDIT_BATCH_MAX,
+    MAX_ENTRY_DETAIL,
+    AuditAck,
+    AuditUpload,
+    LogEntry,
+)
 from edge_runtime.protocol.base import (
     API_PREFIX,
     INT32_MAX,
@@ -120,6 +129,10 @@ from edge_runtime.protocol.stream import (
 
 __all__ = [
     "API_PREFIX",
+    "AUDIT_BATCH_BYTES",
+    "AUDIT_BATCH_MAX",
+    "AuditAck",
+    "AuditUpload",
     "ActualDetail",
     "ActualState",
     "DatasetEntry",
@@ -134,6 +147,8 @@ __all__ = [
     "INT32_MAX",
     "INT64_MAX",
     "KeyEndorsement",
+    "LogEntry",
+    "MAX_ENTRY_DETAIL",
     "MAX_AGENT_BODY_BYTES",
     "MAX_FIGURE",
     "MAX_JSON_DEPTH",

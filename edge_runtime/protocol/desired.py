@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from edge_runtime.protocol.audit import AuditAck
 from edge_runtime.protocol.base import PROTOCOL_VERSION, Received, WireModel
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -111,6 +112,8 @@ class SyncResponse(Received):
     # Queries waiting for this node's answer. Offered on every sync until the
     # answer arrives; the node runs each query id at most once.
     queries: list[QueryRequest] = Field(default_factory=list, max_length=100)
+    # What the control plane made of the node's audit upload (absent when the sync carried none).
+    audit: AuditAck | None = None
 
 
 class Nudge(Received):

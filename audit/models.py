@@ -120,3 +120,11 @@ class AuditChainHead(models.Model):
 
     def __str__(self) -> str:
         return f"audit head #{self.seq}"
+
+
+from audit.log_models import NodeLog, NodeLogEntry, NodeLogState, TreeNode  # noqa: E402  (Django finds them here)
+
+__all__ = [
+    "ActorType", "AppendOnlyError", "AuditChainHead", "AuditEvent", "AuditEventQuerySet", "NodeLog", "NodeLogEntry",
+    "NodeLogState", "TreeNode",
+]

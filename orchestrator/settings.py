@@ -74,6 +74,20 @@ Every variable:
 ``EDGEWISE_SIGNING_KEY_PATH``   Ed25519 PEM; created by the first start of a
                                 control plane that never signed; missing
                                 after that, start-up fails naming it
+``EDGEWISE_AUDIT_KEY_PATH``     Ed25519 PEM that signs the audit log's
+                                checkpoints and cosigns the nodes' ones;
+                                default ``DATA_DIR/audit_log_key.pem``
+``EDGEWISE_AUDIT_ORIGIN``       the audit log's name in its checkpoints,
+                                default ``<public host>/edgewise/audit``
+``EDGEWISE_AUDIT_ANCHOR_DIR``   where signed checkpoints are also appended
+                                (outside the database; put it on other
+                                storage), default ``DATA_DIR/audit-anchors``
+``EDGEWISE_AUDIT_CHECKPOINT_INTERVAL``
+                                seconds between audit log checkpoints,
+                                default 10
+``EDGEWISE_AUDIT_CHECKPOINT_ENTRIES``
+                                entries after which a checkpoint is taken
+                                sooner, default 1000
 ``EDGEWISE_PUBLIC_URL``         the http(s) URL nodes dial (written into
                                 installers); default: taken from the request
 ``EDGEWISE_WHEELHOUSE``         folder of extra ``.whl`` files (the edge
@@ -174,6 +188,13 @@ PUBLIC_URL = env_str("EDGEWISE_PUBLIC_URL").rstrip("/")
 _public = urlsplit(PUBLIC_URL)
 if PUBLIC_URL and (_public.scheme not in {"http", "https"} or not _public.hostname):
     raise ConfigError(f"EDGEWISE_PUBLIC_URL={PUBLIC_URL!r} is not an http(s) URL with a host")
+AUDIT_KEY_PATH = Path(env_str("EDGEWISE_AUDIT_KEY_PATH", str(DATA_DIR / "audit_log_key.pem")))
+AUDIT_ORIGIN = env_str("EDGEWISE_AUDIT_ORIGIN", f"{_public.hostname or 'edgewise.local'}/edgewise/audit")
+if not AUDIT_ORIGIN or any(c.isspace() or c == "+" for c in AUDIT_ORIGIN):
+    raise ConfigError(f"EDGEWISE_AUDIT_ORIGIN={AUDIT_ORIGIN!r} must be non-empty, without spaces or '+'")
+AUDIT_ANCHOR_DIR = Path(env_str("EDGEWISE_AUDIT_ANCHOR_DIR", str(DATA_DIR / "audit-anchors")))
+AUDIT_CHECKPOINT_INTERVAL_S = env_float("EDGEWISE_AUDIT_CHECKPOINT_INTERVAL", 10.0)
+AUDIT_CHECKPOINT_ENTRIES = env_int("EDGEWISE_AUDIT_CHECKPOINT_ENTRIES", 1000)
 # The public URL's host is where nodes and browsers reach this install, so it is allowed by default.
 ALLOWED_HOSTS = env_list("EDGEWISE_ALLOWED_HOSTS",
                          ["localhost", "127.0.0.1", "[::1]", *([_public.hostname] if _public.hostname else [])])

@@ -68,6 +68,27 @@ class NodeLog(models.Model):
         return f"audit log of node {self.node_uuid}"
 
 
+class NodeLogCheckpoint(models.Model):
+    """A checkpoint of a node's log that the control plane cosigned (one per size it grew to)."""
+
+    node_uuid = models.UUIDField()
+    site_uuid = models.UUIDField(db_index=True)
+    size = models.BigIntegerField()
+    root = models.CharField(max_length=64)
+    # The node's signed checkpoint with the control plane's cosignature.
+    note = models.TextField()
+    cosigned_at = models.DateTimeField()
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("site_uuid", key="uuid", bypass="audit.view_auditevent")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["node_uuid", "size"], name="audit_nodelogcheckpoint_unique")]
+
+    def __str__(self) -> str:
+        return f"node {self.node_uuid} checkpoint {self.size}"
+
+
 class NodeLogEntry(models.Model):
     """One entry of a node's audit log, exactly as the node logged it (its leaf hash covers these fields)."""
 

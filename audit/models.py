@@ -122,9 +122,9 @@ class AuditChainHead(models.Model):
         return f"audit head #{self.seq}"
 
 
-from audit.log_models import NodeLog, NodeLogEntry, NodeLogState, TreeNode  # noqa: E402  (Django finds them here)
+from audit.log_models import NodeLog, NodeLogCheckpoint, NodeLogEntry, NodeLogState, TreeNode  # noqa: E402  (Django finds them here)
 
 __all__ = [
-    "ActorType", "AppendOnlyError", "AuditChainHead", "AuditEvent", "AuditEventQuerySet", "NodeLog", "NodeLogEntry",
-    "NodeLogState", "TreeNode",
+    "ActorType", "AppendOnlyError", "AuditChainHead", "AuditEvent", "AuditEventQuerySet", "NodeLog",
+    "NodeLogCheckpoint", "NodeLogEntry", "NodeLogState", "TreeNode",
 ]

@@ -122,7 +122,10 @@ class AuditUpload(WireModel):
         return self.start + len(self.entries)
 
 
-AuditState = Literal["ok", "forked", "no_identity_key", "identity_key_mismatch"]
+# ok: stored and cosigned; refused: this upload was not taken (its message says why; nothing changed);
+# forked: the log shrank or its history changed after a cosigned checkpoint (flagged; nothing more is taken);
+# no_identity_key / identity_key_mismatch: the control plane has no key, or another key, registered for the node.
+AuditState = Literal["ok", "refused", "forked", "no_identity_key", "identity_key_mismatch"]
 
 
 class AuditAck(Received):

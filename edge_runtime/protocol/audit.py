@@ -80,7 +80,7 @@ class AuditUpload(WireModel):
 
     # The node's checkpoint (C2SP signed note) of its whole log, signed with its identity key.
     checkpoint: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
-    # The size of the last checkpoint of this log the control plane cosigned, as the node holds it (0: none).
+    # The size of the last checkpoint of this log the control plane cosigned, as its last AuditAck said (0: none).
     cosigned_size: int = Field(default=0, ge=0, le=INT64_MAX)
     # Consistency proof from ``cosigned_size`` to the checkpoint's size.
     proof_from_cosigned: list[ProofHash] = Field(default_factory=list, max_length=MAX_PROOF_HASHES)
@@ -134,6 +134,9 @@ class AuditAck(Received):
     state: AuditState = "ok"
     # Entries of this node's log the control plane holds: the next upload starts there.
     stored: int = 0
+    # The size of the last checkpoint of this log the control plane cosigned: the next upload's
+    # ``proof_from_cosigned`` starts there (a control plane restored from a backup may know an older one).
+    cosigned_size: int = 0
     # The node's checkpoint with the control plane's cosignature added, when it cosigned it.
     cosigned: str = ""
     message: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from core.permissions import RestrictedQuerySet, Scope
+from edge_runtime import signing
 
 if TYPE_CHECKING:
     from django_stubs_ext import StrPromise
@@ -88,6 +90,10 @@ class NodeRole(models.TextChoices):
     SERVER = "server", "Server"  # on-premise compute
 
 
+# The database's guarantee that one identity key belongs to one node, revoked or not.
+IDENTITY_KEY_UNIQUE = "node_identity_key_unique"
+
+
 class NodeStatus(models.TextChoices):
     PENDING = "pending", "Pending"  # enrolled, has not synced yet
     ONLINE = "online", "Online"  # synced within the stale interval
@@ -118,6 +124,13 @@ class Node(models.Model):
     actual_state = models.JSONField(default=dict, blank=True)
     health = models.JSONField(default=dict, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The node's own Ed25519 public key (raw, base64), registered at enrollment
+    # or on its first sync that carried one; it signs the node's audit log.
+    # One key, one node: kept when the node is revoked, never registered again.
+    identity_key = models.CharField(max_length=44, blank=True, editable=False)
+    identity_key_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A different key the node presented since: not trusted until an operator accepts it.
+    identity_key_pending = models.CharField(max_length=44, blank=True, editable=False)
 
     objects = RestrictedQuerySet.as_manager()
     scope = Scope.site("site")
@@ -129,11 +142,27 @@ class Node(models.Model):
                 fields=["site", "name"],
                 condition=models.Q(revoked_at__isnull=True),
                 name="node_name_unique_per_site_while_active",
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["identity_key"], condition=~models.Q(identity_key=""), name=IDENTITY_KEY_UNIQUE,
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.site.slug}/{self.name}" if self.site_id else self.name
+
+    @property
+    def identity_fingerprint(self) -> str:
+        return key_fingerprint(self.identity_key)
+
+    @property
+    def pending_fingerprint(self) -> str:
+        return key_fingerprint(self.identity_key_pending)
+
+
+def key_fingerprint(key: str) -> str:
+    """The hex sha256 of a raw public key given in base64; "" for no key."""
+    return signing.fingerprint(base64.b64decode(key)) if key else ""
 
 
 class EnrollmentToken(models.Model):

@@ -19,7 +19,7 @@ from edge_runtime import protocol
 from orchestrator.desired_state import desired_state_publish, desired_state_publish_many
 from orchestrator.realtime import FLEET_GROUP, broadcast
 from sites.liveness import node_status
-from sites.models import EnrollmentToken, Node, NodeStatus, Region, Site
+from sites.models import IDENTITY_KEY_UNIQUE, EnrollmentToken, Node, NodeStatus, Region, Site, key_fingerprint
 
 TOKEN_PREFIX = "ewt_"
 CREDENTIAL_PREFIX = "ewn_"
@@ -175,18 +175,35 @@ def _token_usable(token: EnrollmentToken, now: dt.datetime) -> None:
         )
 
 
+def identity_key_taken(key: str, *, other_than: Node | None = None) -> str | None:
+    """Why ``key`` cannot be registered (it is another node's, revoked or not); None when it is free (or "")."""
+    if not key:
+        return None
+    holders = Node.objects.select_related("site").filter(identity_key=key)
+    holder = (holders.exclude(pk=other_than.pk) if other_than is not None else holders).first()
+    if holder is None:
+        return None
+    revoked = " (revoked)" if holder.revoked_at is not None else ""
+    return (f"identity key {key_fingerprint(key)[:16]} is already registered to node {holder.name}{revoked} at site "
+            f"{holder.site.slug}: one key, one node; a node needs a key of its own")
+
+
 def node_enroll(*, request: protocol.EnrollRequest, ip: str | None) -> tuple[Node, str]:
     """Trade a token for a node and its credential (returned once, stored hashed).
 
     Safe under concurrency: the token's use counter is taken with a conditional
     UPDATE, so a token allowing N uses enrolls exactly N nodes however many
-    arrive at once. Any failure rolls back the use as well as the node.
+    arrive at once. Any failure rolls back the use as well as the node. The
+    node's identity key, when it sends one, must be no other node's.
     """
     now = timezone.now()
     token = EnrollmentToken.objects.select_related("site").filter(token_hash=secret_hash(request.token)).first()
     if token is None:
         raise TokenUnknown("unknown enrollment token", field="token")
     _token_usable(token, now)
+    key = request.identity_key or ""
+    if refused := identity_key_taken(key):
+        raise SitesError(refused, field="identity_key")
     credential = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
     try:
         with transaction.atomic():
@@ -206,23 +223,32 @@ def node_enroll(*, request: protocol.EnrollRequest, ip: str | None) -> tuple[Nod
                 runtime_version=request.runtime_version,
                 enrolled_with=token,
                 last_seen_ip=ip,
+                identity_key=key, identity_key_at=now if key else None,
             )
             audit_record(
                 actor=Actor("node", str(node.uuid), ip),
                 action="node.enroll",
                 obj=node,
                 site_uuid=token.site.uuid,
-                after={"name": node.name, "role": node.role, "token": token.prefix, "hardware": node.hardware},
+                after={"name": node.name, "role": node.role, "token": token.prefix, "hardware": node.hardware,
+                       "identity_key": node.identity_fingerprint},
             )
             desired_state_publish(node=node, actor=Actor.system("enrollment"))
     except IntegrityError as exc:
-        raise NodeNameTaken(
-            f"a node named {request.name!r} is already enrolled at site {token.site.slug!r}; "
-            "revoke it first or choose another name",
-            field="name",
-        ) from exc
+        raise _enroll_conflict(exc, request=request, site=token.site) from exc
     broadcast(FLEET_GROUP, "fleet.changed", {"site": str(token.site.uuid)})
     return node, credential
+
+
+def _enroll_conflict(exc: IntegrityError, *, request: protocol.EnrollRequest, site: Site) -> SitesError:
+    """What a unique constraint refused: the node's identity key, or its name at the site."""
+    # PostgreSQL names the constraint, SQLite the column.
+    if IDENTITY_KEY_UNIQUE in str(exc) or "identity_key" in str(exc):
+        # Registered to another node since the check before the transaction.
+        return SitesError(identity_key_taken(request.identity_key or "")
+                          or "this identity key was just registered to another node", field="identity_key")
+    return NodeNameTaken(f"a node named {request.name!r} is already enrolled at site {site.slug!r}; "
+                         "revoke it first or choose another name", field="name")
 
 
 def node_authenticate(credential: str) -> Node | None:
@@ -241,8 +267,10 @@ def node_revoke(*, actor: Actor, node: Node) -> Node:
         node.revoked_at = timezone.now()
         node.status = NodeStatus.REVOKED
         node.save(update_fields=["revoked_at", "status"])
+        # The identity key stays registered to the node, and so is never accepted for another one.
+        revoked_key = {"identity_key_revoked": node.identity_fingerprint} if node.identity_key else {}
         audit_record(actor=actor, action="node.revoke", obj=node, site_uuid=node.site.uuid, before=before,
-                     after={"status": node.status})
+                     after={"status": node.status, **revoked_key})
     broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
     return node
 

@@ -26,6 +26,7 @@ from orchestrator import features, keys
 from orchestrator.desired_state import desired_state_publish, signed_desired_state
 from orchestrator.models import DesiredState, Epoch
 from orchestrator.realtime import FLEET_GROUP, broadcast
+from sites.identity import node_identity_report
 from sites.liveness import node_status
 from sites.models import Node, NodeStatus
 from sites.services import TokenRefused
@@ -96,6 +97,7 @@ def _record_report(sync: features.NodeSync, request: protocol.SyncRequest, ip: s
     """Store the node's report (its features' parts first, while the previous report is still stored)."""
     node = sync.node
     changes = _node_changes(node, request, now)
+    sync.audited |= node_identity_report(node=node, key=request.identity_key, actor=sync.actor)
     for feature in features.node_features():
         feature.report(sync)
     node.actual_state = request.actual.model_dump(mode="json")

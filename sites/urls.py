@@ -16,4 +16,5 @@ urlpatterns = [
     path("sites/<slug:slug>/installer", views.installer_download, name="site-installer"),
     path("nodes/<uuid:node_id>/", views.node_detail, name="node-detail"),
     path("nodes/<uuid:node_id>/revoke", views.node_revoke, name="node-revoke"),
+    path("nodes/<uuid:node_id>/identity/accept", views.node_identity_accept, name="node-identity-accept"),
 ]

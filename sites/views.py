@@ -32,7 +32,7 @@ from audit.services import Actor
 from core.htmx import HtmxHttpRequest, render_page, wants_partial
 from core.permissions import Action, user_can
 from orchestrator import keys
-from sites import services
+from sites import identity, services
 from sites.forms import FleetFilterForm, InstallerForm, TokenCreateForm
 from sites.models import EnrollmentToken, Node, Site
 from sites.selectors import memory_label, node_list, node_models, node_row, site_list, token_list
@@ -252,6 +252,18 @@ def node_revoke(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponseBas
         return redirect("sites:site-detail", slug=node.site.slug)
     context = _site_context(request, node.site, nodes_error=error)
     return render_page(request, "sites/site_detail.html", "nodes-table", context, status=400 if error else 200)
+
+
+@login_required
+@require_POST
+def node_identity_accept(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponseBase:
+    """Make the identity key the node presented its registered one: who may revoke the node may do this."""
+    node = _node_for(request, node_id, "operate")
+    try:
+        identity.node_identity_accept(actor=Actor.from_request(request), node=node)
+    except services.SitesError as exc:
+        return HttpResponse(exc.message, status=400, content_type="text/plain")
+    return HttpResponseClientRefresh() if request.htmx else redirect("sites:node-detail", node_id=node.uuid)
 
 
 # -- fleet map ---------------------------------------------------------------

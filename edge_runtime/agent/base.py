@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edge_runtime.agent.plugins import Reconciler
+from edge_runtime.identity_key import NodeKey
 from edge_runtime.protocol import (
     API_PREFIX,
     DesiredState,
@@ -50,6 +51,9 @@ class AgentBase:
         self.telemetry = telemetry
         self.identity: Identity = state.load_identity()
         self.public_key = self.identity.public_key()
+        # The node's own key (created on the first start of a node enrolled before identity keys);
+        # every sync carries its public half, so the control plane registers it.
+        self.node_key: NodeKey = NodeKey.load_or_create(state.path)
         self.status: Status = state.load_status()
         self.status.highest_generation = max(self.status.highest_generation, self.status.applied_generation)
         self.reconcilers = list(reconcilers)

@@ -4,6 +4,12 @@ Nothing is written unless the answer's signing key is the one it names and,
 with ``--fingerprint``, the one the installer was issued with; with
 ``--fingerprint`` the control plane must also prove it holds that key before
 the one-time token leaves this machine.
+
+The one file written before the answer is the node's identity key
+(:mod:`edge_runtime.identity_key`), whose public half the request carries:
+an attempt that fails leaves it for the next attempt to reuse. Enrolling an
+enrolled directory again (``--force``) makes it a new node with a new key,
+put in place only once the enrollment succeeded.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pydantic import ValidationError
 from edge_runtime import __version__, signing
 from edge_runtime.cli.common import CliError
 from edge_runtime.hardware import detect_hardware
+from edge_runtime.identity_key import NodeKey, promote_next_key
 from edge_runtime.protocol import API_PREFIX, EnrollRequest, EnrollResponse
 from edge_runtime.replies import refusal
 from edge_runtime.state import Identity, StateDir, StateError
@@ -99,7 +106,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         # Before the one-time token leaves this machine: the control plane at
         # this URL must prove it holds the key the installer was issued with.
         check_signing_key(url, expected)
-    answer = _post_enrollment(url, request)
+    # On disk before its public half is registered, so a registered key always
+    # has its private half here; an attempt that fails leaves it to the next.
+    renew = args.force and state.has_identity()
+    node_key = _node_key(state, renew=renew)
+    answer = _post_enrollment(url, request.model_copy(update={"identity_key": node_key.public_b64}), node_key)
     actual = _answer_fingerprint(answer, expected)
     identity = Identity(
         node_id=answer.node_id, site=answer.site, name=request.name, role=request.role,
@@ -107,11 +118,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         signing_key_fingerprint=actual, sync_interval_s=answer.sync_interval_s,
         enrolled_at=dt.datetime.now(dt.UTC),
     )
+    if renew:
+        try:
+            promote_next_key(state.path)
+        except StateError as exc:
+            raise CliError(f"node {answer.node_id} was enrolled, but {exc}; nothing else was written") from exc
     if args.force:
         state.clear()
     state.save_identity(identity)
     print(f"enrolled node {identity.node_id} ({identity.name}, {identity.role}) at site {identity.site}")
     print(f"pinned signing key fingerprint {actual}")
+    print(f"identity key fingerprint {node_key.fingerprint}")
     print(f"state dir {state.path}")
     return 0
 
@@ -137,7 +154,15 @@ def _enroll_request(args: argparse.Namespace, token: str, token_source: str) -> 
         raise CliError(f"invalid {option}: {first['msg']}", 2) from exc
 
 
-def _post_enrollment(url: str, request: EnrollRequest) -> EnrollResponse:
+def _node_key(state: StateDir, *, renew: bool) -> NodeKey:
+    """The node's identity key; a new one, staged beside the enrolled node's, when enrolling again (--force)."""
+    try:
+        return NodeKey.load_or_create(state.path, next_key=renew)
+    except StateError as exc:
+        raise CliError(f"{exc}; the token was not used") from exc
+
+
+def _post_enrollment(url: str, request: EnrollRequest, node_key: NodeKey) -> EnrollResponse:
     endpoint = f"{url}{API_PREFIX}/enroll"
     try:
         response = httpx.post(endpoint, content=request.model_dump_json(),
@@ -145,7 +170,10 @@ def _post_enrollment(url: str, request: EnrollRequest) -> EnrollResponse:
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the control plane at {url}: {exc or type(exc).__name__}") from exc
     if response.status_code != 201:
-        raise CliError(f"enrollment refused (HTTP {response.status_code}): {_error_message(response)}")
+        hint = ""
+        if refusal(response)[1] == "identity_key":
+            hint = f"; to enroll with a new identity key, move {node_key.path} away"
+        raise CliError(f"enrollment refused (HTTP {response.status_code}): {_error_message(response)}{hint}")
     try:
         return EnrollResponse.model_validate_json(response.content)
     except ValidationError as exc:

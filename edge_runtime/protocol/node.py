@@ -3,10 +3,13 @@ field is refused); and the enrollment's answer."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from edge_runtime.protocol.base import INT32_MAX, INT64_MAX, NO_NUL, PROTOCOL_VERSION, NodeRole, Received, WireModel
 
@@ -24,6 +27,27 @@ class Hardware(WireModel):
     hostname: str = Field(default="", max_length=255)
 
 
+def _ed25519_public_key(value: str) -> str:
+    """A raw 32-byte Ed25519 public key in base64, in its one canonical spelling (so equal keys compare equal)."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64 (the raw 32-byte Ed25519 public key, base64-encoded)") from None
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key is 32 bytes, this one is {len(raw)}")
+    if base64.b64encode(raw).decode() != value:
+        raise ValueError("not in canonical base64 (44 characters, with its padding)")
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise ValueError(f"not an Ed25519 public key: {exc}") from None
+    return value
+
+
+# The node's identity key (edge_runtime.identity_key): what it signs its audit log's checkpoints with.
+IdentityKey = Annotated[str, Field(max_length=100), AfterValidator(_ed25519_public_key)]
+
+
 class EnrollRequest(WireModel):
     protocol: Literal[1] = PROTOCOL_VERSION
     token: str = Field(min_length=8, max_length=200)
@@ -31,6 +55,8 @@ class EnrollRequest(WireModel):
     role: NodeRole = "device"
     runtime_version: str = Field(default="", max_length=50)
     hardware: Hardware = Field(default_factory=Hardware)
+    # The node's own Ed25519 public key (raw, base64); absent from runtimes older than identity keys.
+    identity_key: IdentityKey | None = None
 
 
 class EnrollResponse(Received):
@@ -155,4 +181,6 @@ class SyncRequest(WireModel):
     actual: ActualState = Field(default_factory=ActualState)
     health: Health = Field(default_factory=Health)
     refusals: list[Refusal] = Field(default_factory=list, max_length=100)
+    # The node's identity key, on every sync: how a node enrolled before identity keys registers one.
+    identity_key: IdentityKey | None = None
 

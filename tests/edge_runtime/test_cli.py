@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from audit.models import AuditEvent
 from audit.services import Actor
+from edge_runtime.identity_key import NodeKey
 from orchestrator import keys
 from sites import services
 from sites.models import EnrollmentToken, Node, Site
@@ -43,6 +45,12 @@ def test_it_enrolls_when_the_fingerprint_matches_and_pins_the_key(
     assert identity["signing_key_fingerprint"] == fingerprint and identity["node_id"] == str(node.uuid)
     assert identity["url"] == live_control_plane.url
     assert (state_dir / "identity.json").stat().st_mode & 0o077 == 0
+    # The node's identity key, created in the state dir, is registered to the node it enrolled.
+    node_key = NodeKey.load_or_create(state_dir)
+    assert node.identity_fingerprint == node_key.fingerprint and node.identity_key_at is not None
+    assert f"identity key fingerprint {node_key.fingerprint}" in result.stdout
+    assert AuditEvent.objects.get(action="node.enroll", object_id=str(node.uuid)).after["identity_key"] \
+        == node_key.fingerprint
 
 
 @pytest.mark.parametrize("source", ["env", "stdin"])
@@ -157,15 +165,57 @@ def test_it_refuses_to_overwrite_an_identity_unless_forced(
                           "--state-dir", str(state_dir))
     assert forced.returncode == 0, forced.stderr
     assert json.loads((state_dir / "identity.json").read_text())["name"] == "b"
+    # A new node, so a new identity key: one key belongs to one node.
+    a, b = Node.objects.get(name="a"), Node.objects.get(name="b")
+    assert b.identity_fingerprint == NodeKey.load_or_create(state_dir).fingerprint != a.identity_fingerprint
+    assert a.identity_key and sorted(p.name for p in state_dir.glob("node_key*")) == ["node_key.pem"]
+
+
+def test_a_failed_enrollment_leaves_only_the_identity_key_which_the_next_attempt_registers(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "node"
+    refused = edge_runtime("enroll", "--url", live_control_plane.url, "--token", "ewt_not-a-real-token",
+                           "--name", "pos-1", "--state-dir", str(state_dir))
+    assert refused.returncode == 1, refused.stderr
+    assert [p.name for p in state_dir.iterdir()] == ["node_key.pem"]
+    fingerprint = NodeKey.load_or_create(state_dir).fingerprint
+    again = edge_runtime("enroll", "--url", live_control_plane.url, "--token", token(site_berlin),
+                         "--name", "pos-1", "--state-dir", str(state_dir))
+    assert again.returncode == 0, again.stderr
+    assert Node.objects.get(name="pos-1").identity_fingerprint == fingerprint
+
+
+def test_it_refuses_to_enroll_a_second_node_with_the_same_identity_key(
+    live_control_plane: ControlPlane, site_berlin: Site, tmp_path: Path
+) -> None:
+    first = edge_runtime("enroll", "--url", live_control_plane.url, "--token", token(site_berlin),
+                         "--name", "pos-1", "--state-dir", str(tmp_path / "one"))
+    assert first.returncode == 0, first.stderr
+    copy = tmp_path / "two"
+    copy.mkdir(mode=0o700)
+    (copy / "node_key.pem").write_bytes((tmp_path / "one" / "node_key.pem").read_bytes())
+    (copy / "node_key.pem").chmod(0o600)
+    second = edge_runtime("enroll", "--url", live_control_plane.url, "--token", token(site_berlin),
+                          "--name", "pos-2", "--state-dir", str(copy))
+    assert second.returncode == 1
+    fingerprint = Node.objects.get(name="pos-1").identity_fingerprint
+    assert (f"enrollment refused (HTTP 400): identity key {fingerprint[:16]} is already registered to node pos-1 "
+            "at site plant-berlin: one key, one node") in second.stderr
+    assert "(field identity_key)" in second.stderr and f"move {copy / 'node_key.pem'} away" in second.stderr
+    assert not Node.objects.filter(name="pos-2").exists()
+    assert [p.name for p in copy.iterdir()] == ["node_key.pem"]
 
 
 def test_it_names_a_bad_url_and_an_unreachable_control_plane(tmp_path: Path) -> None:
     bad = edge_runtime("enroll", "--url", "ftp://x", "--token", "ewt_whatever1", "--state-dir", str(tmp_path / "n"))
     assert bad.returncode == 2 and "--url must be an http:// or https:// URL" in bad.stderr
+    assert not (tmp_path / "n").exists()
     down = edge_runtime("enroll", "--url", "http://127.0.0.1:9", "--token", "ewt_whatever1",
                         "--state-dir", str(tmp_path / "n"))
     assert down.returncode == 1 and "cannot reach the control plane at http://127.0.0.1:9" in down.stderr
-    assert not (tmp_path / "n").exists()
+    # Only the identity key, made before the request, for the next attempt to reuse.
+    assert [p.name for p in (tmp_path / "n").iterdir()] == ["node_key.pem"]
 
 
 def test_it_shows_the_status_offline(

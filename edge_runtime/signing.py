@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from edge_runtime.canonical import canonical_json
+from edge_runtime.canonical import canonical_json as canonical_json  # re-exported: its callers import it from here
 from edge_runtime.protocol import DesiredState, KeyEndorsement, SignedDesiredState
 
 

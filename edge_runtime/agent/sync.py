@@ -54,6 +54,7 @@ class Syncing(DesiredStates):
                                                          if isinstance(r, AnswersQueries)}}),
             health=self.health(),
             refusals=list(self.status.pending_refusals),
+            identity_key=self.node_key.public_b64,
         )
 
     def model_status(self) -> list[ModelStatus]:

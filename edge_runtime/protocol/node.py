@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from edge_runtime.protocol.audit import AuditUpload
 from edge_runtime.protocol.base import INT32_MAX, INT64_MAX, NO_NUL, PROTOCOL_VERSION, NodeRole, Received, WireModel
 
 
@@ -181,6 +182,9 @@ class SyncRequest(WireModel):
     actual: ActualState = Field(default_factory=ActualState)
     health: Health = Field(default_factory=Health)
     refusals: list[Refusal] = Field(default_factory=list, max_length=100)
+    # The node's audit log: its signed checkpoint and the entries the control plane lacks (absent before the
+    # node has an identity key).
+    audit: AuditUpload | None = None
     # The node's identity key, on every sync: how a node enrolled before identity keys registers one.
     identity_key: IdentityKey | None = None
 

@@ -1,14 +1,20 @@
-"""The tamper-evident audit trail: one hash chain for the whole estate.
+"""The tamper-evident audit trail: one Merkle log for the whole estate (RFC 9162).
 
 Every state change, by a person, a node or the system, appends one
-:class:`AuditEvent` in the same transaction as the change. Each event's hash
-covers its own fields and the previous event's hash, so altering, removing or
-reordering any record breaks every hash after it; ``manage.py audit_verify``
-recomputes the chain and names the first record that does not match.
+:class:`AuditEvent` in the same transaction as the change, with its own
+content hash and a row in the pending queue (:class:`AuditPending`); an
+append takes no lock that other appends wait for. The checkpointer
+(:mod:`audit.checkpoints`) then gives pending events their positions in the
+log (:class:`AuditLogLeaf`), keeps the tree's subtree hashes
+(:class:`audit.log_models.TreeNode`) and signs a checkpoint of the tree's
+size and root (:class:`AuditCheckpoint`), which is also written outside the
+database (:mod:`audit.anchors`). ``manage.py audit_verify`` recomputes the
+tree from the records and compares it with every checkpoint it knows.
 
-The table is append-only for the application: the model refuses updates and
-deletes, and on PostgreSQL a trigger refuses them for any client of the
-application's role (see migration 0002).
+Events of the old hash chain (before the log) keep their ``prev_hash`` link;
+new events have none. The tables are append-only for the application: the
+models refuse updates and deletes, and on PostgreSQL and SQLite triggers
+refuse them for any client of the application's role (migrations 0002, 0004).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 from django.db import models
 
 from core.permissions import RestrictedQuerySet, Scope
-from edge_runtime.signing import canonical_json
+from edge_runtime.canonical import canonical_json
 
 GENESIS_HASH = "0" * 64
 
@@ -62,7 +68,8 @@ class AuditEvent(models.Model):
     before = models.JSONField(null=True, blank=True)
     after = models.JSONField(null=True, blank=True)
     source_ip = models.GenericIPAddressField(null=True, blank=True)
-    prev_hash = models.CharField(max_length=64, editable=False)
+    # The hash of the event before it in the old hash chain; empty for events of the Merkle log.
+    prev_hash = models.CharField(max_length=64, editable=False, blank=True)
     hash = models.CharField(max_length=64, unique=True, editable=False)
 
     objects = AuditEventQuerySet.as_manager()
@@ -83,48 +90,94 @@ class AuditEvent(models.Model):
         raise AppendOnlyError("audit events cannot be deleted")
 
     def hashed_fields(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "uuid": str(self.uuid),
-            "created_at": self.created_at.isoformat(),
-            "actor_type": self.actor_type,
-            "actor": self.actor,
-            "action": self.action,
-            "object_type": self.object_type,
-            "object_id": self.object_id,
-            "object_repr": self.object_repr,
-            "site_uuid": str(self.site_uuid) if self.site_uuid else None,
-            "before": self.before,
-            "after": self.after,
-            "source_ip": self.source_ip,
-            "prev_hash": self.prev_hash,
-        }
+        return hashed_fields(tuple(getattr(self, name) for name in LEAF_FIELDS))
+
+    def leaf_data(self) -> bytes:
+        """What the event's leaf in the log and its content hash are computed from."""
+        return leaf_data(tuple(getattr(self, name) for name in LEAF_FIELDS))
 
     def compute_hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.hashed_fields()).encode()).hexdigest()
+        return hashlib.sha256(self.leaf_data()).hexdigest()
 
 
-class AuditChainHead(models.Model):
-    """A single row: the chain's last sequence number and hash.
+# The fields an event's leaf covers, in the order ``leaf_data`` takes their values (as ``values_list`` reads them).
+LEAF_FIELDS = ("seq", "uuid", "created_at", "actor_type", "actor", "action", "object_type", "object_id",
+               "object_repr", "site_uuid", "before", "after", "source_ip", "prev_hash")
 
-    Appenders lock it (``select_for_update``) so that events are chained one
-    after another even when many transactions append at once.
+
+def hashed_fields(values: tuple[Any, ...]) -> dict[str, Any]:
+    (seq, uid, created_at, actor_type, actor, action, object_type, object_id, object_repr, site_uuid, before, after,
+     source_ip, prev_hash) = values
+    return {
+        "seq": seq, "uuid": str(uid), "created_at": created_at.isoformat(), "actor_type": actor_type,
+        "actor": actor, "action": action, "object_type": object_type, "object_id": object_id,
+        "object_repr": object_repr, "site_uuid": str(site_uuid) if site_uuid else None, "before": before,
+        "after": after, "source_ip": source_ip, "prev_hash": prev_hash,
+    }
+
+
+def leaf_data(values: tuple[Any, ...]) -> bytes:
+    """The canonical JSON of an event's hashed fields (``LEAF_FIELDS`` values): its leaf is ``leaf_hash`` of it.
+
+    Defined once, for the appender, the checkpointer, the migration that
+    sequenced the old chain and the verifier: changing it would make every
+    signed checkpoint disagree with its records.
     """
+    return canonical_json(hashed_fields(values)).encode()
 
-    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
-    seq = models.BigIntegerField(default=0)
-    hash = models.CharField(max_length=64, default=GENESIS_HASH)
+
+class AuditPending(models.Model):
+    """An event committed but not yet given a position in the log: the checkpointer's queue."""
+
+    event = models.OneToOneField(AuditEvent, on_delete=models.PROTECT, primary_key=True, related_name="pending")
 
     objects = RestrictedQuerySet.as_manager()
     scope = Scope.estate()
 
     def __str__(self) -> str:
-        return f"audit head #{self.seq}"
+        return f"pending audit event {self.event_id}"
+
+
+class AuditLogLeaf(models.Model):
+    """An event's position in the control plane's Merkle log, and its leaf hash there. Written once."""
+
+    position = models.BigIntegerField(unique=True)
+    event = models.OneToOneField(AuditEvent, on_delete=models.PROTECT, related_name="log_leaf")
+    leaf = models.BinaryField(max_length=32)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
+
+    def __str__(self) -> str:
+        return f"audit log position {self.position}"
+
+    @property
+    def leaf_hex(self) -> str:
+        return bytes(self.leaf).hex()
+
+
+class AuditCheckpoint(models.Model):
+    """A signed checkpoint of the log: its size and root, as a C2SP signed note (signed and timestamped)."""
+
+    size = models.BigIntegerField(unique=True)
+    root = models.CharField(max_length=64)  # hex, as in the note (where it is base64)
+    note = models.TextField()
+    created_at = models.DateTimeField()
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
+
+    class Meta:
+        ordering = ["-size"]
+
+    def __str__(self) -> str:
+        return f"audit checkpoint {self.size}"
 
 
 from audit.log_models import NodeLog, NodeLogCheckpoint, NodeLogEntry, NodeLogState, TreeNode  # noqa: E402  (Django finds them here)
 
 __all__ = [
-    "ActorType", "AppendOnlyError", "AuditChainHead", "AuditEvent", "AuditEventQuerySet", "NodeLog",
-    "NodeLogCheckpoint", "NodeLogEntry", "NodeLogState", "TreeNode",
+    "LEAF_FIELDS", "ActorType", "AppendOnlyError", "AuditCheckpoint", "AuditEvent", "AuditEventQuerySet",
+    "AuditLogLeaf", "AuditPending", "NodeLog", "NodeLogCheckpoint", "NodeLogEntry", "NodeLogState", "TreeNode",
+    "hashed_fields", "leaf_data",
 ]

@@ -1,16 +1,39 @@
-"""Appending to and verifying the audit chain."""
+"""Appending to the audit log: one event per change, in the change's own transaction, with no global lock.
+
+An append inserts the event, numbered from a database sequence (PostgreSQL;
+SQLite, which serialises its writers, takes the next number), with its own
+content hash, and queues it for the checkpointer (:class:`AuditPending`).
+:func:`audit.checkpoints.checkpoint_take` gives queued events their positions
+in the Merkle log and signs a checkpoint: every
+``AUDIT_CHECKPOINT_INTERVAL_S`` (Celery beat), and sooner once a process has
+appended ``AUDIT_CHECKPOINT_ENTRIES`` events.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import logging
+import threading
 from typing import Any
 
-from django.db import models, transaction
+from celery import signature
+from django.conf import settings
+from django.db import connection, models, transaction
+from django.db.models import Max
 from django.http import HttpRequest
 from django.utils import timezone
 
-from audit.models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
+from audit.models import ActorType, AuditEvent, AuditPending
+from audit.verify import VerifyReport, audit_verify
+
+logger = logging.getLogger(__name__)
+
+# The checkpointer's task (audit.tasks.checkpoint_take_task).
+CHECKPOINT_TASK = "audit.checkpoint_take"
+# The PostgreSQL sequence that numbers events (migration 0004).
+SEQ_SEQUENCE = "audit_event_seq"
+
+__all__ = ["CHECKPOINT_TASK", "Actor", "VerifyReport", "audit_record", "audit_verify", "client_ip"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +77,16 @@ def audit_record(
     after: dict[str, Any] | None = None,
     object_repr: str = "",
 ) -> AuditEvent:
-    """Append one event to the chain, inside the caller's transaction.
+    """Append one event to the log, inside the caller's transaction.
 
     Must be called in the same transaction as the change it records, so that
-    the change and its record commit or roll back together.
+    the change and its record commit or roll back together. Takes no lock
+    that another append waits for; numbers increase within a transaction.
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("audit_record must run inside the transaction of the change it records")
-    head, _ = AuditChainHead.objects.select_for_update().get_or_create(id=1)
     event = AuditEvent(
-        seq=head.seq + 1,
+        seq=_next_seq(),
         created_at=timezone.now(),
         actor_type=actor.type,
         actor=actor.label[:150],
@@ -75,46 +98,48 @@ def audit_record(
         before=before,
         after=after,
         source_ip=actor.ip,
-        prev_hash=head.hash,
+        prev_hash="",
     )
     event.hash = event.compute_hash()
     event.save(force_insert=True)
-    AuditChainHead.objects.filter(id=1).update(seq=event.seq, hash=event.hash)
+    AuditPending.objects.create(event=event)
+    transaction.on_commit(_appended)
     return event
 
 
-@dataclasses.dataclass(frozen=True)
-class ChainBreak:
-    seq: int
-    reason: str
+def _next_seq() -> int:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT nextval(%s)", [SEQ_SEQUENCE])
+            return int(cursor.fetchone()[0])
+    # SQLite holds its one write lock from the first statement of the transaction (IMMEDIATE) to its end.
+    return int(AuditEvent.objects.aggregate(last=Max("seq"))["last"] or 0) + 1
 
 
-def audit_verify(*, batch_size: int = 2000) -> tuple[int, ChainBreak | None]:
-    """Recompute the whole chain. Returns (records checked, first break or None)."""
-    expected_prev = GENESIS_HASH
-    expected_seq = 1
-    checked = 0
-    for event in _iter_chain(batch_size):
-        if event.seq != expected_seq:
-            return checked, ChainBreak(expected_seq, f"record #{expected_seq} is missing (next is #{event.seq})")
-        if event.prev_hash != expected_prev:
-            return checked, ChainBreak(event.seq, "its previous-hash does not match the record before it")
-        if event.compute_hash() != event.hash:
-            return checked, ChainBreak(event.seq, "its content does not match its hash (the record was altered)")
-        expected_prev = event.hash
-        expected_seq += 1
-        checked += 1
-    head = AuditChainHead.objects.filter(id=1).first()
-    if head is not None and head.seq != checked:
-        return checked, ChainBreak(checked + 1, f"the chain head says #{head.seq} but the chain ends at #{checked}")
-    return checked, None
+class _AppendCounter:
+    """Appends committed by this process since it last asked for a checkpoint."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+    def add(self) -> bool:
+        """Count one; True (and start again) when a checkpoint is due."""
+        with self.lock:
+            self.count += 1
+            if self.count < settings.AUDIT_CHECKPOINT_ENTRIES:
+                return False
+            self.count = 0
+            return True
 
 
-def _iter_chain(batch_size: int) -> Iterator[AuditEvent]:
-    last = 0
-    while True:
-        batch = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch_size])
-        if not batch:
-            return
-        yield from batch
-        last = batch[-1].seq
+_appends = _AppendCounter()
+
+
+def _appended() -> None:
+    if not _appends.add():
+        return
+    try:
+        signature(CHECKPOINT_TASK).apply_async()
+    except Exception:  # the change is committed; the periodic checkpoint will take these entries
+        logger.warning("could not ask for an audit checkpoint; the periodic one will take the entries", exc_info=True)

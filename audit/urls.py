@@ -8,5 +8,6 @@ app_name = "audit"
 
 urlpatterns = [
     path("", views.event_list, name="event-list"),
+    path("checkpoint", views.checkpoint, name="checkpoint"),
     path("<uuid:event_id>/", views.event_detail, name="event-detail"),
 ]

@@ -20,6 +20,7 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from audit.checkpoints import checkpoint_latest
 from audit.models import ActorType, AuditEvent
 from core.htmx import HtmxHttpRequest, render_page
 
@@ -101,3 +102,16 @@ def event_detail(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
 
 def _pretty(value: Any) -> str:
     return "" if value is None else json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+
+
+@require_GET
+def checkpoint(request: HtmxHttpRequest) -> HttpResponse:
+    """The log's latest signed checkpoint (C2SP signed note), for outside witnesses: public, never cached."""
+    latest = checkpoint_latest()
+    if latest is None:
+        response = HttpResponse("the audit log has no checkpoint yet\n", status=404,
+                                content_type="text/plain; charset=utf-8")
+    else:
+        response = HttpResponse(latest.note, content_type="text/plain; charset=utf-8")
+    response["Cache-Control"] = "no-store"
+    return response

@@ -415,6 +415,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("EDGEWISE_QUERY_EXPIRE_INTERVAL", 5.0),
     },
 }
+    "audit-checkpoint": {"task": "audit.checkpoint_take", "schedule": AUDIT_CHECKPOINT_INTERVAL_S},
 ROLLOUT_TICK_S = env_float("EDGEWISE_ROLLOUT_TICK", 5.0)
 ROLLOUT_STALL_AFTER_S = env_float("EDGEWISE_ROLLOUT_STALL_AFTER", 30.0)
 if ROLLOUT_STALL_AFTER_S <= ROLLOUT_TICK_S:

@@ -15,7 +15,8 @@ from django.db import transaction
 from django.test import Client
 from django.utils import timezone
 
-from audit.models import AuditEvent
+from audit.checkpoints import checkpoint_take
+from audit.models import AuditEvent, AuditLogLeaf
 from audit.services import Actor, audit_record
 from sites import services
 from sites.models import Site
@@ -151,13 +152,18 @@ def test_it_swaps_only_the_table_for_htmx(client: Client, admin_user: Any, trail
     assert seqs(response) == expected(action__startswith="token.")
 
 
-def test_it_shows_an_events_before_and_after(client: Client, admin_user: Any, site_berlin: Site) -> None:
+def test_it_shows_an_events_before_and_after(client: Client, admin_user: Any, site_berlin: Site,
+                                             audit_dirs: Any) -> None:
     services.site_update(actor=Actor.system("test"), site=site_berlin, jurisdiction="DE-BE")
     event = AuditEvent.objects.get(action="site.update")
     client.force_login(admin_user)
     page = client.get(f"/audit/{event.uuid}/").content.decode()
     assert '&quot;jurisdiction&quot;: &quot;DE&quot;' in page and '&quot;jurisdiction&quot;: &quot;DE-BE&quot;' in page
-    assert event.hash in page and event.prev_hash in page and "<html" in page
+    assert event.hash in page and "waiting for the next checkpoint" in page and "<html" in page
+    checkpoint_take()
+    leaf = AuditLogLeaf.objects.get(event=event)
+    page = client.get(f"/audit/{event.uuid}/").content.decode()
+    assert f'<span class="mono">{leaf.position}</span>' in page and leaf.leaf_hex in page
     # The row expands in place: HTMX gets only the before/after.
     fragment = client.get(f"/audit/{event.uuid}/", headers=HTMX).content.decode()
     assert "<html" not in fragment and "Before" in fragment and "&quot;DE-BE&quot;" in fragment

@@ -1,20 +1,47 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from audit import anchors
+from audit.log_key import AuditKeyError
 from audit.services import audit_verify
+from edge_runtime.notes import NoteError
 
 
 class Command(BaseCommand):
-    help = "Recompute the audit hash chain and name the first record that does not match."
+    help = ("Recompute the audit log from its records and compare it with every signed checkpoint: the database's, "
+            "the configured anchor file's and each --anchor file's; name the first record that differs.")
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--anchor", action="append", default=[], metavar="FILE",
+                            help="an anchor file kept elsewhere (audit_checkpoint_export); any number of times")
+        parser.add_argument("--vkey", action="append", default=None, metavar="VKEY",
+                            help="the log's verifier key (default: the public half of the configured log key)")
+        parser.add_argument("--no-anchor-dir", action="store_true",
+                            help="skip the anchor file of EDGEWISE_AUDIT_ANCHOR_DIR")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        checked, broken = audit_verify()
-        if broken is not None:
-            raise CommandError(
-                f"audit chain broken at record #{broken.seq}: {broken.reason} "
-                f"({checked} records verified before it)"
-            )
-        self.stdout.write(self.style.SUCCESS(f"audit chain intact: {checked} records verified"))
+        files = [Path(p) for p in options["anchor"]]
+        for path in files:
+            if not path.is_file():
+                raise CommandError(f"--anchor {path}: no such file")
+        configured = anchors.anchor_path()
+        if not options["no_anchor_dir"] and configured.exists() and configured not in files:
+            files.append(configured)
+        try:
+            report = audit_verify(anchor_files=files, vkeys=options["vkey"])
+        except (AuditKeyError, NoteError) as exc:
+            raise CommandError(str(exc)) from None
+        if not report.ok:
+            lines = [f"{p.kind}: {p.message}" for p in report.problems]
+            more = sum(report.counts.values()) - len(report.problems)
+            if more:
+                lines.append(f"... and {more} more")
+            raise CommandError(f"audit log verification failed ({report.checked} records checked, "
+                               f"{report.checkpoints} checkpoints compared):\n" + "\n".join(lines))
+        self.stdout.write(self.style.SUCCESS(
+            f"audit log intact: {report.checked} records verified, {report.checkpoints} signed checkpoints compared "
+            f"({len(files)} anchor files), {report.pending} waiting for a checkpoint"))

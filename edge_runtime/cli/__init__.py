@@ -8,6 +8,7 @@
                      [--telemetry-interval SECONDS] [--telemetry-budget SIZE]
                      [--datasets FILE] [--query-workers N]
     edge-runtime status [--state-dir DIR] [--json]
+    edge-runtime audit-verify PATH [--vkey VKEY] [--json]
 
 The enrollment token comes from exactly one of: ``$EDGEWISE_ENROLLMENT_TOKEN``,
 ``--token-stdin`` (read from standard input, as ``docker login
@@ -27,6 +28,9 @@ datasets, see :mod:`edge_runtime.data.catalog`), queries run in
 ``--query-workers`` threads (default 2) under the site's signed data policy,
 and every query and decision goes to the node's audit chain
 (``<state dir>/audit.sqlite3``); see :mod:`edge_runtime.datasets`.
+``audit-verify`` checks an auditor's bundle of the estate's audit trail, or
+one entry's inclusion proof, standalone: no state dir, no control plane, no
+network (see :mod:`edge_runtime.cli.audit_verify`).
 Exit status: 0 on success, 1 when the request was refused or failed, 2 for
 bad usage. The commands parse and print; ``run`` builds the node with
 :mod:`edge_runtime.node`.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_runtime import __version__
+from edge_runtime.cli.audit_verify import add_audit_verify
 from edge_runtime.cli.enroll import TOKEN_ENV, cmd_enroll
 from edge_runtime.cli.run import cmd_run, cmd_serve
 from edge_runtime.cli.status import cmd_status
@@ -170,6 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="The Edgewise edge runtime.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_enroll, add_run, add_serve, add_status):
+    for add in (add_enroll, add_run, add_serve, add_status, add_audit_verify):
         add(sub)
     return parser

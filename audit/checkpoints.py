@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from audit import anchors
+from audit import anchors, witness
 from audit.log_key import LogKey, log_key
 from audit.log_models import CONTROL_PLANE_LOG
 from audit.models import LEAF_FIELDS, AuditCheckpoint, AuditEvent, AuditLogLeaf, AuditPending, leaf_data
@@ -43,7 +43,8 @@ def checkpoint_take() -> AuditCheckpoint | None:
     """Sequence the pending events and sign a checkpoint if the log grew; the new checkpoint, or None."""
     with transaction.atomic():
         _lock()
-        # -- call point: node logs' newly cosigned heads, as one audit event sequenced into this checkpoint --
+        # The node logs' newly cosigned heads, as one audit event sequenced into this checkpoint.
+        witness.node_heads_record()
         key = checkpoint_key()
         store = TreeStore(CONTROL_PLANE_LOG)
         size = log_size()

@@ -292,6 +292,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "audit.context_processors.audit_alerts",
             ],
         },
     }
@@ -414,8 +415,8 @@ CELERY_BEAT_SCHEDULE = {
         "task": "queries.query_expire",
         "schedule": env_float("EDGEWISE_QUERY_EXPIRE_INTERVAL", 5.0),
     },
-}
     "audit-checkpoint": {"task": "audit.checkpoint_take", "schedule": AUDIT_CHECKPOINT_INTERVAL_S},
+}
 ROLLOUT_TICK_S = env_float("EDGEWISE_ROLLOUT_TICK", 5.0)
 ROLLOUT_STALL_AFTER_S = env_float("EDGEWISE_ROLLOUT_STALL_AFTER", 30.0)
 if ROLLOUT_STALL_AFTER_S <= ROLLOUT_TICK_S:

@@ -21,12 +21,13 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from audit.services import Actor, audit_record
+from audit.witness import node_log_ingest
 from edge_runtime import protocol
 from orchestrator import features, keys
 from orchestrator.desired_state import desired_state_publish, signed_desired_state
 from orchestrator.models import DesiredState, Epoch
 from orchestrator.realtime import FLEET_GROUP, broadcast
-from sites.identity import node_identity_report
+from sites.identity import node_identity_report, node_public_key
 from sites.liveness import node_status
 from sites.models import Node, NodeStatus
 from sites.services import TokenRefused
@@ -55,6 +56,8 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         desired = _settle_desired(sync, changes)
         for feature in features.node_features():
             feature.answer(sync)
+        if request.audit is not None:
+            _take_audit_log(sync, request)
         if not sync.audited and connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit = off")
@@ -69,6 +72,17 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         sync_interval_s=settings.SYNC_INTERVAL_S,
         **sync.answer,
     )
+
+
+def _take_audit_log(sync: features.NodeSync, request: protocol.SyncRequest) -> None:
+    """The node's audit log upload, witnessed (``audit.witness``); what it stored commits durably."""
+    assert request.audit is not None
+    node = sync.node
+    ack = node_log_ingest(node_uuid=node.uuid, site_uuid=node.site.uuid, public_key=node_public_key(node),
+                          key_mismatch=request.identity_key is not None and request.identity_key != node.identity_key,
+                          upload=request.audit)
+    sync.answer["audit"] = ack
+    sync.audited |= bool(request.audit.entries) or ack.state != "ok"
 
 
 def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime) -> dict[str, tuple[Any, Any]]:

@@ -6,7 +6,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit import anchors
-from audit.log_key import AuditKeyError
+from audit.log_key import AuditKeyError, log_key
+from audit.models import AuditCheckpoint
+from audit.node_verify import NodeLogsReport, node_logs_verify
 from audit.services import audit_verify
 from edge_runtime.notes import NoteError
 
@@ -33,15 +35,19 @@ class Command(BaseCommand):
             files.append(configured)
         try:
             report = audit_verify(anchor_files=files, vkeys=options["vkey"])
+            nodes = node_logs_verify(log_key()) if AuditCheckpoint.objects.exists() else NodeLogsReport()
         except (AuditKeyError, NoteError) as exc:
             raise CommandError(str(exc)) from None
-        if not report.ok:
+        if not report.ok or nodes.breaks:
             lines = [f"{p.kind}: {p.message}" for p in report.problems]
             more = sum(report.counts.values()) - len(report.problems)
             if more:
                 lines.append(f"... and {more} more")
+            lines.extend(f"node log: {brk}" for brk in nodes.breaks)
             raise CommandError(f"audit log verification failed ({report.checked} records checked, "
-                               f"{report.checkpoints} checkpoints compared):\n" + "\n".join(lines))
+                               f"{report.checkpoints} checkpoints compared, {nodes.entries} node log entries of "
+                               f"{nodes.logs} nodes):\n" + "\n".join(lines))
         self.stdout.write(self.style.SUCCESS(
             f"audit log intact: {report.checked} records verified, {report.checkpoints} signed checkpoints compared "
-            f"({len(files)} anchor files), {report.pending} waiting for a checkpoint"))
+            f"({len(files)} anchor files), {report.pending} waiting for a checkpoint; {nodes.entries} entries of "
+            f"{nodes.logs} node logs verified against their cosigned checkpoints"))

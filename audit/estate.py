@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from django.db.models import CharField, F, Q, QuerySet, Value
+from django.db.models import CharField, F, QuerySet, Value
 from django.db.models.functions import Cast, Substr
 from django.utils import timezone
 
@@ -22,7 +21,6 @@ from audit.models import AuditEvent
 
 CONTROL_PLANE = "control-plane"
 NODE = "node"
-COLUMNS = ("e_kind", "e_ref", "e_at", "e_actor_type", "e_actor", "e_action", "e_summary", "e_site", "e_node", "e_seq")
 
 # How the console names a node (the sites app registers it: this app sits below sites).
 _node_names: list[Callable[[Iterable[str]], dict[str, str]]] = []
@@ -42,76 +40,48 @@ def node_names(uuids: Iterable[str]) -> dict[str, str]:
     return names
 
 
-@dataclasses.dataclass(frozen=True)
-class EstateFilter:
-    source: str = ""  # "", CONTROL_PLANE or NODE
-    site: uuid.UUID | None = None
-    node: uuid.UUID | None = None
-    actor: str = ""
-    action: str = ""
-    start: dt.datetime | None = None
-    end: dt.datetime | None = None
+FIELDS = ("kind", "ref", "seq", "at", "actor_type", "actor", "action", "object_type", "object_id", "object_repr",
+          "site", "source_ip", "hash")
+COLUMNS = tuple(f"e_{name}" for name in FIELDS)
 
 
-def _control_plane(user: Any, f: EstateFilter) -> QuerySet[AuditEvent]:
-    events = AuditEvent.objects.all().restrict(user)
-    if f.site:
-        events = events.filter(site_uuid=f.site)
-    if f.node:
-        events = events.filter(Q(object_id=str(f.node)) | Q(actor=str(f.node)))
-    if f.actor:
-        events = events.filter(actor__icontains=f.actor)
-    if f.action:
-        events = events.filter(action__startswith=f.action)
-    if f.start:
-        events = events.filter(created_at__gte=f.start)
-    if f.end:
-        events = events.filter(created_at__lt=f.end)
+def _text(value: str) -> Value:
+    return Value(value, output_field=CharField())
+
+
+def _events(events: QuerySet[AuditEvent]) -> QuerySet[Any]:
     return events.annotate(
-        e_kind=Value(CONTROL_PLANE, CharField()), e_ref=Cast("uuid", CharField()), e_at=F("created_at"),
-        e_actor_type=F("actor_type"), e_actor=F("actor"), e_action=F("action"), e_summary=F("object_repr"),
-        e_site=F("site_uuid"), e_node=F("object_id"), e_seq=F("seq"))
+        e_kind=_text(CONTROL_PLANE), e_ref=Cast("uuid", CharField()), e_seq=F("seq"), e_at=F("created_at"),
+        e_actor_type=F("actor_type"), e_actor=F("actor"), e_action=F("action"), e_object_type=F("object_type"),
+        e_object_id=F("object_id"), e_object_repr=F("object_repr"), e_site=F("site_uuid"),
+        e_source_ip=Cast("source_ip", CharField()), e_hash=F("hash")).values_list(*COLUMNS)
 
 
-def _nodes(user: Any, f: EstateFilter) -> QuerySet[NodeLogEntry]:
-    entries = NodeLogEntry.objects.all().restrict(user)
-    if f.site:
-        entries = entries.filter(site_uuid=f.site)
-    if f.node:
-        entries = entries.filter(node_uuid=f.node)
-    if f.actor:
-        # A node's entries are its own doing: its uuid is their actor.
-        entries = entries.annotate(actor_text=Cast("node_uuid", CharField())).filter(actor_text__icontains=f.actor)
-    if f.action:
-        entries = entries.filter(action__startswith=f.action)
-    if f.start:
-        entries = entries.filter(created_at__gte=f.start)
-    if f.end:
-        entries = entries.filter(created_at__lt=f.end)
+def _entries(entries: QuerySet[NodeLogEntry]) -> QuerySet[Any]:
+    node = Cast("node_uuid", CharField())
     return entries.annotate(
-        e_kind=Value(NODE, CharField()), e_ref=Cast("id", CharField()), e_at=F("created_at"),
-        e_actor_type=Value("node", CharField()), e_actor=Cast("node_uuid", CharField()), e_action=F("action"),
-        e_summary=Substr("detail", 1, 200), e_site=F("site_uuid"), e_node=Cast("node_uuid", CharField()),
-        e_seq=F("seq"))
+        e_kind=_text(NODE), e_ref=node, e_seq=F("seq"), e_at=F("created_at"), e_actor_type=_text("node"),
+        e_actor=node, e_action=F("action"), e_object_type=_text("node log"), e_object_id=node,
+        e_object_repr=Substr("detail", 1, 200), e_site=F("site_uuid"), e_source_ip=_text(""),
+        e_hash=_text("")).values_list(*COLUMNS)
 
 
-def estate_entries(user: Any, f: EstateFilter) -> QuerySet[Any]:
-    """The merged list, newest first: rows of :data:`COLUMNS` (as tuples)."""
-    parts = []
-    if f.source in ("", CONTROL_PLANE):
-        parts.append(_control_plane(user, f).values_list(*COLUMNS))
-    if f.source in ("", NODE):
-        parts.append(_nodes(user, f).values_list(*COLUMNS))
-    merged = parts[0] if len(parts) == 1 else parts[0].union(parts[1], all=True)
-    return merged.order_by("-e_at", "-e_seq")
+def merged(events: QuerySet[AuditEvent] | None, entries: QuerySet[NodeLogEntry] | None) -> QuerySet[Any]:
+    """One list of control-plane events and node entries (either may be left out), newest first."""
+    parts = [*([_events(events)] if events is not None else []), *([_entries(entries)] if entries is not None else [])]
+    if not parts:
+        raise ValueError("merged() needs events, entries or both")
+    combined = parts[0] if len(parts) == 1 else parts[0].union(parts[1], all=True)
+    return combined.order_by("-e_at", "-e_seq")
 
 
 def as_rows(rows: Iterable[tuple[Any, ...]]) -> list[dict[str, Any]]:
     """Rows as dicts for the template, with node names where the console knows them."""
-    dicts = [dict(zip((c[2:] for c in COLUMNS), row, strict=True)) for row in rows]
-    names = node_names(str(r["node"]) for r in dicts if r["node"])
+    dicts = [dict(zip(FIELDS, row, strict=True)) for row in rows]
+    nodes = {str(r["object_id"]) for r in dicts if r["kind"] == NODE or r["object_type"] == "sites.node"}
+    names = node_names(nodes)
     for row in dicts:
-        row["node_name"] = names.get(str(row["node"]), "")
+        row["node_name"] = names.get(str(row["object_id"]), "")
     return dicts
 
 

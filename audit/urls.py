@@ -10,4 +10,5 @@ urlpatterns = [
     path("", views.event_list, name="event-list"),
     path("checkpoint", views.checkpoint, name="checkpoint"),
     path("<uuid:event_id>/", views.event_detail, name="event-detail"),
+    path("nodes/<uuid:node_id>/<int:seq>/", views.node_entry_detail, name="node-entry"),
 ]

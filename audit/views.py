@@ -1,7 +1,8 @@
-"""The audit trail in the console: a filtered, paginated list and one event's detail.
+"""The audit trail in the console: the estate's events and node log entries in one filtered, paginated list,
+the nodes' logs' checkpoint status, and one event's or entry's detail.
 
-Everything is read through ``restrict``: a person sees the events of the sites
-they may see (administrators and auditors see the whole chain).
+Everything is read through ``restrict``: a person sees the events and entries
+of the sites they may see (administrators and auditors see the whole estate).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import Any
 from django import forms
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db.models import Q, QuerySet
+from django.db.models import CharField, Q, QuerySet
+from django.db.models.functions import Cast
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from audit.checkpoints import checkpoint_latest
+from audit.estate import CONTROL_PLANE, NODE, as_rows, merged, node_log_statuses, node_names
+from audit.log_models import NodeLog, NodeLogEntry, NodeLogState
 from audit.models import ActorType, AuditEvent
 from core.htmx import HtmxHttpRequest, render_page
 
@@ -34,6 +38,11 @@ class AuditFilterForm(forms.Form):
     action = forms.CharField(required=False, max_length=80, label="Action",
                              help_text="A prefix: node. matches node.enroll, node.revoke, …")
     object = forms.CharField(required=False, max_length=200, label="Object")
+    source = forms.ChoiceField(required=False, label="Log", choices=[
+        ("", "Control plane and nodes"), (CONTROL_PLANE, "Control plane"), (NODE, "Nodes")])
+    site = forms.UUIDField(required=False, label="Site")
+    node = forms.UUIDField(required=False, label="Node")
+    log_state = forms.ChoiceField(required=False, label="Node logs", choices=[("", "Any"), *NodeLogState.choices])
     date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
     date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
 
@@ -63,6 +72,45 @@ def _filtered(events: QuerySet[AuditEvent], data: dict[str, Any]) -> QuerySet[Au
     return events
 
 
+def _site_and_node(events: QuerySet[AuditEvent], data: dict[str, Any]) -> QuerySet[AuditEvent]:
+    if data.get("site"):
+        events = events.filter(site_uuid=data["site"])
+    if data.get("node"):
+        events = events.filter(Q(object_id=str(data["node"])) | Q(actor=str(data["node"])))
+    return events
+
+
+def _entries_filtered(entries: QuerySet[NodeLogEntry], data: dict[str, Any]) -> QuerySet[NodeLogEntry]:
+    """The same filters, for node log entries (their actor is their node, their object its log)."""
+    if data.get("site"):
+        entries = entries.filter(site_uuid=data["site"])
+    if data.get("node"):
+        entries = entries.filter(node_uuid=data["node"])
+    for text in (data.get("actor"), data.get("object")):
+        if text and text.strip():
+            entries = entries.annotate(node_text=Cast("node_uuid", CharField())).filter(
+                Q(node_text__icontains=text.strip()) | Q(detail__icontains=text.strip()))
+    if data.get("action"):
+        entries = entries.filter(action__startswith=data["action"].strip())
+    if data.get("date_from"):
+        entries = entries.filter(created_at__gte=_day_start(data["date_from"]))
+    if data.get("date_to"):
+        entries = entries.filter(created_at__lt=_day_start(data["date_to"] + dt.timedelta(days=1)))
+    return entries
+
+
+def _listed(user: Any, data: dict[str, Any] | None) -> QuerySet[Any]:
+    """The merged list the filters ``data`` ask for (None: no filter)."""
+    data = data or {}
+    events: QuerySet[AuditEvent] | None = None
+    entries: QuerySet[NodeLogEntry] | None = None
+    if data.get("source") in ("", None, CONTROL_PLANE):
+        events = _site_and_node(_filtered(AuditEvent.objects.all().restrict(user), data), data)
+    if data.get("source") in ("", None, NODE) and data.get("actor_type") in ("", None, ActorType.NODE):
+        entries = _entries_filtered(NodeLogEntry.objects.all().restrict(user), data)
+    return merged(events, entries)
+
+
 def _day_start(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time.min, tzinfo=timezone.get_current_timezone())
 
@@ -73,16 +121,14 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     params = request.GET.copy()
     page_number = params.pop("page", ["1"])[-1]
     form = AuditFilterForm(params or None)
-    events: QuerySet[AuditEvent] = AuditEvent.objects.all().restrict(request.user).order_by("-seq")
-    status = 200
+    status, rows = 200, _listed(request.user, form.cleaned_data if form.is_valid() else None)
     if form.is_bound and not form.is_valid():
         # A filter that cannot be applied shows nothing rather than everything.
-        events = events.none()
-        status = 400
-    elif form.is_bound:
-        events = _filtered(events, form.cleaned_data)
-    page = Paginator(events, PAGE_SIZE).get_page(page_number)
-    context = {"form": form, "page": page, "query": params.urlencode()}
+        status, rows = 400, rows.none()
+    page = Paginator(rows, PAGE_SIZE).get_page(page_number)
+    log_state = form.cleaned_data.get("log_state", "") if form.is_valid() else ""
+    context = {"form": form, "page": page, "rows": as_rows(page.object_list), "query": params.urlencode(),
+               "node_logs": node_log_statuses(request.user, state=log_state)}
     template = "audit/auditevent_list.html"
     return render_page(request, template, "audit-table", context, status=status)
 
@@ -98,6 +144,21 @@ def event_detail(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
     }
     template = "audit/auditevent_detail.html"
     return render_page(request, template, "event-body", context)
+
+
+@login_required
+@require_GET
+def node_entry_detail(request: HtmxHttpRequest, node_id: uuid.UUID, seq: int) -> HttpResponse:
+    entry = get_object_or_404(NodeLogEntry.objects.all().restrict(request.user), node_uuid=node_id, seq=seq)
+    log = NodeLog.objects.filter(node_uuid=node_id).first()
+    try:
+        detail = _pretty(json.loads(entry.detail))
+    except ValueError:
+        detail = entry.detail
+    context = {"entry": entry, "log": log, "detail_json": detail,
+               "node_name": node_names([str(node_id)]).get(str(node_id), ""),
+               "covered": log is not None and entry.seq <= log.cosigned_size}
+    return render_page(request, "audit/nodelogentry_detail.html", "entry-body", context)
 
 
 def _pretty(value: Any) -> str:

@@ -6,3 +6,10 @@ from django.apps import AppConfig
 class SitesConfig(AppConfig):
     name = "sites"
     verbose_name = "Regions, sites and nodes"
+
+    def ready(self) -> None:
+        # The audit trail (an app below this one) names nodes through this.
+        from audit.estate import node_names_register
+        from sites.selectors import node_names
+
+        node_names_register(node_names)

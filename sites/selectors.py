@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from django.db.models import F, Prefetch, Q, QuerySet
@@ -262,3 +264,18 @@ def token_state(token: EnrollmentToken, *, now: dt.datetime) -> str:
     if token.uses >= token.max_uses:
         return "used up"
     return "active"
+
+
+def node_names(uuids: Iterable[str]) -> dict[str, str]:
+    """Node uuid -> "site / node" for the nodes among ``uuids`` (the audit trail shows names, not uuids)."""
+    wanted = [u for u in uuids if _is_uuid(u)]
+    rows = Node.objects.filter(uuid__in=wanted).values_list("uuid", "name", "site__name")
+    return {str(u): f"{site} / {name}" for u, name, site in rows}
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True

@@ -27,6 +27,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
+from audit.log_models import NodeLog
 from audit.models import AuditEvent
 from audit.services import Actor
 from core.htmx import HtmxHttpRequest, render_page, wants_partial
@@ -213,6 +214,7 @@ def node_detail(request: HtmxHttpRequest, node_id: uuid.UUID) -> HttpResponse:
         "uptime": _duration(node.health.get("uptime_s")),
         "actual_json": _actual_json(node),
         "models": node_models(node),
+        "audit_log": NodeLog.objects.filter(node_uuid=node.uuid).restrict(request.user).first(),
     }
     return render_page(request, "sites/node_detail.html", "node-models", context)
 

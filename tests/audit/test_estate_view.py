@@ -12,6 +12,8 @@ from django.urls import reverse
 from audit.log_models import NodeLog, NodeLogState
 from audit.models import AuditEvent
 from audit.services import Actor
+from edge_runtime import protocol
+from edge_runtime.audit import node_log_origin
 from sites import services
 from sites.models import Site
 from tests.audit.test_witness import Node
@@ -101,3 +103,22 @@ def test_it_shows_each_node_logs_checkpoint_status_and_a_forked_one_everywhere(c
     fleet = client.get(reverse("sites:fleet"))
     assert fleet.status_code == 200 and "A node's audit log has" in fleet.content.decode()
     assert NodeLog.objects.get(node_uuid=forked.uuid).state == NodeLogState.FORKED
+
+
+def test_the_node_page_shows_its_audit_log_and_a_fork(client: Client, admin_user: Any, site_berlin: Site) -> None:
+    _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    row, _ = services.node_enroll(request=protocol.EnrollRequest(token=token, name="gw-log"), ip=None)
+    node = Node()
+    node.uuid, node.site, node.origin = row.uuid, site_berlin.uuid, node_log_origin(str(row.uuid))
+    node.log(3)
+    assert node.sync().state == "ok"
+    client.force_login(admin_user)
+    page = client.get(reverse("sites:node-detail", args=[row.uuid])).content.decode()
+    assert 'class="badge log-ok"' in page and "3 entries stored, checkpoint of 3 cosigned" in page
+    node.entries = node.entries[:1]
+    node.stored = node.cosigned_size = 1
+    assert node.sync(node.upload(start=1)).state == "forked"
+    page = client.get(reverse("sites:node-detail", args=[row.uuid])).content.decode()
+    assert 'class="badge log-forked"' in page and "shrank" in page and "nothing more is taken" in page
+    # The merged list names the node, not only its uuid.
+    assert "Plant Berlin / gw-log" in client.get("/audit/", {"source": "node"}).content.decode()

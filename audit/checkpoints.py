@@ -23,7 +23,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from audit import anchors, witness
-from audit.log_key import LogKey, log_key
+from audit.log_key import LogKey, key_path, log_key
 from audit.log_models import CONTROL_PLANE_LOG
 from audit.models import LEAF_FIELDS, AuditCheckpoint, AuditEvent, AuditLogLeaf, AuditPending, leaf_data
 from audit.trees import TreeStore
@@ -34,9 +34,16 @@ LOCK_KEY = 0x6564676577697365  # "edgewise"
 BATCH = 5000
 
 
+# Key files whose log has signed: checkpoints are append-only, so the question need not be asked again.
+_signed_before: set[str] = set()
+
+
 def checkpoint_key() -> LogKey:
     """The log key; made only while the log has no checkpoint, else a missing file is an AuditKeyError."""
-    return log_key(create=not AuditCheckpoint.objects.exists())
+    path = str(key_path())
+    if path not in _signed_before and AuditCheckpoint.objects.exists():
+        _signed_before.add(path)
+    return log_key(create=path not in _signed_before)
 
 
 def checkpoint_take() -> AuditCheckpoint | None:

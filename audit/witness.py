@@ -154,10 +154,13 @@ def _store_entries(ingest: Ingest) -> None:
     fresh = entries[len(duplicates):]
     if not fresh:
         return
-    checks = dict(NodeLogCheckpoint.objects.filter(node_uuid=log.node_uuid, size__gt=log.stored,
-                                                   size__lte=fresh[-1].seq).values_list("size", "root"))
-    if log.stored < log.cosigned_size <= fresh[-1].seq:
-        checks[log.cosigned_size] = log.cosigned_root
+    checks: dict[int, str] = {}
+    if log.stored < log.cosigned_size:
+        # A backlog: checkpoints were cosigned beyond what is stored; the entries must make each of them.
+        checks = dict(NodeLogCheckpoint.objects.filter(node_uuid=log.node_uuid, size__gt=log.stored,
+                                                       size__lte=fresh[-1].seq).values_list("size", "root"))
+        if log.cosigned_size <= fresh[-1].seq:
+            checks[log.cosigned_size] = log.cosigned_root
     now, completed = timezone.now(), []
     for entry in fresh:
         completed.extend(ingest.frontier.append(entry.leaf_hash()))
@@ -203,7 +206,8 @@ def _cosign(ingest: Ingest) -> str:
                                              root=checkpoint.root.hex(), note=note, cosigned_at=now)
             log.cosigned_size, log.cosigned_root, log.cosigned_note, log.cosigned_at = (
                 checkpoint.size, checkpoint.root.hex(), note, now)
-        log.save()
+        log.save(update_fields=["stored", "frontier", "cosigned_size", "cosigned_root", "cosigned_note", "cosigned_at",
+                                "updated_at"])
     return note
 
 

@@ -95,7 +95,8 @@ def writes(threads: list[int], seconds: float) -> dict[str, Any]:
 
 def _plain_insert(count: int) -> float:
     with connection.cursor() as cursor:
-        cursor.execute(f"CREATE TABLE IF NOT EXISTS {PLAIN} (LIKE audit_auditevent INCLUDING DEFAULTS INCLUDING IDENTITY)")
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {PLAIN} "
+                       "(LIKE audit_auditevent INCLUDING DEFAULTS INCLUDING IDENTITY)")
     fields = ", ".join(LEAF_FIELDS[:9]) + ", prev_hash, hash"
     start = time.perf_counter()
     with transaction.atomic(), connection.cursor() as cursor:

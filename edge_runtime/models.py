@@ -42,16 +42,20 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_runtime import signing
+from edge_runtime.audit_upload import AuditError
 from edge_runtime.policy.placement import PolicyBundle, site_decision
 from edge_runtime.protocol import API_PREFIX, DesiredModel, DesiredState, ModelStats, ModelStatus
 from edge_runtime.serving.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from edge_runtime.audit import NodeAudit
 
 logger = logging.getLogger("edge_runtime.models")
 
@@ -93,8 +97,12 @@ class ModelStore:
         public_key: Ed25519PublicKey | str,
         client: httpx.AsyncClient | None = None,
         retry_base_s: float = RETRY_BASE_S,
+        audit: NodeAudit | None = None,
     ) -> None:
         self.registry = registry
+        # The node's audit log: each model's changes of state are recorded there (None: not recorded).
+        self.audit = audit
+        self._recorded: dict[tuple[str, str], str] = {}
         self.artifacts = Path(state_dir) / "artifacts"
         self.base_url = base_url.rstrip("/")
         self.node_id = node_id
@@ -202,6 +210,7 @@ class ModelStore:
             await self._unload_undesired(desired, statuses, forbidden)
             self._collect_garbage(desired)
             self._statuses = statuses
+            self._record(statuses)
             if transient:
                 self._schedule_retry()
             else:
@@ -218,6 +227,9 @@ class ModelStore:
             if self.registry.versions(name):
                 # The policy forbids the model itself: no last known good version of it either.
                 logger.warning("unloading every version of model %s (forbidden by site policy)", name)
+                for version in self.registry.versions(name):
+                    self._audit("model.unloaded",
+                                {"name": name, "version": version, "reason": "forbidden by site policy"})
                 await self.registry.unload(name)
         wanted = {(m.name, m.version) for m in desired if m.name not in forbidden}
         serving_names = {s.name for s in statuses if s.state == "serving"}
@@ -230,7 +242,33 @@ class ModelStore:
                 if name in desired_names and name not in serving_names:
                     continue
                 logger.info("unloading model %s version %s (no longer desired)", name, version)
+                self._audit("model.unloaded", {"name": name, "version": version, "reason": "no longer desired"})
                 await self.registry.unload(name, version)
+
+    def _record(self, statuses: list[ModelStatus]) -> None:
+        """Audit each model version whose state changed since the last reconcile (serving, refused, failed)."""
+        for status in statuses:
+            key = (status.name, status.version)
+            if self._recorded.get(key) == status.state:
+                continue
+            self._recorded[key] = status.state
+            action = {"serving": "model.loaded", "refused": "model.refused"}.get(status.state, "model.failed")
+            detail: dict[str, Any] = {"name": status.name, "version": status.version, "sha256": status.sha256,
+                                      "state": status.state}
+            if status.error:
+                detail["error"] = status.error[:500]
+            self._audit(action, detail)
+        current = {(s.name, s.version) for s in statuses}
+        for key in [k for k in self._recorded if k not in current]:
+            del self._recorded[key]
+
+    def _audit(self, action: str, detail: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(action, detail)
+        except (AuditError, ValueError) as exc:
+            logger.error("cannot audit %s: %s", action, exc)
 
     def _collect_garbage(self, desired: list[DesiredModel]) -> None:
         keep = {m.sha256 for m in desired} | {v.sha256 for v in self.registry.loaded()}

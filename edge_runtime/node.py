@@ -30,6 +30,7 @@ from edge_runtime.state import Identity, StateDir
 from edge_runtime.telemetry import DEFAULT_BUDGET_BYTES, DEFAULT_INTERVAL_S
 
 if TYPE_CHECKING:
+    from edge_runtime.audit import NodeAudit
     from edge_runtime.datasets import DatasetService
     from edge_runtime.models import ModelStore
     from edge_runtime.serving.registry import ModelRegistry
@@ -101,6 +102,7 @@ async def build_node(state: StateDir, config: NodeConfig) -> Node:
     ``StateError`` for a state directory without a usable identity, and
     ``OSError`` when the model server cannot listen.
     """
+    from edge_runtime.audit import AuditError, NodeAudit
     from edge_runtime.models import ModelService, ModelStore
     from edge_runtime.serving.metrics import read_series
     from edge_runtime.serving.registry import ModelRegistry
@@ -113,17 +115,22 @@ async def build_node(state: StateDir, config: NodeConfig) -> Node:
         processes = resolve_processes(config.serving_processes) if config.serve_port >= 0 else 1
     except ValueError as exc:
         raise NodeError(str(exc)) from exc
+    try:
+        # One log for the agent and every plug-in that writes to it.
+        audit = NodeAudit.in_state_dir(state.path)
+    except AuditError as exc:
+        raise NodeError(str(exc)) from exc
     registry = ModelRegistry(instances=config.instances, cpus=cpu_share(processes), **options)
     store = ModelStore(registry=registry, state_dir=state.path, base_url=identity.url,
                        node_id=identity.node_id, credential=identity.credential,
-                       public_key=identity.signing_public_key)
+                       public_key=identity.signing_public_key, audit=audit)
     # Before the server starts: a datasets file that cannot be read stops the node with its reason.
-    datasets = dataset_service(state, identity, config, registry)
+    datasets = dataset_service(state, identity, config, registry, audit)
     server = await _start_server(registry, config, processes)
     queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=config.telemetry_budget_bytes)
     telemetry = Telemetry(queue, interval_s=config.telemetry_interval_s,
                           read_models=lambda: read_series(registry.metrics), disk_path=state.path)
-    agent = Agent(state, reconcilers=[ModelService(store), datasets], telemetry=telemetry)
+    agent = Agent(state, reconcilers=[ModelService(store), datasets], telemetry=telemetry, audit=audit)
     agent.status.model_server_url = server.url if server is not None else ""
     return Node(agent=agent, registry=registry, store=store, datasets=datasets, queue=queue, server=server)
 
@@ -140,9 +147,9 @@ async def _start_server(registry: ModelRegistry, config: NodeConfig, processes: 
     return handle
 
 
-def dataset_service(state: StateDir, identity: Identity, config: NodeConfig, registry: Any) -> DatasetService:
-    """The node's ``datasets`` plug-in: its datasets, its audit chain, its model server as scorer."""
-    from edge_runtime.audit import AuditError, NodeAudit
+def dataset_service(state: StateDir, identity: Identity, config: NodeConfig, registry: Any,
+                    audit: NodeAudit) -> DatasetService:
+    """The node's ``datasets`` plug-in: its datasets, the node's audit log, its model server as scorer."""
     from edge_runtime.data.catalog import DATASETS_FILE, Catalog, CatalogError
     from edge_runtime.data.node import registry_scorer
     from edge_runtime.datasets import DatasetService
@@ -154,8 +161,7 @@ def dataset_service(state: StateDir, identity: Identity, config: NodeConfig, reg
         else:
             catalog = Catalog.from_file(config.datasets)
             where = config.datasets
-        audit = NodeAudit.in_state_dir(state.path)
-    except (CatalogError, AuditError) as exc:
+    except CatalogError as exc:
         raise NodeError(str(exc)) from exc
     logger.info("datasets: %s (from %s)", ", ".join(catalog.names()) or "none", where)
     return DatasetService(state_dir=state.path, catalog=catalog, audit=audit, base_url=identity.url,

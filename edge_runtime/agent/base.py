@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edge_runtime.agent.plugins import Reconciler
+from edge_runtime.audit import AuditError, NodeAudit
 from edge_runtime.identity_key import NodeKey
 from edge_runtime.protocol import (
     API_PREFIX,
@@ -46,9 +47,11 @@ class AgentBase:
 
     def __init__(self, state: StateDir, *, reconcilers: Sequence[Reconciler] = (),
                  rng: random.Random | None = None, hardware: Hardware | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, audit: NodeAudit | None = None) -> None:
         self.state = state
         self.telemetry = telemetry
+        # The node's audit log, shared with the plug-ins that write to it; None: this agent audits nothing.
+        self.audit = audit
         self.identity: Identity = state.load_identity()
         self.public_key = self.identity.public_key()
         # The node's own key (created on the first start of a node enrolled before identity keys);
@@ -73,6 +76,15 @@ class AgentBase:
         self.stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
 
+
+    def record(self, action: str, detail: dict[str, Any]) -> None:
+        """Write ``action`` to the node's audit log; a log that cannot be written is logged, never fatal here."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(action, detail)
+        except (AuditError, ValueError) as exc:
+            logger.error("cannot audit %s: %s", action, one_line(exc))
 
     def _note_error(self, message: str) -> None:
         self.status.last_error = one_line(message)[:500]

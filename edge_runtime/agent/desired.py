@@ -125,6 +125,7 @@ class DesiredStates(AgentBase):
             self._pin(endorsement)
         await self._apply(signed, desired, persist=True)
         logger.info("applied desired state generation=%d", desired.generation)
+        self.record("desired.applied", {"generation": desired.generation, "epoch": desired.epoch})
         return True
 
     def _offered_applied(self) -> None:
@@ -215,6 +216,7 @@ class DesiredStates(AgentBase):
             self._save_status()
             return
         logger.warning("refused desired state generation=%d: %s", generation, reason)
+        self.record("desired.refused", {"generation": generation, "reason": reason[:500], "digest": digest})
         self.status.pending_refusals = [*self.status.pending_refusals, refusal][-MAX_PENDING_REFUSALS:]
         self.status.refused_digests = [*self.status.refused_digests, digest][-REMEMBERED_REFUSALS:]
         self._note_error(f"refused desired state generation={generation}: {reason}")

@@ -111,6 +111,7 @@ class Agent(Syncing):
             # nvidia-smi may take a moment; the loop stays responsive meanwhile.
             self.hardware = await asyncio.to_thread(detect_hardware)
         logger.info("starting node=%s site=%s url=%s", self.identity.node_id, self.identity.site, self.base_url)
+        self.record("node.started", {"runtime_version": __version__})
         await self.load()
         self._save_status()
         headers = {"Authorization": f"Bearer {self.identity.credential}",

@@ -16,8 +16,11 @@ from edge_runtime.agent.backoff import backoff_cap, backoff_ceiling, backoff_del
 from edge_runtime.agent.base import one_line
 from edge_runtime.agent.desired import DesiredStates
 from edge_runtime.agent.plugins import AnswersQueries, ReportsModels
+from edge_runtime.audit import AuditError, node_log_origin
 from edge_runtime.protocol import (
     ActualState,
+    AuditAck,
+    AuditUpload,
     Health,
     ModelStatus,
     SyncRequest,
@@ -45,6 +48,7 @@ class Syncing(DesiredStates):
     """One sync, and the loop that repeats it with back-off."""
 
     def sync_request(self) -> SyncRequest:
+        audit = self.audit_upload()  # first: a log that cannot upload shows in this request's health
         return SyncRequest(
             runtime_version=__version__,
             hardware=self.hardware,
@@ -55,7 +59,41 @@ class Syncing(DesiredStates):
             health=self.health(),
             refusals=list(self.status.pending_refusals),
             identity_key=self.node_key.public_b64,
+            audit=audit,
         )
+
+    def audit_upload(self) -> AuditUpload | None:
+        """This sync's audit upload (None without an audit log, or when it cannot be built: the sync goes on)."""
+        if self.audit is None:
+            return None
+        try:
+            return self.audit.upload(self.node_key.private, node_log_origin(self.identity.node_id))
+        except AuditError as exc:
+            self._audit_problem(f"the audit log cannot be uploaded: {exc}")
+            return None
+
+    def audit_acknowledged(self, upload: AuditUpload, ack: AuditAck) -> None:
+        """Keep what the control plane made of ``upload``; a state other than ok shows in health."""
+        if self.audit is None:
+            return
+        try:
+            problem = self.audit.acknowledge(upload, ack)
+        except AuditError as exc:
+            problem = f"the control plane's audit answer cannot be kept: {exc}"
+        self._audit_problem(problem)
+
+    def _audit_problem(self, problem: str | None) -> None:
+        """Show ``problem`` in health (None: the log is fine); logged when it changes, not on every sync."""
+        before = self.problems.get("audit")
+        if problem is None:
+            if before is not None:
+                logger.info("audit log: accepted by the control plane again")
+                self.problems.pop("audit")
+            return
+        problem = one_line(problem)[:300]
+        if problem != before:
+            logger.error("audit log: %s", problem)
+        self.problems["audit"] = problem
 
     def model_status(self) -> list[ModelStatus]:
         models: list[ModelStatus] = []
@@ -104,6 +142,8 @@ class Syncing(DesiredStates):
             raise SyncFailed(f"the control plane's answer is not a valid sync response: {exc.errors()[0]['msg']}"
                              ) from exc
         # The control plane has recorded everything this request carried.
+        if request.audit is not None and answer.audit is not None:
+            self.audit_acknowledged(request.audit, answer.audit)
         reported = len(request.refusals)
         self.status.pending_refusals = self.status.pending_refusals[reported:]
         failed_before = self.status.consecutive_failures

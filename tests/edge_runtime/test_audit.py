@@ -90,3 +90,24 @@ def test_it_keeps_one_chain_when_appending_from_many_threads(tmp_path: Path) -> 
 def test_it_refuses_an_empty_action(audit: NodeAudit) -> None:
     with pytest.raises(ValueError, match="action"):
         audit.append("")
+
+
+def test_it_refuses_a_detail_longer_than_an_entry_carries(tmp_path: Path) -> None:
+    from edge_runtime.protocol.audit import MAX_ENTRY_DETAIL
+
+    log = NodeAudit.in_state_dir(tmp_path)
+    with pytest.raises(ValueError, match=f"{MAX_ENTRY_DETAIL + 8} characters of JSON"):
+        log.append("query.answered", {"x": "y" * MAX_ENTRY_DETAIL})  # {"x":"..."}: 8 characters more
+    assert log.head()[0] == 0
+    log.append("query.answered", {"x": "y" * (MAX_ENTRY_DETAIL - 8)})
+    assert log.head()[0] == 1
+
+
+def test_its_hash_is_the_chain_hash_of_the_entry_the_control_plane_receives(audit: NodeAudit) -> None:
+    from edge_runtime.protocol.audit import LogEntry, entry_chain_hash
+    from edge_runtime.signing import canonical_json
+
+    for event in audit.events_after(0):
+        entry = LogEntry(seq=event.seq, at=event.at, action=event.action, detail=canonical_json(event.detail),
+                         prev_hash=event.prev_hash)
+        assert entry_chain_hash(entry.leaf_data()) == event.hash

@@ -287,3 +287,25 @@ def test_it_reports_models_to_the_agent_as_a_reconciler(server: om.ServerUnderTe
     server.thread.run(store.aclose())
 
 
+
+
+def test_it_audits_each_change_of_a_models_state_once(server: om.ServerUnderTest, artifacts: ArtifactServer,
+                                                      key: Any, tmp_path: Path) -> None:
+    from edge_runtime.audit import NodeAudit
+
+    log = NodeAudit.in_state_dir(tmp_path)
+    store = make_store(server, artifacts, key, tmp_path / "state", audit=log)
+    v1 = publish(artifacts, key, "m", "1", model_bytes(tmp_path, 1.0))
+    server.thread.run(store.reconcile([v1]))
+    server.thread.run(store.reconcile([v1]))  # nothing changed: nothing logged
+    broken = publish(artifacts, key, "m", "2", om.fails_smoke_test(tmp_path / "bad.onnx").read_bytes())
+    server.thread.run(store.reconcile([broken]))
+    v3 = publish(artifacts, key, "m", "3", model_bytes(tmp_path, 3.0))
+    server.thread.run(store.reconcile([v3]))
+    events = [(e.action, e.detail.get("version"), e.detail.get("reason")) for e in log.events_after(0)]
+    assert events == [("model.loaded", "1", None), ("model.failed", "2", None),
+                      ("model.unloaded", "1", "no longer desired"), ("model.loaded", "3", None)]
+    failed = log.events_after(1)[0]
+    assert failed.detail["sha256"] == broken.sha256 and "smoke test" in failed.detail["error"]
+    assert log.verify()[1] is None
+    server.thread.run(store.aclose())

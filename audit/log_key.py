@@ -9,7 +9,9 @@ file is an error naming it, never a silent new key (see
 :func:`audit.checkpoints.checkpoint_key`).
 
 Its public half is published as a C2SP verifier key (``vkey``): in every
-export, on ``GET /audit/checkpoint`` and at the head of every anchor file.
+export, at ``GET /audit/vkey`` and at the head of every anchor file. An
+auditor pins it once, from a source they trust, and checks everything else
+against it.
 """
 
 from __future__ import annotations

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
 import uuid
 from typing import Any
 
 from django import forms
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import CharField, Q, QuerySet
 from django.db.models.functions import Cast
-from django.http import HttpResponse
+from django.http import FileResponse, HttpResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from audit.checkpoints import checkpoint_latest
 from audit.estate import CONTROL_PLANE, NODE, as_rows, merged, node_log_statuses, node_names
+from audit.export import ExportError, audit_export, may_export
+from audit.log_key import AuditKeyError, log_key
 from audit.log_models import NodeLog, NodeLogEntry, NodeLogState
-from audit.models import ActorType, AuditEvent
+from audit.models import ActorType, AuditEvent, AuditLogLeaf
+from audit.proofs import NoProof, event_inclusion_proof, node_entry_inclusion_proof
+from audit.services import Actor
 from core.htmx import HtmxHttpRequest, render_page
 
 PAGE_SIZE = 50
@@ -128,7 +135,7 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
     page = Paginator(rows, PAGE_SIZE).get_page(page_number)
     log_state = form.cleaned_data.get("log_state", "") if form.is_valid() else ""
     context = {"form": form, "page": page, "rows": as_rows(page.object_list), "query": params.urlencode(),
-               "node_logs": node_log_statuses(request.user, state=log_state)}
+               "node_logs": node_log_statuses(request.user, state=log_state), "may_export": may_export(request.user)}
     template = "audit/auditevent_list.html"
     return render_page(request, template, "audit-table", context, status=status)
 
@@ -137,10 +144,14 @@ def event_list(request: HtmxHttpRequest) -> HttpResponse:
 @require_GET
 def event_detail(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
     event = get_object_or_404(AuditEvent.objects.all().restrict(request.user), uuid=event_id)
+    position = AuditLogLeaf.objects.filter(event=event).values_list("position", flat=True).first()
+    latest = checkpoint_latest() if position is not None else None
     context = {
         "event": event,
         "before_json": _pretty(event.before),
         "after_json": _pretty(event.after),
+        "proof_ready": latest is not None and position is not None and latest.size > position,
+        "checkpoint_size": latest.size if latest is not None else 0,
     }
     template = "audit/auditevent_detail.html"
     return render_page(request, template, "event-body", context)
@@ -161,6 +172,62 @@ def node_entry_detail(request: HtmxHttpRequest, node_id: uuid.UUID, seq: int) ->
     return render_page(request, "audit/nodelogentry_detail.html", "entry-body", context)
 
 
+@login_required
+@require_GET
+def event_proof(request: HtmxHttpRequest, event_id: uuid.UUID) -> HttpResponse:
+    """The event's inclusion proof in the log's latest signed checkpoint (JSON, for edge-runtime audit-verify)."""
+    event = get_object_or_404(AuditEvent.objects.all().restrict(request.user), uuid=event_id)
+    try:
+        document = event_inclusion_proof(event)
+    except (NoProof, AuditKeyError) as exc:
+        return _plain(str(exc), status=409)
+    return _download(json.dumps(document, indent=2), f"audit-event-{event.seq}.proof.json")
+
+
+@login_required
+@require_GET
+def node_entry_proof(request: HtmxHttpRequest, node_id: uuid.UUID, seq: int) -> HttpResponse:
+    """A node entry's inclusion proof in its log's latest cosigned checkpoint covering it."""
+    entry = get_object_or_404(NodeLogEntry.objects.all().restrict(request.user), node_uuid=node_id, seq=seq)
+    try:
+        document = node_entry_inclusion_proof(entry)
+    except (NoProof, AuditKeyError) as exc:
+        return _plain(str(exc), status=409)
+    return _download(json.dumps(document, indent=2), f"node-{node_id}-entry-{seq}.proof.json")
+
+
+@login_required
+@require_GET
+def export(request: HtmxHttpRequest) -> HttpResponseBase:
+    """The estate's audit bundle (zip), for those who may read the whole trail; the export is itself audited."""
+    if not may_export(request.user):
+        raise PermissionDenied("exporting the audit trail needs the estate-wide audit permission")
+    bundle = tempfile.TemporaryFile()  # noqa: SIM115 - FileResponse closes it
+    try:
+        audit_export(bundle, actor=Actor.from_request(request))
+    except (ExportError, AuditKeyError) as exc:
+        bundle.close()
+        return _plain(f"the audit trail was not exported: {exc}", status=409)
+    except BaseException:
+        bundle.close()
+        raise
+    bundle.seek(0)
+    stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+    return FileResponse(bundle, as_attachment=True, filename=f"edgewise-audit-{stamp}.zip",
+                        content_type="application/zip")
+
+
+def _plain(text: str, *, status: int) -> HttpResponse:
+    return HttpResponse(text + "\n", status=status, content_type="text/plain; charset=utf-8")
+
+
+def _download(text: str, filename: str) -> HttpResponse:
+    response = HttpResponse(text, content_type="application/json")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response["Cache-Control"] = "no-store"
+    return response
+
+
 def _pretty(value: Any) -> str:
     return "" if value is None else json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
 
@@ -174,5 +241,17 @@ def checkpoint(request: HtmxHttpRequest) -> HttpResponse:
                                 content_type="text/plain; charset=utf-8")
     else:
         response = HttpResponse(latest.note, content_type="text/plain; charset=utf-8")
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@require_GET
+def vkey(request: HtmxHttpRequest) -> HttpResponse:
+    """The audit log key's public half as a C2SP verifier key, for outside witnesses and auditors to pin."""
+    try:
+        response = HttpResponse(log_key().vkey + "\n", content_type="text/plain; charset=utf-8")
+    except AuditKeyError:
+        response = HttpResponse("the audit log has no key yet: it is made with the first checkpoint\n", status=404,
+                                content_type="text/plain; charset=utf-8")
     response["Cache-Control"] = "no-store"
     return response

@@ -273,6 +273,13 @@ def node_names(uuids: Iterable[str]) -> dict[str, str]:
     return {str(u): f"{site} / {name}" for u, name, site in rows}
 
 
+def node_identity_keys(uuids: Iterable[str]) -> dict[str, str]:
+    """Node uuid -> its registered identity key (base64), for the nodes among ``uuids`` that hold one."""
+    wanted = [u for u in uuids if _is_uuid(u)]
+    rows = Node.objects.filter(uuid__in=wanted).exclude(identity_key="").values_list("uuid", "identity_key")
+    return {str(u): key for u, key in rows}
+
+
 def _is_uuid(text: str) -> bool:
     try:
         uuid.UUID(text)

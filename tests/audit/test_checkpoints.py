@@ -91,6 +91,19 @@ def test_it_serves_the_latest_checkpoint_to_anyone(client: Client) -> None:
 
 
 @pytest.mark.django_db
+def test_it_serves_the_log_keys_vkey_to_anyone_once_the_key_exists(client: Client) -> None:
+    response = client.get("/audit/vkey")
+    assert response.status_code == 404 and b"no key yet" in response.content
+    append("one")
+    checkpoint_take()
+    response = client.get("/audit/vkey")
+    assert response.status_code == 200 and response["Cache-Control"] == "no-store"
+    assert response.content.decode() == log_key().vkey + "\n"
+    name, public = notes.parse_vkey(response.content.decode().strip())
+    notes.open_checkpoint(client.get("/audit/checkpoint").content.decode(), name, public)
+
+
+@pytest.mark.django_db
 def test_it_exports_the_checkpoints_as_an_anchor_that_audit_verify_takes(tmp_path: Path) -> None:
     append("one")
     checkpoint_take()

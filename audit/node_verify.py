@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from audit.log_key import LogKey
 from audit.log_models import NodeLog, NodeLogCheckpoint, NodeLogEntry, TreeNode
@@ -47,10 +49,21 @@ class NodeLogsReport:
     breaks: list[NodeLogBreak] = dataclasses.field(default_factory=list)
 
 
-def node_logs_verify(key: LogKey, *, batch_size: int = 5000) -> NodeLogsReport:
-    """Check every node log; the report names at most the first break of each."""
+def node_logs_verify(key: LogKey | None = None, *, vkeys: Sequence[str] | None = None,
+                     batch_size: int = 5000) -> NodeLogsReport:
+    """Check every node log; the report names at most the first break of each.
+
+    The cosignatures are checked with ``key``'s public half, or, given ``vkeys`` (verifier keys an auditor
+    pinned), with any of those; NoteError if one of them is no verifier key.
+    """
+    if vkeys:
+        cosigners = [notes.parse_vkey(text) for text in vkeys]
+    elif key is not None:
+        cosigners = [(key.name, key.public)]
+    else:
+        raise ValueError("node_logs_verify needs the audit log key or the verifier keys to check cosignatures with")
     report = NodeLogsReport()
-    expected, breaks = _expected_heads(key)
+    expected, breaks = _expected_heads(cosigners)
     report.breaks.extend(breaks)
     nodes = {str(u) for u in NodeLog.objects.values_list("node_uuid", flat=True)}
     nodes |= {str(u) for u in NodeLogEntry.objects.values_list("node_uuid", flat=True).distinct()}
@@ -64,7 +77,21 @@ def node_logs_verify(key: LogKey, *, batch_size: int = 5000) -> NodeLogsReport:
     return report
 
 
-def _expected_heads(key: LogKey) -> tuple[dict[str, dict[int, str]], list[NodeLogBreak]]:
+def _cosigned(note: notes.Note, cosigners: Sequence[tuple[str, Ed25519PublicKey]]) -> None:
+    """NoteError unless one of ``cosigners`` cosigned ``note``."""
+    problem: notes.NoteError | None = None
+    for name, public in cosigners:
+        try:
+            notes.verify_cosignature(note, name, public)
+            return
+        except notes.NoteError as exc:
+            problem = exc
+    assert problem is not None
+    raise problem
+
+
+def _expected_heads(cosigners: Sequence[tuple[str, Ed25519PublicKey]],
+                    ) -> tuple[dict[str, dict[int, str]], list[NodeLogBreak]]:
     """Per node: checkpoint size -> root (hex) that its stored log must have."""
     expected: dict[str, dict[int, str]] = defaultdict(dict)
     breaks: list[NodeLogBreak] = []
@@ -76,7 +103,7 @@ def _expected_heads(key: LogKey) -> tuple[dict[str, dict[int, str]], list[NodeLo
         node = str(node_uuid)
         try:
             parsed = notes.parse_note(note)
-            notes.verify_cosignature(parsed, key.name, key.public)
+            _cosigned(parsed, cosigners)
             checkpoint = notes.Checkpoint.parse(parsed.text)
         except notes.NoteError as exc:
             breaks.append(NodeLogBreak(node, size, f"the cosigned checkpoint of {size} entries does not verify: {exc}"))

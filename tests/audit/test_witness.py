@@ -6,10 +6,14 @@ checkpoint, the two proofs), so that each test can make it honest or not.
 
 from __future__ import annotations
 
+import io
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from audit import checkpoints
@@ -256,10 +260,15 @@ def test_each_rewrite_of_a_stored_node_log_is_named(case: str) -> None:
     sql, message = TAMPERING[case]
     if case == "reorder":
         superuser("ALTER TABLE audit_nodelogentry DROP CONSTRAINT audit_nodelogentry_unique")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, None if "TRUNCATE" in sql else {"node": node.uuid})
-    breaks = node_logs_verify(checkpoints.checkpoint_key()).breaks
-    assert len(breaks) == 1 and breaks[0].node_uuid == str(node.uuid) and message in breaks[0].reason, breaks
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, None if "TRUNCATE" in sql else {"node": node.uuid})
+        breaks = node_logs_verify(checkpoints.checkpoint_key()).breaks
+        assert len(breaks) == 1 and breaks[0].node_uuid == str(node.uuid) and message in breaks[0].reason, breaks
+    finally:
+        if case == "reorder":  # the schema outlives this test's rows: put the constraint back
+            superuser("DELETE FROM audit_nodelogentry")
+            superuser("ALTER TABLE audit_nodelogentry ADD CONSTRAINT audit_nodelogentry_unique UNIQUE (node_uuid, seq)")
 
 
 def test_a_rewrite_that_recomputes_every_hash_and_row_still_differs_from_the_control_planes_log() -> None:
@@ -283,3 +292,21 @@ def test_a_checkpoint_row_changed_without_its_cosigned_note_is_named() -> None:
     superuser("UPDATE audit_nodelogcheckpoint SET root = %s WHERE size = 30", "ab" * 32)
     breaks = node_logs_verify(checkpoints.checkpoint_key()).breaks
     assert any("the row was altered" in b.reason for b in breaks), breaks
+
+
+@pytest.mark.usefixtures("audit_dirs")
+def test_audit_verify_checks_the_nodes_cosignatures_with_the_pinned_key_not_the_key_file(settings: Any,
+                                                                                        tmp_path: Path) -> None:
+    witnessed()
+    checkpoints.checkpoint_take()
+    pinned = checkpoints.checkpoint_key().vkey
+    out = io.StringIO()
+    call_command("audit_verify", "--vkey", pinned, "--no-anchor-dir", stdout=out)
+    assert "30 entries of 1 node logs verified" in out.getvalue()
+    # A key file swapped for another: with the pinned key, what it cosigned would not pass.
+    other = notes.vkey(checkpoints.checkpoint_key().name, Ed25519PrivateKey.generate().public_key())
+    out = io.StringIO()
+    call_command("audit_verify", "--vkey", other, "--vkey", pinned, "--no-anchor-dir", stdout=out)
+    assert "30 entries of 1 node logs verified" in out.getvalue()  # any pinned key (a rotation) is taken
+    with pytest.raises(CommandError, match="the cosigned checkpoint of 15 entries does not verify"):
+        call_command("audit_verify", "--vkey", other, "--no-anchor-dir", stdout=io.StringIO())

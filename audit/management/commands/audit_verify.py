@@ -35,7 +35,12 @@ class Command(BaseCommand):
             files.append(configured)
         try:
             report = audit_verify(anchor_files=files, vkeys=options["vkey"])
-            nodes = node_logs_verify(log_key()) if AuditCheckpoint.objects.exists() else NodeLogsReport()
+            if not AuditCheckpoint.objects.exists():
+                nodes = NodeLogsReport()
+            elif options["vkey"]:  # the pinned keys check the nodes' cosigned checkpoints too
+                nodes = node_logs_verify(vkeys=options["vkey"])
+            else:
+                nodes = node_logs_verify(log_key())
         except (AuditKeyError, NoteError) as exc:
             raise CommandError(str(exc)) from None
         if not report.ok or nodes.breaks:

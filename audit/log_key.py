@@ -16,6 +16,7 @@ against it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -58,7 +59,8 @@ def log_key(*, create: bool = False) -> LogKey:
         if not create:
             raise AuditKeyError(f"the audit log key {path} is missing: restore it (EDGEWISE_AUDIT_KEY_PATH); "
                                 "without it no checkpoint can be signed and the audit trail cannot grow")
-        signing.write_key_file(path, signing.generate_private_key())
+        with contextlib.suppress(FileExistsError):  # another process made it first: both use that one
+            signing.write_key_file(path, signing.generate_private_key())
     return LogKey(settings.AUDIT_ORIGIN, _read(str(path), path.stat().st_mtime_ns))
 
 

@@ -229,3 +229,25 @@ def test_concurrent_appends_make_a_gap_free_log_of_exactly_the_committed_events(
     assert not AuditPending.objects.exists()
     report = audit_verify()
     assert report.ok and report.checked == 160, report.problems
+
+
+def test_processes_that_make_the_missing_key_at_once_all_use_the_one_that_was_written(audit_dirs: Path) -> None:
+    # The first syncs of a fresh control plane cosign at once, each in its own worker.
+    barrier = threading.Barrier(8)
+    keys: list[str] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        barrier.wait()
+        try:
+            keys.append(log_key(create=True).vkey)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(keys) == 8 and len(set(keys)) == 1
+    assert keys[0] == log_key().vkey and not list(audit_dirs.glob(".audit_log_key.pem.*"))

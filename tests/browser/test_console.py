@@ -105,7 +105,8 @@ def test_it_takes_an_operator_from_login_to_a_downloaded_installer(
     assert value not in page.content()
 
     nodes.get_by_role("link", name="gw-1").click()
-    expect(page.locator("h1")).to_contain_text("gw-1")
+    # The node page reads its audit log panel too: on a loaded CI machine it may take longer than the default 5 s.
+    expect(page.locator("h1")).to_contain_text("gw-1", timeout=20_000)
     expect(page.locator("main")).to_contain_text("node.enroll")
     snap(page, "node")
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ from edge_runtime.protocol.audit import MAX_ENTRY_DETAIL, AuditAck, AuditUpload,
 
 __all__ = ["AUDIT_FILE", "GENESIS_HASH", "AuditError", "AuditEvent", "ChainBreak", "NodeAudit", "WitnessState",
            "event_hash", "node_log_origin"]
+
+_logger = logging.getLogger("edge_runtime.audit")
 
 AUDIT_FILE = "audit.sqlite3"
 GENESIS_HASH = "0" * 64
@@ -255,6 +258,13 @@ class NodeAudit:
             raise AuditError(f"audit log {str(self.path)!r} cannot be written: {exc}") from None
         return AuditEvent(seq=seq, at=at, action=action, detail=json.loads(detail_json), prev_hash=prev,
                           hash=digest)
+
+    def record(self, action: str, detail: dict[str, Any]) -> None:
+        """Append an event that nothing waits on: one that cannot be written is logged, never raised."""
+        try:
+            self.append(action, detail)
+        except (AuditError, ValueError) as exc:
+            _logger.error("cannot audit %s: %s", action, " ".join(str(exc).split()))
 
     def head(self) -> tuple[int, str]:
         with self._connect() as conn:

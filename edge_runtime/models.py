@@ -49,7 +49,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from edge_runtime import signing
-from edge_runtime.audit_upload import AuditError
 from edge_runtime.policy.placement import PolicyBundle, site_decision
 from edge_runtime.protocol import API_PREFIX, DesiredModel, DesiredState, ModelStats, ModelStatus
 from edge_runtime.serving.registry import ModelRegistry
@@ -263,12 +262,8 @@ class ModelStore:
             del self._recorded[key]
 
     def _audit(self, action: str, detail: dict[str, Any]) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(action, detail)
-        except (AuditError, ValueError) as exc:
-            logger.error("cannot audit %s: %s", action, exc)
+        if self.audit is not None:
+            self.audit.record(action, detail)
 
     def _collect_garbage(self, desired: list[DesiredModel]) -> None:
         keep = {m.sha256 for m in desired} | {v.sha256 for v in self.registry.loaded()}

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from edge_runtime.agent.plugins import Reconciler
-from edge_runtime.audit import AuditError, NodeAudit
+from edge_runtime.audit import NodeAudit
 from edge_runtime.identity_key import NodeKey
 from edge_runtime.protocol import (
     API_PREFIX,
@@ -79,12 +79,8 @@ class AgentBase:
 
     def record(self, action: str, detail: dict[str, Any]) -> None:
         """Write ``action`` to the node's audit log; a log that cannot be written is logged, never fatal here."""
-        if self.audit is None:
-            return
-        try:
-            self.audit.append(action, detail)
-        except (AuditError, ValueError) as exc:
-            logger.error("cannot audit %s: %s", action, one_line(exc))
+        if self.audit is not None:
+            self.audit.record(action, detail)
 
     def _note_error(self, message: str) -> None:
         self.status.last_error = one_line(message)[:500]

@@ -66,6 +66,10 @@ class NodeConfig:
     # None: <state dir>/datasets.json (no file there: no datasets).
     datasets: Path | None = None
     query_workers: int = 2
+    # Never dial the control plane (an air-gapped site): bundles only.
+    offline: bool = False
+    # Bundles copied here are imported by the agent itself.
+    drop_folder: Path | None = None
 
 
 @dataclass
@@ -130,7 +134,9 @@ async def build_node(state: StateDir, config: NodeConfig) -> Node:
     queue = TelemetryQueue(state.path / QUEUE_FILE, budget_bytes=config.telemetry_budget_bytes)
     telemetry = Telemetry(queue, interval_s=config.telemetry_interval_s,
                           read_models=lambda: read_series(registry.metrics), disk_path=state.path)
-    agent = Agent(state, reconcilers=[ModelService(store), datasets], telemetry=telemetry, audit=audit)
+    agent = Agent(state, reconcilers=[ModelService(store), datasets], telemetry=telemetry, audit=audit,
+                  offline=config.offline)
+    agent.drop_folder = config.drop_folder
     agent.status.model_server_url = server.url if server is not None else ""
     return Node(agent=agent, registry=registry, store=store, datasets=datasets, queue=queue, server=server)
 

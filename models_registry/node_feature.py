@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime import signing
+from models_registry import storage
 from models_registry.models import ModelVariant, ModelVersion
 from models_registry.selectors import desired_models_for_node
 from models_registry.services import model_status_report
@@ -38,3 +40,7 @@ class ModelsFeature(NodeFeatureBase):
             variant.save(update_fields=["signature"])
             count += 1
         return count
+
+    def artifact_file(self, sha256: str) -> Path | None:
+        path = storage.artifact_path(sha256)
+        return path if path.is_file() else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_runtime import protocol
@@ -74,6 +75,10 @@ class NodeFeature(Protocol):
         """Sign again, with a new key, whatever this feature signed; how many signatures were made."""
         ...
 
+    def artifact_file(self, sha256: str) -> Path | None:
+        """The file of an artifact this feature stores, by sha256 (for a bundle carried to a site); None: not ours."""
+        ...
+
 
 class NodeFeatureBase:
     """A feature that takes part in nothing: subclasses override what they contribute."""
@@ -92,6 +97,9 @@ class NodeFeatureBase:
     def sign_again(self, key: Ed25519PrivateKey) -> int:
         return 0
 
+    def artifact_file(self, sha256: str) -> Path | None:
+        return None
+
 
 _features: list[NodeFeature] = []
 
@@ -107,6 +115,15 @@ def register(feature: NodeFeature) -> None:
 
 def node_features() -> tuple[NodeFeature, ...]:
     return tuple(_features)
+
+
+def artifact_file(sha256: str) -> Path | None:
+    """The stored file of the artifact ``sha256``, from whichever feature keeps it; None if none does."""
+    for feature in _features:
+        path = feature.artifact_file(sha256)
+        if path is not None:
+            return path
+    return None
 
 
 def desired_content(node: Any, cache: dict[Any, Any]) -> dict[str, Any]:

@@ -18,6 +18,8 @@ class PolicyFeature(NodeFeatureBase):
         site = node.site
         key = ("policy", site.pk)
         if key not in cache:
-            # "data": the data policy in force at the site and the facts it is evaluated with.
-            cache[key] = {**policy_bundle_for_site(site), "data": data_bundle_for_site(site)}
+            # "data": the data policy in force at the site and the facts it is evaluated with; "bundles": what
+            # its nodes do with a bundle in that has expired (edge_runtime.airgap).
+            cache[key] = {**policy_bundle_for_site(site), "data": data_bundle_for_site(site),
+                          "bundles": {"expired": site.expired_bundles}}
         return {"policy": cache[key]}

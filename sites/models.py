@@ -52,6 +52,11 @@ class Connectivity(models.TextChoices):
     AIR_GAPPED = "air_gapped", "Air-gapped"  # no link; bundles are carried in and out
 
 
+class ExpiredBundles(models.TextChoices):
+    REFUSE = "refuse", "Refuse"
+    WARN = "warn", "Accept, with a recorded warning"
+
+
 class Clearance(models.IntegerChoices):
     PUBLIC = 0, "Public"
     INTERNAL = 1, "Internal"
@@ -71,6 +76,8 @@ class Site(models.Model):
     latitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-90), MaxValueValidator(90)])
     longitude = models.FloatField(null=True, blank=True, validators=[MinValueValidator(-180), MaxValueValidator(180)])
     labels = models.JSONField(default=dict, blank=True)
+    # What a node of this site does with a bundle in that has expired: a site may stay cut off for months.
+    expired_bundles = models.CharField(max_length=10, choices=ExpiredBundles.choices, default=ExpiredBundles.REFUSE)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = RestrictedQuerySet.as_manager()
@@ -188,6 +195,48 @@ class EnrollmentToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.site.slug})" if self.site_id else self.prefix
+
+
+class BundleDirection(models.TextChoices):
+    IN = "in", "In (to the site)"
+    OUT = "out", "Out (from a node)"
+
+
+class SiteBundle(models.Model):
+    """One bundle made for a site (in) or taken from one of its nodes (out): ``sites.bundles``."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="bundles")
+    # The node that wrote a bundle out; null for a bundle in.
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.PROTECT, related_name="bundles")
+    direction = models.CharField(max_length=3, choices=BundleDirection.choices)
+    sequence = models.BigIntegerField()
+    # When the bundle was made (by the control plane, or by the node), and until when a bundle in is fresh.
+    made_at = models.DateTimeField()
+    expires_at = models.DateTimeField(null=True, blank=True)
+    # sha256 of the signed metadata: one bundle, whatever the file it came in is called.
+    digest = models.CharField(max_length=64)
+    size = models.BigIntegerField(default=0)
+    # What it holds (counts per kind, artifacts); for a bundle out, what was ingested and the receipt given.
+    summary = models.JSONField(default=dict)
+    receipt = models.JSONField(default=dict, blank=True)
+    by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    recorded_at = models.DateTimeField(auto_now_add=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.site("site")
+
+    class Meta:
+        ordering = ["-recorded_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["site", "sequence"], condition=models.Q(direction="in"),
+                                    name="bundle_in_sequence_unique_per_site"),
+            models.UniqueConstraint(fields=["node", "sequence"], condition=models.Q(direction="out"),
+                                    name="bundle_out_sequence_unique_per_node"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.direction} {self.sequence} ({self.site.slug})" if self.site_id else str(self.sequence)
 
 
 # Registered with this app; defined in sites.telemetry.

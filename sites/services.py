@@ -70,6 +70,7 @@ def _site_fields(site: Site) -> dict[str, Any]:
         "jurisdiction": site.jurisdiction,
         "clearance": site.clearance,
         "connectivity": site.connectivity,
+        "expired_bundles": site.expired_bundles,
         "latitude": site.latitude,
         "longitude": site.longitude,
         "labels": site.labels,

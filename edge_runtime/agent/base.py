@@ -47,8 +47,10 @@ class AgentBase:
 
     def __init__(self, state: StateDir, *, reconcilers: Sequence[Reconciler] = (),
                  rng: random.Random | None = None, hardware: Hardware | None = None,
-                 telemetry: Telemetry | None = None, audit: NodeAudit | None = None) -> None:
+                 telemetry: Telemetry | None = None, audit: NodeAudit | None = None, offline: bool = False) -> None:
         self.state = state
+        # Offline: never dials the control plane; desired states, queries and receipts come by bundle only.
+        self.offline = offline
         self.telemetry = telemetry
         # The node's audit log, shared with the plug-ins that write to it; None: this agent audits nothing.
         self.audit = audit
@@ -73,6 +75,8 @@ class AgentBase:
         self.started = time.monotonic()
         self.synced_once = False
         self.wake = asyncio.Event()
+        # A sync's answer and a bundle's are applied one at a time.
+        self.applying = asyncio.Lock()
         self.stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
 

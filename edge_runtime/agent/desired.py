@@ -83,7 +83,14 @@ class DesiredStates(AgentBase):
         logger.info("loaded desired state generation=%d from disk", desired.generation)
 
     async def consider(self, signed: SignedDesiredState) -> bool:
-        """Apply ``signed`` if it is acceptable, else record a refusal. True if applied."""
+        """Apply ``signed`` if it is acceptable, else record a refusal. True if applied.
+
+        From a sync's answer or a bundle's, one at a time.
+        """
+        async with self.applying:
+            return await self._consider(signed)
+
+    async def _consider(self, signed: SignedDesiredState) -> bool:
         digest = document_digest(signed)
         if self.signed is not None and document_digest(self.signed) == digest:
             # The state already applied, sent again: whatever was refused before is no longer offered.

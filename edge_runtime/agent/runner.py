@@ -15,7 +15,8 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from edge_runtime import __version__
 from edge_runtime.agent.backoff import backoff_cap, backoff_delay
 from edge_runtime.agent.base import one_line
-from edge_runtime.agent.sync import HTTP_TIMEOUT, Syncing
+from edge_runtime.agent.bundles import BundleIntake
+from edge_runtime.agent.sync import HTTP_TIMEOUT
 from edge_runtime.hardware import detect_hardware
 from edge_runtime.protocol import (
     Nudge,
@@ -34,7 +35,7 @@ STREAM_MAX_MESSAGE_BYTES = 64 * 1024
 STREAM_MESSAGE: TypeAdapter[Nudge | TelemetryAck | StreamError] = TypeAdapter(StreamMessage)
 
 
-class Agent(Syncing):
+class Agent(BundleIntake):
     """Keeps this node in step with the control plane (see the package doc)."""
 
     async def stream_loop(self) -> None:
@@ -110,7 +111,8 @@ class Agent(Syncing):
         if self.hardware is None:
             # nvidia-smi may take a moment; the loop stays responsive meanwhile.
             self.hardware = await asyncio.to_thread(detect_hardware)
-        logger.info("starting node=%s site=%s url=%s", self.identity.node_id, self.identity.site, self.base_url)
+        logger.info("starting node=%s site=%s url=%s", self.identity.node_id, self.identity.site,
+                    "none (offline: bundles only)" if self.offline else self.base_url)
         self.record("node.started", {"runtime_version": __version__})
         await self.load()
         self._save_status()
@@ -118,8 +120,10 @@ class Agent(Syncing):
                    "User-Agent": f"edgewise-edge-runtime/{__version__}"}
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT, headers=headers) as client:
             self._client = client
-            tasks = [asyncio.create_task(self.sync_loop(), name="sync"),
-                     asyncio.create_task(self.stream_loop(), name="stream")]
+            tasks = [asyncio.create_task(self.bundle_loop(), name="bundles")]
+            if not self.offline:
+                tasks += [asyncio.create_task(self.sync_loop(), name="sync"),
+                          asyncio.create_task(self.stream_loop(), name="stream")]
             if self.telemetry is not None:
                 tasks.append(asyncio.create_task(self.telemetry.collect_loop(), name="telemetry"))
             stopper = asyncio.create_task(self.stopping.wait(), name="stop")

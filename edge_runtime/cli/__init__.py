@@ -6,9 +6,10 @@
                         [--name NAME] [--role device|gateway|server] [--state-dir DIR] [--force]
     edge-runtime run [--state-dir DIR] [--log-level LEVEL]
                      [--telemetry-interval SECONDS] [--telemetry-budget SIZE]
-                     [--datasets FILE] [--query-workers N]
+                     [--datasets FILE] [--query-workers N] [--offline] [--drop-folder DIR]
     edge-runtime status [--state-dir DIR] [--json]
     edge-runtime audit-verify PATH [--vkey VKEY] [--json]
+    edge-runtime import-bundle FILE [--state-dir DIR] [--json]
 
 The enrollment token comes from exactly one of: ``$EDGEWISE_ENROLLMENT_TOKEN``,
 ``--token-stdin`` (read from standard input, as ``docker login

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.cli.audit_verify import add_audit_verify
+from edge_runtime.cli.bundles import cmd_import_bundle
 from edge_runtime.cli.enroll import TOKEN_ENV, cmd_enroll
 from edge_runtime.cli.run import cmd_run, cmd_serve
 from edge_runtime.cli.status import cmd_status
@@ -141,6 +142,11 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="the node's datasets file (default: <state dir>/datasets.json; none there: no datasets)")
     run.add_argument("--query-workers", type=parse_workers, default=os.environ.get("EDGEWISE_QUERY_WORKERS", "2"),
                      help="federated queries run at once on this node (default 2)")
+    run.add_argument("--offline", action="store_true", default=os.environ.get("EDGEWISE_AIR_GAPPED") == "1",
+                     help="never dial the control plane: desired states, queries and receipts come by bundle only "
+                          "(an air-gapped site; $EDGEWISE_AIR_GAPPED=1)")
+    run.add_argument("--drop-folder", type=Path, default=os.environ.get("EDGEWISE_DROP_FOLDER") or None,
+                     help="import every bundle copied into this folder (moved to imported/ or refused/ after)")
     providers_option(run)
     instances_option(run)
     state_dir_option(run)
@@ -167,10 +173,18 @@ def add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     status.set_defaults(func=cmd_status)
 
 
+def add_import_bundle(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("import-bundle", help="verify a bundle from the control plane and queue it for the agent")
+    p.add_argument("file", type=Path, metavar="FILE", help="the bundle (FILE, or its first part FILE.001)")
+    p.add_argument("--json", action="store_true", help="print what was imported as JSON")
+    state_dir_option(p)
+    p.set_defaults(func=cmd_import_bundle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="The Edgewise edge runtime.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_enroll, add_run, add_serve, add_status, add_audit_verify):
+    for add in (add_enroll, add_run, add_serve, add_status, add_audit_verify, add_import_bundle):
         add(sub)
     return parser

@@ -15,7 +15,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         serve_host=args.serve_host, serve_port=args.serve_port, serving_processes=args.serving_processes,
         instances=args.instances, max_connections=args.max_connections, providers=tuple(args.providers),
         telemetry_interval_s=args.telemetry_interval, telemetry_budget_bytes=args.telemetry_budget,
-        datasets=args.datasets, query_workers=args.query_workers,
+        datasets=args.datasets, query_workers=args.query_workers, offline=args.offline, drop_folder=args.drop_folder,
     )
 
 

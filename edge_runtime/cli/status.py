@@ -35,8 +35,20 @@ def status_report(state: StateDir) -> dict[str, Any]:
         "desired_state": _desired_report(state, identity),
         "model_server_url": status.model_server_url,
         "telemetry": _telemetry_report(state),
+        "bundles": _bundles_report(state),
         "state_dir": str(state.path),
     }
+
+
+def _bundles_report(state: StateDir) -> dict[str, Any]:
+    from edge_runtime.airgap.inbound import Bundles
+
+    bundles = Bundles(state)
+    try:
+        current = bundles.load()
+    except StateError as exc:
+        return {"error": str(exc)}
+    return {**current.model_dump(mode="json"), "inbox": [int(p.stem) for p in bundles.pending()]}
 
 
 def _telemetry_report(state: StateDir) -> dict[str, Any]:
@@ -91,9 +103,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("telemetry waiting", f"{report['telemetry']['pending_points']} point(s), "
                               f"{report['telemetry']['pending_gaps']} gap record(s); "
                               f"{report['telemetry']['lost_points']} point(s) lost to the disk budget"),
+        ("bundles", _bundles_line(report["bundles"])),
         ("state dir", report["state_dir"]),
     ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key + ':':<{width + 1}} {value}")
     return 0
+
+
+def _bundles_line(bundles: dict[str, Any]) -> str:
+    if "error" in bundles:
+        return f"ERROR: {bundles['error']}"
+    if not bundles["in_sequence"] and not bundles["out_sequence"] and not bundles["last_refusal"]:
+        return "none"
+    parts = [f"in {bundles['in_sequence']} (applied {bundles['applied_sequence']})", f"out {bundles['out_sequence']}"]
+    if bundles["inbox"]:
+        parts.append(f"waiting to apply: {', '.join(map(str, bundles['inbox']))}")
+    if bundles["in_warning"]:
+        parts.append(f"warning: {bundles['in_warning']}")
+    if bundles["last_refusal"]:
+        parts.append(f"last refused: {bundles['last_refusal']}")
+    return "; ".join(parts)

@@ -18,14 +18,13 @@ from edge_runtime.airgap.bundle import (
     BundleRefused,
     Member,
     SignedMeta,
-    Source,
     bundle_parts,
     check_fresh,
     read_bundle,
     read_metadata,
     verify_signature,
-    write_bundle,
 )
+from edge_runtime.airgap.writing import Source, write_bundle
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 KEY = signing.generate_private_key()

@@ -69,7 +69,8 @@ def test_it_signs_the_sites_facts_and_the_placement_policy_into_every_nodes_desi
     node, _ = make_node(site_berlin, "gw-1")
     desired_state_publish(node=node, actor=ACTOR)
     # "data" (the data policy at the site) is tested with federated queries (tests/queries/test_data_policy.py).
-    assert {k: v for k, v in bundle(node).items() if k != "data"} == {
+    assert bundle(node)["bundles"] == {"expired": "refuse"}
+    assert {k: v for k, v in bundle(node).items() if k not in ("data", "bundles")} == {
                             "site": {"slug": "plant-berlin", "region": "eu", "clearance": 1, "jurisdiction": "DE",
                                      "labels": {}},
                             "placement": {"kind": "placement", "rules": []}, "placement_version": 0}

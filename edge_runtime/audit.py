@@ -307,6 +307,18 @@ class NodeAudit:
         except sqlite3.Error as exc:
             raise AuditError(f"audit log {str(self.path)!r} cannot be read: {exc}") from None
 
+    def uploads(self, key: Ed25519PrivateKey, origin: str) -> list[AuditUpload]:
+        """Every entry the control plane lacks, as uploads of one checkpoint in order (one, at least), for a
+        bundle out: each upload starts where the one before ended, and all carry the same cosigned size."""
+        try:
+            with self._snapshot() as (conn, tree, size):
+                uploads = [build_upload(conn, tree, size, key=key, origin=origin)]
+                while uploads[-1].end < size:
+                    uploads.append(build_upload(conn, tree, size, key=key, origin=origin, start=uploads[-1].end))
+                return uploads
+        except sqlite3.Error as exc:
+            raise AuditError(f"audit log {str(self.path)!r} cannot be read: {exc}") from None
+
     def acknowledge(self, upload: AuditUpload, ack: AuditAck) -> str | None:
         """Keep what the control plane's answer to ``upload`` says; returns what is wrong, None if nothing is.
 

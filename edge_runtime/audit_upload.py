@@ -87,14 +87,17 @@ def _batch(conn: sqlite3.Connection, start: int, size: int) -> list[LogEntry]:
 
 
 def build_upload(conn: sqlite3.Connection, tree: Tree, size: int, *, key: Ed25519PrivateKey,
-                 origin: str) -> AuditUpload:
+                 origin: str, start: int | None = None) -> AuditUpload:
     """The upload of the log of ``size`` entries that ``conn`` and ``tree`` see (one read transaction).
+
+    ``start``: the entries after this one (default: after what the control plane holds); a bundle out
+    carries several uploads of one checkpoint, each starting where the one before ended.
 
     Raises AuditError when the log cannot make one (a record that breaks the wire contract, a tree that
     lacks a subtree, an origin that is no key name); sqlite3.Error when the file cannot be read.
     """
     witness = read_witness(conn)
-    start = min(witness.stored, size)
+    start = min(witness.stored if start is None else start, size)
     try:
         entries = _batch(conn, start, size)
         checkpoint = sign_note(Checkpoint(origin, size, root(tree, size)).body(), origin, key)

@@ -149,7 +149,8 @@ class DatasetService:
 
     def __init__(self, *, state_dir: Path, catalog: Catalog, audit: NodeAudit, base_url: str, node_id: str,
                  credential: str, site: str, scorer: Scorer | None = None, workers: int = 2,
-                 client: httpx.AsyncClient | None = None, rng: random.Random | None = None) -> None:
+                 client: httpx.AsyncClient | None = None, rng: random.Random | None = None,
+                 offline: bool = False) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self.catalog = catalog
@@ -162,6 +163,8 @@ class DatasetService:
         self.facts = SiteFacts(site=site)
         self.policy_ref: dict[str, Any] = {"version": 0, "rule": None}
         self.workers = workers
+        # Offline (an air-gapped node): answers wait in the outbox for the next bundle out, never posted.
+        self.offline = offline
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="query")
         self._slots: asyncio.Semaphore | None = None
@@ -212,6 +215,13 @@ class DatasetService:
                 self._run(query), name=f"query-{query.query_id}")
         self._wake_flusher()
 
+    def answers_delivered(self, query_ids: list[str]) -> None:
+        """The control plane holds these answers (a bundle's receipt said so): they leave the outbox."""
+        for query_id in query_ids:
+            if self.outbox.state(query_id) == "waiting":
+                self.outbox.delivered(query_id)
+                logger.info("answer to query %s delivered by bundle", query_id)
+
     async def aclose(self) -> None:
         tasks = [*self._running.values(), *(t for t in (self._flusher, self._refresh) if t is not None)]
         for task in tasks:
@@ -258,6 +268,8 @@ class DatasetService:
     # delivering -------------------------------------------------------------------
 
     def _wake_flusher(self) -> None:
+        if self.offline:
+            return
         if self._flush_wake is None:
             self._flush_wake = asyncio.Event()
         self._flush_wake.set()

@@ -172,7 +172,7 @@ def dataset_service(state: StateDir, identity: Identity, config: NodeConfig, reg
     logger.info("datasets: %s (from %s)", ", ".join(catalog.names()) or "none", where)
     return DatasetService(state_dir=state.path, catalog=catalog, audit=audit, base_url=identity.url,
                           node_id=identity.node_id, credential=identity.credential, site=identity.site,
-                          scorer=registry_scorer(registry), workers=config.query_workers)
+                          scorer=registry_scorer(registry), workers=config.query_workers, offline=config.offline)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -17,6 +17,7 @@ import datetime as dt
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -26,13 +27,16 @@ from edge_runtime.agent.plugins import AnswersQueries
 from edge_runtime.agent.sync import Syncing
 from edge_runtime.airgap.bundle import BundleRefused, bundle_parts
 from edge_runtime.airgap.inbound import Bundles, import_bundle
-from edge_runtime.protocol import TelemetryAck
+from edge_runtime.airgap.outbound import forget_sent, save_report, sent_record
+from edge_runtime.protocol import AuditAck, TelemetryAck
 from edge_runtime.protocol.airgap import BundleReceipt, NodeBundle
 from edge_runtime.state import StateError
 
 logger = logging.getLogger("edge_runtime.agent")
 
 BUNDLE_POLL_S = 1.0
+# How often the report a bundle out carries is written (and after each bundle applied).
+REPORT_EVERY_S = 5.0
 BUNDLE_SUFFIXES = (".ewb", ".ewb.001")
 
 
@@ -45,8 +49,12 @@ class BundleIntake(Syncing):
     async def bundle_loop(self) -> None:
         bundles = Bundles(self.state)
         seen: dict[Path, tuple[int, int]] = {}
+        reported = 0.0
         while True:
             try:
+                if time.monotonic() - reported >= REPORT_EVERY_S:
+                    self.save_report()
+                    reported = time.monotonic()
                 if self.drop_folder is not None:
                     await self._scan_drop_folder(self.drop_folder, seen)
                 for path in bundles.pending():
@@ -72,7 +80,7 @@ class BundleIntake(Syncing):
             if isinstance(reconciler, AnswersQueries):
                 reconciler.queries_received(list(answer.queries))
         if entry.receipt is not None:
-            self.bundle_receipt(entry.receipt)
+            self.bundle_receipt(entry.receipt, answer.audit)
         with bundles.lock():
             try:
                 state = bundles.load()
@@ -87,11 +95,39 @@ class BundleIntake(Syncing):
         self.record("bundle.applied", {"sequence": sequence, "generation": self.status.applied_generation,
                                        "changed": applied, "queries": len(answer.queries)})
         self._save_status()
+        self.save_report()
 
-    def bundle_receipt(self, receipt: BundleReceipt) -> None:
-        """What the control plane took from this node's bundle out: telemetry up to its sequence may go."""
+    def save_report(self) -> None:
+        """Write what the next bundle out reports (a failure is logged: the one before stays)."""
+        try:
+            save_report(self.state, self.report_request())
+        except OSError as exc:
+            logger.error("cannot write the report for bundles out: %s", one_line(exc))
+
+    def bundle_receipt(self, receipt: BundleReceipt, audit: AuditAck | None) -> None:
+        """What the control plane took from this node's bundle out ``receipt.sequence``: forget it here.
+
+        Telemetry up to the receipt's sequence number, the answers it names, the refused desired states that
+        bundle reported; the audit answer is kept against the upload that bundle carried. Safe to repeat: every
+        bundle in carries the receipt of the last bundle out the control plane imported.
+        """
+        sent = sent_record(self.state, receipt.sequence)
         if self.telemetry is not None and receipt.telemetry_seq:
             self.telemetry.on_ack(TelemetryAck(seq=receipt.telemetry_seq))
+        if receipt.answers:
+            for reconciler in self.reconcilers:
+                if isinstance(reconciler, AnswersQueries):
+                    reconciler.answers_delivered(list(receipt.answers))
+        if sent is None:
+            return
+        if sent.audit is not None and audit is not None:
+            self.audit_acknowledged(sent.audit, audit)
+        reported = set(sent.refusals)
+        self.status.pending_refusals = [r for r in self.status.pending_refusals
+                                        if (r.generation, r.at.isoformat()) not in reported]
+        forget_sent(self.state, receipt.sequence)
+        logger.info("receipt of bundle out %d: telemetry to #%d, %d answer(s) acknowledged", receipt.sequence,
+                    receipt.telemetry_seq, len(receipt.answers))
 
     async def _scan_drop_folder(self, folder: Path, seen: dict[Path, tuple[int, int]]) -> None:
         """Import each bundle file in ``folder`` once its size stopped changing between two polls."""

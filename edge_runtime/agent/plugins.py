@@ -58,8 +58,12 @@ class AnswersQueries(Protocol):
     states); ``queries_received`` gets the queries of every successful sync
     answer, an empty list included: a sync that succeeded also says that
     answers waiting for the control plane can go out now.
+    ``answers_delivered`` gets the queries whose answers the control plane
+    acknowledged in a bundle's receipt: they are not sent again.
     """
 
     def report(self) -> dict[str, Any]: ...
 
     def queries_received(self, queries: list[QueryRequest]) -> None: ...
+
+    def answers_delivered(self, query_ids: list[str]) -> None: ...

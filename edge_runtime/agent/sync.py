@@ -48,7 +48,11 @@ class Syncing(DesiredStates):
     """One sync, and the loop that repeats it with back-off."""
 
     def sync_request(self) -> SyncRequest:
-        audit = self.audit_upload()  # first: a log that cannot upload shows in this request's health
+        # The upload first: a log that cannot upload shows in this request's health.
+        return self.report_request(self.audit_upload())
+
+    def report_request(self, audit: AuditUpload | None = None) -> SyncRequest:
+        """What this node reports (a sync's request; a bundle out's report, without ``audit``)."""
         return SyncRequest(
             runtime_version=__version__,
             hardware=self.hardware,

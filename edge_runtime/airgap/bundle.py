@@ -87,7 +87,8 @@ class BundleMeta(WireModel):
     # in: from the control plane to a site; out: from one node back to the control plane.
     direction: Literal["in", "out"]
     site: str = Field(min_length=1, max_length=100)
-    site_id: str = Field(min_length=1, max_length=64)
+    # The site's id on the control plane (a bundle in); a node knows its site by name only.
+    site_id: str = Field(default="", max_length=64)
     # The node that wrote an outgoing bundle; empty for an incoming one (it is for every node of the site).
     node: str = Field(default="", max_length=64)
     # Rises with every bundle of the same direction and writer: an equal or lower one is a replay or a rollback.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.cli.audit_verify import add_audit_verify
-from edge_runtime.cli.bundles import cmd_import_bundle
+from edge_runtime.cli.bundles import cmd_export_bundle, cmd_import_bundle
 from edge_runtime.cli.enroll import TOKEN_ENV, cmd_enroll
 from edge_runtime.cli.run import cmd_run, cmd_serve
 from edge_runtime.cli.status import cmd_status
@@ -19,13 +19,25 @@ SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-def parse_size(value: str) -> int:
+def parse_bytes(value: str) -> int:
     """Bytes from "65536", "512K", "64M" or "1G" (powers of 1024)."""
     match = SIZE_RE.match(value)
     if not match:
         raise argparse.ArgumentTypeError(f"a size is a number of bytes with an optional K, M or G, not {value!r}")
     number, unit = int(match.group(1)), match.group(2).lower()
-    size = number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    return number * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+
+
+def parse_part_size(value: str) -> int:
+    size = parse_bytes(value)
+    if size < 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"a part holds at least 1M, not {value!r}")
+    return size
+
+
+def parse_size(value: str) -> int:
+    """A telemetry budget: bytes as :func:`parse_bytes` reads them, and at least the smallest budget."""
+    size = parse_bytes(value)
     from edge_runtime.telemetry import MIN_BUDGET_BYTES
 
     if size < MIN_BUDGET_BYTES:
@@ -181,10 +193,21 @@ def add_import_bundle(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=cmd_import_bundle)
 
 
+def add_export_bundle(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("export-bundle", help="write this node's bundle out for the control plane (signed by the node)")
+    p.add_argument("file", type=Path, metavar="FILE", help="where to write it (never overwritten)")
+    p.add_argument("--part-size", type=parse_part_size, default=None, metavar="SIZE",
+                   help="split into parts of SIZE (e.g. 4g) for removable media: FILE.001, FILE.002, ...")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    state_dir_option(p)
+    p.set_defaults(func=cmd_export_bundle)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-runtime", description="The Edgewise edge runtime.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_enroll, add_run, add_serve, add_status, add_audit_verify, add_import_bundle):
+    for add in (add_enroll, add_run, add_serve, add_status, add_audit_verify, add_import_bundle,
+                add_export_bundle):
         add(sub)
     return parser

@@ -79,6 +79,16 @@ class NodeFeature(Protocol):
         """The file of an artifact this feature stores, by sha256 (for a bundle carried to a site); None: not ours."""
         ...
 
+    def carried(self, sync: NodeSync, members: Mapping[str, bytes]) -> None:
+        """Take this feature's part of a node's bundle out (``members``: its small members' bytes, by name,
+        each checked against the bundle's signed metadata).
+
+        Inside the import's transaction. What the feature stored goes into ``sync.answer`` as fields of the
+        receipt the next bundle in carries (``edge_runtime.protocol.airgap.BundleReceipt``), what it could not
+        take into ``sync.answer["notes"]`` (a list of strings). Importing the same members again changes nothing.
+        """
+        ...
+
 
 class NodeFeatureBase:
     """A feature that takes part in nothing: subclasses override what they contribute."""
@@ -98,6 +108,9 @@ class NodeFeatureBase:
         return 0
 
     def artifact_file(self, sha256: str) -> Path | None:
+        return None
+
+    def carried(self, sync: NodeSync, members: Mapping[str, bytes]) -> None:
         return None
 
 

@@ -114,13 +114,15 @@ class SiteState(models.TextChoices):
     PENDING = "pending", "Pending"  # waiting for the node's next sync
     SENT = "sent", "Sent"  # handed to the node in a sync answer; running there
     OFFLINE = "offline", "Offline"  # the node was not online at creation; offered again when it syncs
+    # The site is air-gapped: the query travels in its next bundle in, the answer in a bundle out.
+    BUNDLE = "bundle", "Waiting for bundle"
     ANSWERED = "answered", "Answered"  # the node's partial result is stored
     REFUSED = "refused", "Refused"  # the site's policy or the spec stopped it; rule/field say which
     TIMED_OUT = "timed_out", "Timed out"  # no answer by the site's deadline
     ERROR = "error", "Error"  # the node could not run it (a file gone, a model that failed)
 
 
-OPEN_SITE_STATES = (SiteState.PENDING, SiteState.SENT, SiteState.OFFLINE)
+OPEN_SITE_STATES = (SiteState.PENDING, SiteState.SENT, SiteState.OFFLINE, SiteState.BUNDLE)
 FINAL_SITE_STATES = frozenset({SiteState.ANSWERED, SiteState.REFUSED, SiteState.TIMED_OUT, SiteState.ERROR})
 
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from edge_runtime.data.wire import QueryResult
 from orchestrator.features import NodeFeatureBase, NodeSync
+from queries.services import QueriesError
 from queries.services.catalog import dataset_catalog_report
 from queries.services.lifecycle import query_deliveries
+from queries.services.results import query_result_record
+
+# A bundle out's answers: answers/<n>.json, one QueryResult each, as a node posts it.
+ANSWER_PREFIX = "answers/"
 
 
 class QueriesFeature(NodeFeatureBase):
@@ -22,3 +32,25 @@ class QueriesFeature(NodeFeatureBase):
         queries = query_deliveries(node=sync.node)
         sync.audited |= bool(queries)
         sync.answer["queries"] = queries
+
+    def carried(self, sync: NodeSync, members: Mapping[str, bytes]) -> None:
+        # Every answer taken or finally refused is acknowledged, as the result endpoint's answers are: the node
+        # does not carry it again. An answer to a query already final (answered by another path) is a repeat.
+        taken: list[str] = sync.answer.setdefault("answers", [])
+        notes: list[str] = sync.answer.setdefault("notes", [])
+        for name, body in sorted(members.items()):
+            if not name.startswith(ANSWER_PREFIX):
+                continue
+            try:
+                result = QueryResult.model_validate_json(body)
+            except ValidationError as exc:
+                notes.append(f"{name}: not a query answer ({exc.errors()[0]['msg']}); not taken")
+                continue
+            try:
+                _, stored = query_result_record(node=sync.node, query_id=result.query_id, result=result,
+                                                actor=sync.actor)
+            except QueriesError as exc:
+                notes.append(f"the answer to query {result.query_id} was refused: {exc.message}")
+            else:
+                sync.audited |= stored
+            taken.append(result.query_id)

@@ -37,6 +37,7 @@ from sites.models import Site
 TABLE_ROWS = 1000
 STATE_CLASS = {
     SiteState.PENDING: "status-pending", SiteState.SENT: "status-pending", SiteState.OFFLINE: "status-offline",
+    SiteState.BUNDLE: "status-pending",
     SiteState.ANSWERED: "status-online", SiteState.REFUSED: "status-warning", SiteState.TIMED_OUT: "status-stale",
     SiteState.ERROR: "status-invalid", "complete": "status-online", "partial": "status-warning",
     "failed": "status-invalid", "running": "status-pending", "pending": "status-pending",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,8 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime import protocol
-from edge_runtime.airgap.bundle import SignedMeta
+from edge_runtime.airgap.bundle import bundle_digest
 from edge_runtime.airgap.writing import Source, write_bundle
-from edge_runtime.canonical import canonical_json
 from edge_runtime.protocol.airgap import BundleReceipt, NodeBundle
 from orchestrator import features, keys
 from orchestrator.desired_state import desired_state_publish, signed_desired_state
@@ -85,7 +83,7 @@ def bundle_export(*, actor: Actor, site: Site, path: Path, full: bool = False, p
             meta = {"direction": "in", "site": site.slug, "site_id": str(site.uuid), "sequence": sequence,
                     "created": now, "expires": now + valid_for, "key_chain": list(trust.chain)}
             signed, written = write_bundle(path, meta, contents.sources, keys.signing_key(), part_size=part_size)
-            digest = _digest(signed)
+            digest = bundle_digest(signed)
             size = sum(p.stat().st_size for p in written)
             summary = {"nodes": len(nodes), "artifacts": len(contents.artifacts),
                        "artifact_bytes": sum(contents.artifacts.values()), "queries": contents.queries,
@@ -102,11 +100,6 @@ def bundle_export(*, actor: Actor, site: Site, path: Path, full: bool = False, p
                 p.unlink()
         raise
     return Made(bundle=bundle, paths=written)
-
-
-def _digest(signed: SignedMeta) -> str:
-    """The bundle's identity: sha256 of its signed metadata (which names every member's sha256)."""
-    return hashlib.sha256(canonical_json(signed.signed.model_dump(mode="json")).encode()).hexdigest()
 
 
 def _contents(site: Site, nodes: list[Node], *, actor: Actor, full: bool) -> _Contents:

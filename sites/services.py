@@ -19,7 +19,16 @@ from edge_runtime import protocol
 from orchestrator.desired_state import desired_state_publish, desired_state_publish_many
 from orchestrator.realtime import FLEET_GROUP, broadcast
 from sites.liveness import node_status
-from sites.models import IDENTITY_KEY_UNIQUE, EnrollmentToken, Node, NodeStatus, Region, Site, key_fingerprint
+from sites.models import (
+    IDENTITY_KEY_UNIQUE,
+    Connectivity,
+    EnrollmentToken,
+    Node,
+    NodeStatus,
+    Region,
+    Site,
+    key_fingerprint,
+)
 
 TOKEN_PREFIX = "ewt_"
 CREDENTIAL_PREFIX = "ewn_"
@@ -287,7 +296,9 @@ def node_liveness_sweep(*, now: dt.datetime | None = None) -> int:
     stale_cut = now - dt.timedelta(seconds=settings.NODE_STALE_AFTER_S)
     offline_cut = now - dt.timedelta(seconds=settings.NODE_OFFLINE_AFTER_S)
     # Only nodes whose stored status is behind; each is re-checked under its lock.
-    candidates = Node.objects.filter(revoked_at__isnull=True).filter(
+    # An air-gapped site's nodes are heard from by bundle: their silence is no transition to record.
+    heard = Node.objects.filter(revoked_at__isnull=True).exclude(site__connectivity=Connectivity.AIR_GAPPED)
+    candidates = heard.filter(
         Q(status=NodeStatus.ONLINE, last_seen_at__lt=stale_cut)
         | Q(status=NodeStatus.STALE, last_seen_at__lt=offline_cut)
     )

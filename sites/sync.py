@@ -85,7 +85,24 @@ def _take_audit_log(sync: features.NodeSync, request: protocol.SyncRequest) -> N
     sync.audited |= bool(request.audit.entries) or ack.state != "ok"
 
 
-def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime) -> dict[str, tuple[Any, Any]]:
+def node_report_carried(*, node: Node, request: protocol.SyncRequest, as_of: dt.datetime, actor: Actor) -> bool:
+    """Record the report a node's bundle out carried, as of the time it was written (``sites.bundles_out``).
+
+    Inside the caller's transaction, the node row locked. A report older than what the node last told the
+    control plane (a sync since, or a later bundle) is not taken: False. The node's status stays what its
+    age says; it is never marked online by a report carried by hand.
+    """
+    if node.last_seen_at is not None and node.last_seen_at >= as_of:
+        return False
+    sync = features.NodeSync(node=node, actual=request.actual, actor=actor)
+    status = node_status(last_seen_at=as_of, revoked=False, now=timezone.now())
+    changes = _record_report(sync, request, None, as_of, status=status)
+    _settle_desired(sync, changes)
+    return True
+
+
+def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime,
+                  status: str = NodeStatus.ONLINE) -> dict[str, tuple[Any, Any]]:
     """The audited fields of ``node`` this report changes, as (before, after); ``node`` takes the new values."""
     changes: dict[str, tuple[Any, Any]] = {}
     if request.hardware is not None:
@@ -101,16 +118,16 @@ def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime) -
         changes["applied_generation"] = (node.applied_generation, applied)
         node.applied_generation = applied
     previous_status = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now)
-    if previous_status != NodeStatus.ONLINE:
-        changes["status"] = (previous_status, NodeStatus.ONLINE)
+    if previous_status != status:
+        changes["status"] = (previous_status, status)
     return changes
 
 
 def _record_report(sync: features.NodeSync, request: protocol.SyncRequest, ip: str | None,
-                   now: dt.datetime) -> dict[str, tuple[Any, Any]]:
+                   now: dt.datetime, *, status: str = NodeStatus.ONLINE) -> dict[str, tuple[Any, Any]]:
     """Store the node's report (its features' parts first, while the previous report is still stored)."""
     node = sync.node
-    changes = _node_changes(node, request, now)
+    changes = _node_changes(node, request, now, status)
     sync.audited |= node_identity_report(node=node, key=request.identity_key, actor=sync.actor)
     for feature in features.node_features():
         feature.report(sync)
@@ -118,7 +135,7 @@ def _record_report(sync: features.NodeSync, request: protocol.SyncRequest, ip: s
     node.health = request.health.model_dump(mode="json")
     node.last_seen_at = now
     node.last_seen_ip = ip
-    node.status = NodeStatus.ONLINE
+    node.status = status
     node.save(update_fields=["actual_state", "health", "last_seen_at", "last_seen_ip", "status",
                              *(f for f in changes if f != "status")])
     if changes:

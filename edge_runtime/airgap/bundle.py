@@ -49,7 +49,7 @@ from edge_runtime.protocol.base import INT64_MAX, WireModel
 from edge_runtime.protocol.desired import SHA256_PATTERN, KeyEndorsement
 
 __all__ = ["BUNDLE_CONTEXT", "BUNDLE_FORMAT", "METADATA_NAME", "BundleMeta", "BundleRefused", "Member",
-           "Signature", "SignedMeta", "bundle_parts", "check_fresh", "read_bundle", "read_metadata",
+           "Signature", "SignedMeta", "bundle_digest", "bundle_parts", "check_fresh", "read_bundle", "read_metadata",
            "sign_meta", "verify_signature"]
 
 BUNDLE_FORMAT: Literal["edgewise-bundle/1"] = "edgewise-bundle/1"
@@ -125,6 +125,11 @@ class SignedMeta(WireModel):
 
 def _message(meta: BundleMeta) -> bytes:
     return BUNDLE_CONTEXT + canonical_json(meta.model_dump(mode="json")).encode()
+
+
+def bundle_digest(signed: SignedMeta) -> str:
+    """A bundle's identity: the sha256 of its signed metadata, which names every member's sha256."""
+    return hashlib.sha256(canonical_json(signed.signed.model_dump(mode="json")).encode()).hexdigest()
 
 
 def sign_meta(meta: BundleMeta, key: Ed25519PrivateKey) -> SignedMeta:

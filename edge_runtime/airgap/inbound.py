@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -49,12 +48,12 @@ from edge_runtime.airgap.bundle import (
     BundleRefused,
     Member,
     SignedMeta,
+    bundle_digest,
     check_fresh,
     read_bundle,
     verify_signature,
 )
 from edge_runtime.audit import AuditError, NodeAudit
-from edge_runtime.canonical import canonical_json
 from edge_runtime.protocol import DesiredState
 from edge_runtime.protocol.airgap import NodeBundle
 from edge_runtime.state import Identity, StateDir, StateError, write_atomic
@@ -140,10 +139,6 @@ class Bundles:
         return sorted(p for p in self.inbox.iterdir() if p.suffix == ".json")
 
 
-def digest_of(signed: SignedMeta) -> str:
-    return hashlib.sha256(canonical_json(signed.signed.model_dump(mode="json")).encode()).hexdigest()
-
-
 def expired_policy(state: StateDir, identity: Identity) -> str:
     """``refuse`` or ``warn``: the site's policy for an expired bundle, from the desired state in force."""
     try:
@@ -213,7 +208,7 @@ def _import(state: StateDir, bundles: Bundles, path: Path, now: dt.datetime) -> 
         verify_signature(signed, _signer(signed, identity))
         if meta.sequence <= floor.in_sequence:
             when = floor.in_imported_at.isoformat(timespec="seconds") if floor.in_imported_at else "before"
-            if meta.sequence == floor.in_sequence and digest_of(signed) == floor.in_digest:
+            if meta.sequence == floor.in_sequence and bundle_digest(signed) == floor.in_digest:
                 raise BundleRefused(f"bundle {meta.sequence} was imported already ({when}): a replay changes nothing")
             raise BundleRefused(f"bundle {meta.sequence} is not newer than bundle {floor.in_sequence}, imported "
                                 f"{when}: an older bundle is never applied (a rollback)")
@@ -339,7 +334,7 @@ def _commit(state: StateDir, bundles: Bundles, signed: SignedMeta, entry: NodeBu
     meta = signed.signed
     bundles.inbox.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(bundles.inbox / f"{meta.sequence:012d}.json", (entry.model_dump_json() + "\n").encode())
-    floor.in_sequence, floor.in_digest = meta.sequence, digest_of(signed)
+    floor.in_sequence, floor.in_digest = meta.sequence, bundle_digest(signed)
     floor.in_made_at, floor.in_imported_at = meta.created, now
     floor.in_warning = ""
     bundles.save(floor)

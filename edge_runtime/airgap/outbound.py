@@ -13,7 +13,7 @@ carries all an earlier one did, so a lost file costs nothing but the trip):
   its consistency proofs (``NodeAudit.uploads``);
 * ``telemetry/<n>.json``: the telemetry points and gaps not acknowledged,
   as frames in sequence order;
-* ``answers.json``: the answers to federated queries waiting for delivery:
+* ``answers/<n>.json``: the answers to federated queries waiting for delivery:
   only what the site's data policy let the query answer (suppressed,
   aggregated), never a dataset's rows;
 * ``inventory.json``: the artifacts the node holds and the last bundle in
@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -113,9 +111,10 @@ def export_bundle(state: StateDir, path: Path, *, part_size: int | None = None,
         for n, frame in enumerate(frames, start=1):
             sources.append(Source(name=f"telemetry/{n:06d}.json", data=frame.encode()))
         answers = _answers(state)
-        sent.answers = [a["query_id"] for a in answers]
+        sent.answers = list(answers)
         exported.answers = len(answers)
-        sources.append(Source.json("answers.json", answers))
+        for n, body in enumerate(answers.values(), start=1):
+            sources.append(Source(name=f"answers/{n:06d}.json", data=body.encode()))
         inventory = _inventory(state, floor.in_sequence, sent.answers)
         exported.artifacts = len(inventory.artifacts)
         sources.append(Source.json("inventory.json", inventory.model_dump(mode="json")))
@@ -189,12 +188,13 @@ def _telemetry(state: StateDir) -> tuple[list[str], int, int]:
         queue.close()
 
 
-def _answers(state: StateDir) -> list[dict[str, Any]]:
+def _answers(state: StateDir) -> dict[str, str]:
+    """The answers waiting for delivery, by query id, as the JSON a node posts (a partial's NaN kept)."""
     from edge_runtime.datasets import Outbox  # pandas stays unloaded for a node without the queries file
 
     if not (state.path / QUERIES_FILE).exists():
-        return []
-    return [json.loads(result.model_dump_json()) for result in Outbox(state.path / QUERIES_FILE).waiting()]
+        return {}
+    return {result.query_id: result.model_dump_json() for result in Outbox(state.path / QUERIES_FILE).waiting()}
 
 
 def _inventory(state: StateDir, in_sequence: int, answers: list[str]) -> NodeInventory:

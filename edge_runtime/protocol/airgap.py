@@ -10,7 +10,8 @@ confirmed holding.
 A bundle **out**, written by one node, holds ``report.json`` (the
 :class:`~edge_runtime.protocol.SyncRequest` it would have sent, without its
 audit upload), ``audit/<n>.json`` (the audit log's uploads, in order),
-``telemetry.json``, ``answers.json`` and ``inventory.json``
+``telemetry/<n>.json`` (frames), ``answers/<n>.json`` (query answers) and
+``inventory.json``
 (:class:`NodeInventory`: what the node holds).
 """
 

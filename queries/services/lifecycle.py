@@ -34,7 +34,7 @@ from queries.models import (
 from queries.services import QueriesError, QueryForbidden
 from queries.services.results import query_finish_if_final
 from sites.liveness import node_status
-from sites.models import Node, NodeStatus, Site
+from sites.models import Connectivity, Node, NodeStatus, Site
 
 MAX_SITES = 500
 MIN_DEADLINE_S = 1
@@ -126,13 +126,13 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
         for site in sites:
             node = chosen[site.pk].node
             online = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now) == NodeStatus.ONLINE
-            state = SiteState.PENDING if online else SiteState.OFFLINE
+            state = _first_state(site, online)
             site_deadline = deadline if online or offline_behaviour == OfflineBehaviour.TIMEOUT else wait_until
             QuerySite.objects.create(query=query, site=site, node=node, state=state, deadline=site_deadline)
             QueryEvent.objects.create(query=query, site=site, to_state=state,
                                       detail={"node": str(node.uuid), "deadline": site_deadline.isoformat()})
             targets.append({"site": site.slug, "node": str(node.uuid), "state": state})
-            if online:
+            if state == SiteState.PENDING:
                 # Wakes the node's sync at once (over its stream); polling would find the query too.
                 broadcast(node_group(node.uuid), "node.nudge", {"generation": 0})
         audit_record(actor=actor, action="query.create", obj=query, object_repr=str(query),
@@ -140,6 +140,13 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
                             "offline_behaviour": offline_behaviour, "deadline": deadline.isoformat(),
                             "wait_until": wait_until.isoformat()})
     return query
+
+
+def _first_state(site: Site, online: bool) -> SiteState:
+    """An air-gapped site waits for a bundle (also if its node is heard from by some other path)."""
+    if site.connectivity == Connectivity.AIR_GAPPED:
+        return SiteState.BUNDLE
+    return SiteState.PENDING if online else SiteState.OFFLINE
 
 
 def query_deliveries(*, node: Node) -> list[QueryRequest]:
@@ -158,18 +165,27 @@ def query_deliveries(*, node: Node) -> list[QueryRequest]:
     with transaction.atomic():
         for row in rows:
             if row.state != SiteState.SENT:
-                # Conditional updates, not a lock of the query row: fifty nodes nudged at once must not queue
-                # behind each other on one row. Only the first delivery touches the query (before its site row,
-                # the lock order of answers and expiry).
-                if row.query.state == QueryState.PENDING and FederatedQuery.objects.filter(
-                        pk=row.query_id, state=QueryState.PENDING).update(state=QueryState.RUNNING):
-                    QueryEvent.objects.create(query=row.query, from_state=QueryState.PENDING,
-                                              to_state=QueryState.RUNNING)
+                _mark_running(row)
+            if row.state not in (SiteState.SENT, SiteState.BUNDLE):
                 if QuerySite.objects.filter(pk=row.pk, state=row.state).update(state=SiteState.SENT, sent_at=now):
                     QueryEvent.objects.create(query=row.query, site=row.site, from_state=row.state,
                                               to_state=SiteState.SENT)
+            elif row.state == SiteState.BUNDLE and row.sent_at is None:
+                # Carried in a bundle in: it stays waiting for the bundle out that answers it.
+                QuerySite.objects.filter(pk=row.pk).update(sent_at=now)
             requests.append(QueryRequest(query_id=str(row.query.uuid), spec=row.query.spec, deadline=row.deadline))
     return requests
+
+
+def _mark_running(row: QuerySite) -> None:
+    """The query is running once a first site has it (before its site row: the lock order of answers and expiry).
+
+    Conditional updates, not a lock of the query row: fifty nodes nudged at once must not queue behind each
+    other on one row.
+    """
+    if row.query.state == QueryState.PENDING and FederatedQuery.objects.filter(
+            pk=row.query_id, state=QueryState.PENDING).update(state=QueryState.RUNNING):
+        QueryEvent.objects.create(query=row.query, from_state=QueryState.PENDING, to_state=QueryState.RUNNING)
 
 
 def query_expire(*, now: dt.datetime | None = None) -> int:
@@ -192,7 +208,9 @@ def query_expire(*, now: dt.datetime | None = None) -> int:
                 previous = row.state
                 why = {SiteState.OFFLINE.value: "its node was offline and did not come back",
                        SiteState.PENDING.value: "its node did not sync",
-                       SiteState.SENT.value: "its node received the query but did not answer"}.get(previous, "")
+                       SiteState.SENT.value: "its node received the query but did not answer",
+                       SiteState.BUNDLE.value: "no bundle out of its air-gapped site brought the answer back"
+                       }.get(previous, "")
                 row.state = SiteState.TIMED_OUT
                 row.reason = f"no answer by the deadline {row.deadline.isoformat(timespec='seconds')}: {why}"
                 row.answered_at = now

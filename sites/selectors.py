@@ -15,12 +15,14 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from django.db.models import F, Prefetch, Q, QuerySet
+from django.apps import apps
+from django.db.models import Count, F, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from orchestrator.models import DesiredState
-from sites.liveness import node_status, site_status
-from sites.models import EnrollmentToken, Node, NodeStatus, Region, Site
+from sites.bundles import confirmed_artifacts
+from sites.liveness import AIR_GAPPED, node_status, shown_confirmed_at, shown_status, site_status
+from sites.models import BundleDirection, Connectivity, EnrollmentToken, Node, NodeStatus, Region, Site, SiteBundle
 
 # What the fleet's status filter accepts; the words of ``site_status``.
 SITE_STATUSES: list[tuple[str, str]] = [
@@ -28,6 +30,7 @@ SITE_STATUSES: list[tuple[str, str]] = [
     ("degraded", "Degraded"),  # some live nodes online
     ("offline", "Offline"),  # no live node online
     ("empty", "No nodes"),  # no live node at all (none enrolled, or all revoked)
+    (AIR_GAPPED, "Air-gapped"),  # an air-gapped site with live nodes: it has no link to be online by
 ]
 
 
@@ -105,30 +108,31 @@ def _site_row(site: Site, now: dt.datetime) -> SiteRow:
     statuses = [node_status(last_seen_at=n.last_seen_at, revoked=n.revoked_at is not None, now=now) for n in nodes]
     live = [n for n, s in zip(nodes, statuses, strict=True) if s != NodeStatus.REVOKED]
     seen = [n.last_seen_at for n in live if n.last_seen_at is not None]
-    confirmed = [*seen, *(n.telemetry_at for n in live if n.telemetry_at is not None)]  # type: ignore[attr-defined]
+    telemetry = [n.telemetry_at for n in live]  # type: ignore[attr-defined]
     return SiteRow(
         site=site,
         nodes_online=sum(1 for s in statuses if s == NodeStatus.ONLINE),
         nodes_total=len(live),
         last_seen_at=max(seen) if seen else None,
-        status=site_status(statuses),
-        confirmed_at=max(confirmed) if confirmed else None,
+        status=shown_status(site_status(statuses), connectivity=site.connectivity),
+        confirmed_at=shown_confirmed_at(connectivity=site.connectivity, last_seen=seen, telemetry=telemetry),
     )
 
 
 def node_list(*, user: Any, site: Site, now: dt.datetime | None = None) -> list[NodeRow]:
     """The nodes of ``site``, active ones first, with live status and desired generation."""
     now = now or timezone.now()
-    nodes = Node.objects.filter(site=site).select_related("desired").restrict(user)
+    nodes = Node.objects.filter(site=site).select_related("site", "desired").restrict(user)
     rows = [node_row(node, now=now) for node in nodes.order_by("revoked_at", "name")]
     return rows
 
 
 def node_row(node: Node, *, now: dt.datetime | None = None) -> NodeRow:
     now = now or timezone.now()
+    status = node_status(last_seen_at=node.last_seen_at, revoked=node.revoked_at is not None, now=now)
     return NodeRow(
         node=node,
-        status=node_status(last_seen_at=node.last_seen_at, revoked=node.revoked_at is not None, now=now),
+        status=shown_status(status, connectivity=node.site.connectivity),
         hardware_summary=hardware_summary(node.hardware),
         desired_generation=desired_generation(node),
     )
@@ -286,3 +290,102 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# -- bundles of an air-gapped site -------------------------------------------
+
+BUNDLE_HISTORY_SHOWN = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeBundles:
+    """One live node of a site as the bundles panel shows it: its last bundle out, what waits to go to it."""
+
+    node: Node
+    last_out: SiteBundle | None
+    desired_generation: int | None
+    # The models its desired state names that the site has not confirmed holding (the next bundle in carries them).
+    missing: list[dict[str, Any]]
+    # Whether a bundle in made since its last bundle out was imported carries that bundle's receipt back.
+    receipt_sent: bool
+
+    @property
+    def generation_pending(self) -> bool:
+        """Its desired state is newer than what it last confirmed applying."""
+        return self.desired_generation is not None and self.node.applied_generation < self.desired_generation
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(int(m.get("size") or 0) for m in self.missing)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteBundles:
+    last_in: SiteBundle | None
+    last_in_expired: bool
+    nodes: list[NodeBundles]
+    history: list[SiteBundle]
+    # Queries waiting for this site's answer, by whether a bundle in carried them yet (None: no queries app).
+    queries_not_sent: int | None
+    queries_awaiting: int | None
+
+    @property
+    def nodes_behind(self) -> int:
+        return sum(1 for n in self.nodes if n.generation_pending)
+
+    @property
+    def missing(self) -> dict[str, int]:
+        """The artifacts the next bundle in carries, each once whichever nodes need it: sha256 -> bytes."""
+        return {str(m.get("sha256")): int(m.get("size") or 0) for n in self.nodes for m in n.missing}
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(self.missing.values())
+
+    @property
+    def receipts_waiting(self) -> int:
+        """Nodes whose last bundle out was imported after the last bundle in was made: no receipt sent yet."""
+        return sum(1 for n in self.nodes if n.last_out is not None and not n.receipt_sent)
+
+
+def site_bundles(*, site: Site, now: dt.datetime | None = None) -> SiteBundles | None:
+    """The bundles panel of ``site`` (resolved for the user already); None for a connected site that never had one."""
+    now = now or timezone.now()
+    history = list(SiteBundle.objects.filter(site=site).select_related("node", "by")
+                   .order_by("-recorded_at", "-pk")[:BUNDLE_HISTORY_SHOWN])
+    if site.connectivity != Connectivity.AIR_GAPPED and not history:
+        return None
+    last_in = SiteBundle.objects.filter(site=site, direction=BundleDirection.IN).order_by("-sequence").first()
+    nodes = Node.objects.filter(site=site, revoked_at__isnull=True).select_related("site", "desired").order_by("name")
+    not_sent, awaiting = _bundle_queries(site, now)
+    return SiteBundles(
+        last_in=last_in, last_in_expired=bool(last_in and last_in.expires_at and last_in.expires_at <= now),
+        nodes=[_node_bundles(node, last_in) for node in nodes], history=history,
+        queries_not_sent=not_sent, queries_awaiting=awaiting,
+    )
+
+
+def _node_bundles(node: Node, last_in: SiteBundle | None) -> NodeBundles:
+    last_out = SiteBundle.objects.filter(node=node, direction=BundleDirection.OUT).order_by("-sequence").first()
+    held = confirmed_artifacts(node)
+    models = [m for m in desired_payload(node).get("models") or [] if isinstance(m, dict)]
+    return NodeBundles(
+        node=node, last_out=last_out, desired_generation=desired_generation(node),
+        missing=[m for m in models if m.get("sha256") not in held],
+        receipt_sent=bool(last_out and last_in and last_in.made_at > last_out.recorded_at),
+    )
+
+
+def _bundle_queries(site: Site, now: dt.datetime) -> tuple[int | None, int | None]:
+    """Open queries of ``site`` waiting for a bundle: not carried by a bundle in yet, and carried but unanswered.
+
+    The queries app sits above this one, so its model is named by label (as ``core.permissions`` names the
+    sites app's): a read for the page, and nothing when the app is not installed.
+    """
+    try:
+        query_site = apps.get_model("queries", "QuerySite")
+    except LookupError:
+        return None, None
+    counts = query_site.objects.filter(site=site, state="bundle", deadline__gt=now).aggregate(
+        not_sent=Count("pk", filter=Q(sent_at__isnull=True)), awaiting=Count("pk", filter=Q(sent_at__isnull=False)))
+    return int(counts["not_sent"]), int(counts["awaiting"])

@@ -36,7 +36,7 @@ from orchestrator import keys
 from sites import identity, services
 from sites.forms import FleetFilterForm, InstallerForm, TokenCreateForm
 from sites.models import EnrollmentToken, Node, Site
-from sites.selectors import memory_label, node_list, node_models, node_row, site_list, token_list
+from sites.selectors import memory_label, node_list, node_models, node_row, site_bundles, site_list, token_list
 from sites.telemetry.selectors import site_confirmation, site_map_list, site_telemetry
 
 NODE_EVENTS_SHOWN = 25
@@ -93,25 +93,35 @@ def _site_context(request: HttpRequest, site: Site, **extra: Any) -> dict[str, A
         "token_form": TokenCreateForm(),
         "created_token": None,
     }
+    if not wants_partial(request) and "bundles" not in extra:
+        # On the whole page only: the tables that refresh themselves every 5 s do not read it.
+        context["bundles"] = site_bundles(site=site)
     context.update(extra)
     return context
+
+
+def _site_page_context(request: HttpRequest, site: Site, **extra: Any) -> dict[str, Any]:
+    """Everything the whole site page shows (its first render, or a form posted without HTMX)."""
+    telemetry = site_telemetry(site=site)
+    live_config = {
+        "site": str(site.uuid), "window_s": telemetry.window_s, "history": telemetry.history,
+        # The newest point already in the history, per node: the charts skip what they already have.
+        "nodes": [{"uuid": str(n.node.uuid), "name": n.node.name, "seq": n.last_seq} for n in telemetry.nodes],
+    }
+    return _site_context(request, site, confirmation=site_confirmation(site=site), status_oob=False,
+                         telemetry=telemetry, live_config=live_config, **extra)
 
 
 @login_required
 @require_GET
 def site_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     site = _site_for(request, slug)
-    # The nodes table refreshing itself also refreshes the site's status line (out of band).
-    extra: dict[str, Any] = {"confirmation": site_confirmation(site=site), "status_oob": wants_partial(request)}
-    if not wants_partial(request):
-        extra["telemetry"] = site_telemetry(site=site)
-        extra["live_config"] = {
-            "site": str(site.uuid), "window_s": extra["telemetry"].window_s, "history": extra["telemetry"].history,
-            # The newest point already in the history, per node: the charts skip what they already have.
-            "nodes": [{"uuid": str(n.node.uuid), "name": n.node.name, "seq": n.last_seq}
-                      for n in extra["telemetry"].nodes],
-        }
-    return render_page(request, "sites/site_detail.html", "nodes-table", _site_context(request, site, **extra))
+    if wants_partial(request):
+        # The nodes table refreshing itself also refreshes the site's status line (out of band).
+        context = _site_context(request, site, confirmation=site_confirmation(site=site), status_oob=True)
+    else:
+        context = _site_page_context(request, site)
+    return render_page(request, "sites/site_detail.html", "nodes-table", context)
 
 
 @login_required

@@ -18,7 +18,7 @@ from django.db.models import F, Max, Q, Sum
 from django.urls import reverse
 from django.utils import timezone
 
-from sites.liveness import node_status, site_status
+from sites.liveness import AIR_GAPPED, node_status, shown_confirmed_at, shown_status, site_status
 from sites.models import Node, NodeStatus, Site
 from sites.telemetry.models import COARSE, FINE, TelemetryGap, TelemetrySample, TelemetryStream
 
@@ -184,17 +184,26 @@ def site_map_list(*, user: Any, now: dt.datetime | None = None) -> list[dict[str
     for site in sites:
         members = by_site.get(site.pk, [])
         statuses = [node_status(last_seen_at=n.last_seen_at, revoked=False, now=now) for n in members]
-        confirmed = [c for n in members if (c := confirmed_at(n.last_seen_at, n.telemetry_at))]  # type: ignore[attr-defined]
+        status = shown_status(site_status(statuses), connectivity=site.connectivity)
+        confirmed = shown_confirmed_at(connectivity=site.connectivity, last_seen=[n.last_seen_at for n in members],
+                                       telemetry=[n.telemetry_at for n in members])  # type: ignore[attr-defined]
         out.append({
             "uuid": str(site.uuid), "slug": site.slug, "name": site.name,
             "region": site.region.slug, "region_name": site.region.name,
             "lat": site.latitude, "lon": site.longitude, "connectivity": site.get_connectivity_display(),
-            "status": site_status(statuses),
+            "status": status, "label": status_label(status, confirmed),
             "nodes_online": sum(1 for s in statuses if s == NodeStatus.ONLINE), "nodes_total": len(members),
-            "confirmed_at": _iso(max(confirmed)) if confirmed else None,
+            "confirmed_at": _iso(confirmed),
             "url": reverse("sites:site-detail", args=[site.slug]),
         })
     return out
+
+
+def status_label(status: str, confirmed: dt.datetime | None) -> str:
+    """The words of a site's status on the map (the time itself follows, ageing on screen)."""
+    if status == AIR_GAPPED:
+        return "air-gapped, last confirmed" if confirmed else "air-gapped, nothing confirmed yet"
+    return "no nodes" if status == "empty" else status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +215,11 @@ class SiteConfirmation:
 def site_confirmation(*, site: Site, now: dt.datetime | None = None) -> SiteConfirmation:
     """The site's status and when its link was last confirmed (newest sync or telemetry of a live node)."""
     now = now or timezone.now()
-    nodes = (Node.objects.filter(site=site, revoked_at__isnull=True)
-             .annotate(telemetry_at=F("telemetry_stream__received_at")).only("id", "last_seen_at"))
-    statuses, times = [], []
-    for n in nodes:
-        statuses.append(node_status(last_seen_at=n.last_seen_at, revoked=False, now=now))
-        if (c := confirmed_at(n.last_seen_at, n.telemetry_at)) is not None:
-            times.append(c)
-    return SiteConfirmation(status=site_status(statuses), confirmed_at=max(times) if times else None)
+    nodes = list(Node.objects.filter(site=site, revoked_at__isnull=True)
+                 .annotate(telemetry_at=F("telemetry_stream__received_at")).only("id", "last_seen_at"))
+    statuses = [node_status(last_seen_at=n.last_seen_at, revoked=False, now=now) for n in nodes]
+    return SiteConfirmation(
+        status=shown_status(site_status(statuses), connectivity=site.connectivity),
+        confirmed_at=shown_confirmed_at(connectivity=site.connectivity, last_seen=[n.last_seen_at for n in nodes],
+                                        telemetry=[n.telemetry_at for n in nodes]),
+    )

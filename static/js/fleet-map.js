@@ -30,7 +30,8 @@
     });
   }
 
-  const STATUS_RANK = {offline: 3, degraded: 2, empty: 1, online: 0};
+  // An air-gapped site has no link to lose: neutral, above online so that a cluster of them is not green.
+  const STATUS_RANK = {offline: 3, degraded: 2, empty: 1, "air-gapped": 0.5, online: 0};
   const groups = {};   // region slug -> L.markerClusterGroup
   const markers = {};  // site uuid -> {marker, site}
 
@@ -59,7 +60,7 @@
     const marker = el("span", "site-marker status-" + site.status);
     marker.setAttribute("data-site", site.slug);
     marker.setAttribute("data-status", site.status);
-    marker.setAttribute("title", site.name + ": " + site.status);
+    marker.setAttribute("title", site.name + ": " + (site.label || site.status));
     return L.divIcon({className: "site-marker-wrap", html: marker, iconSize: [18, 18], iconAnchor: [9, 9]});
   }
 
@@ -86,6 +87,12 @@
     return groups[site.region];
   }
 
+  function confirmedTime(at) {
+    const time = el("time", "live-ago", window.EdgewiseLive.ago(new Date(at)));
+    time.setAttribute("datetime", at);
+    return time;
+  }
+
   function popup(site) {
     const box = el("div", "map-popup");
     const name = el("strong", null, site.name);
@@ -99,16 +106,22 @@
       box.appendChild(name);
     }
     box.appendChild(el("br"));
-    box.appendChild(el("span", "badge status-" + site.status, site.status === "empty" ? "no nodes" : site.status));
-    box.appendChild(document.createTextNode(" " + site.nodes_online + " / " + site.nodes_total + " nodes online"));
-    box.appendChild(el("br"));
-    box.appendChild(document.createTextNode("last confirmed "));
-    if (site.confirmed_at) {
-      const time = el("time", "live-ago", window.EdgewiseLive.ago(new Date(site.confirmed_at)));
-      time.setAttribute("datetime", site.confirmed_at);
-      box.appendChild(time);
+    if (site.status === "air-gapped") {
+      // No link: what is known arrives in bundles out, so the badge says when that was, not "offline".
+      const badge = el("span", "badge status-air-gapped", site.label + (site.confirmed_at ? " " : ""));
+      if (site.confirmed_at) badge.appendChild(confirmedTime(site.confirmed_at));
+      box.appendChild(badge);
+      box.appendChild(document.createTextNode(" " + site.nodes_total + " node" + (site.nodes_total === 1 ? "" : "s")));
     } else {
-      box.appendChild(document.createTextNode("never"));
+      box.appendChild(el("span", "badge status-" + site.status, site.label || site.status));
+      box.appendChild(document.createTextNode(" " + site.nodes_online + " / " + site.nodes_total + " nodes online"));
+      box.appendChild(el("br"));
+      box.appendChild(document.createTextNode("last confirmed "));
+      if (site.confirmed_at) {
+        box.appendChild(confirmedTime(site.confirmed_at));
+      } else {
+        box.appendChild(document.createTextNode("never"));
+      }
     }
     box.appendChild(el("br"));
     box.appendChild(el("span", "muted", site.region_name + " · " + site.connectivity));
@@ -187,6 +200,8 @@
       Object.keys(message.sites).forEach(function (uuid) {
         const known = markers[uuid];
         if (!known) return;
+        // Telemetry taken from an air-gapped site's bundle out is received now but confirms nothing new.
+        if (known.site.status === "air-gapped") return;
         known.site.confirmed_at = message.sites[uuid].confirmed_at;
         if (known.site.status !== "online") recovered = true;
       });

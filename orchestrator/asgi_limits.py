@@ -54,6 +54,10 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 MULTIPART_ALLOWANCE_BYTES = 1024 * 1024
 
 
+# A bundle out of an air-gapped site, uploaded on its page (sites.bundle_views): small (no model travels out).
+BUNDLE_OUT_MAX_BYTES = 512 * 1024 * 1024
+
+
 def model_upload_limit() -> int:
     return int(settings.MAX_MODEL_BYTES) + MULTIPART_ALLOWANCE_BYTES
 
@@ -64,6 +68,7 @@ LIMITS: dict[str, Callable[[], int]] = {
     "agent-queries:query-result": lambda: protocol.MAX_QUERY_RESULT_BYTES,
     "models_registry:version-upload": model_upload_limit,
     "admin:models_registry_modelversion_add": model_upload_limit,
+    "sites:bundle-out-upload": lambda: BUNDLE_OUT_MAX_BYTES + MULTIPART_ALLOWANCE_BYTES,
 }
 
 

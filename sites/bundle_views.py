@@ -37,6 +37,7 @@ from django.views.decorators.http import require_POST
 from audit.services import Actor
 from core.htmx import render_page, wants_partial
 from edge_runtime.airgap.bundle import BundleRefused, read_metadata
+from orchestrator.asgi_limits import BUNDLE_OUT_MAX_BYTES, MULTIPART_ALLOWANCE_BYTES
 from sites.bundles import MAX_VALID_FOR, bundle_export
 from sites.bundles_out import bundle_import
 from sites.models import Site
@@ -44,10 +45,6 @@ from sites.selectors import site_bundles
 from sites.services import SitesError
 from sites.views import _site_context, _site_for, _site_page_context
 
-# A bundle out holds a node's report, audit entries, telemetry and query answers, never a model: far below this.
-BUNDLE_OUT_MAX_BYTES = 512 * 1024 * 1024
-# The multipart boundaries and the form's other fields around the file.
-MULTIPART_ALLOWANCE_BYTES = 1024 * 1024
 MAX_VALID_DAYS = MAX_VALID_FOR.days
 # A name like FILE.001: one part of a bundle split for removable media.
 PART_NAME = re.compile(r"\.\d{3}$")

@@ -150,12 +150,14 @@ def _node(node_id: str) -> Node:
 @dataclasses.dataclass
 class _Sink:
     staging: Path
+    count: int = 0
 
     def __call__(self, member: Member) -> BinaryIO:
         if member.size > MAX_MEMBER_BYTES:
             raise BundleRefused(f"{member.name}: {member.size} bytes, more than a bundle out's member holds "
                                 f"({MAX_MEMBER_BYTES})")
-        return (self.staging / member.name.replace("/", "__")).open("xb")
+        self.count += 1  # by position in the signed list (the order members are read in), never by name
+        return (self.staging / f"{self.count:06d}").open("xb")
 
 
 @contextlib.contextmanager
@@ -169,7 +171,7 @@ def _staging() -> Iterator[Path]:
 
 def _read(staging: Path, signed: SignedMeta) -> _Carried:
     """The members, read and checked against the wire models; BundleRefused names the one that is not."""
-    members = {m.name: (staging / m.name.replace("/", "__")).read_bytes() for m in signed.signed.members}
+    members = {m.name: (staging / f"{n:06d}").read_bytes() for n, m in enumerate(signed.signed.members, start=1)}
     report = _parse(members, "report.json", protocol.SyncRequest)
     inventory = _parse(members, "inventory.json", NodeInventory)
     uploads = [_parse(members, name, protocol.AuditUpload) for name in sorted(members) if name.startswith("audit/")]

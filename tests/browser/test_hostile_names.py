@@ -86,7 +86,7 @@ def test_it_runs_no_script_from_any_name_on_any_page(
     assert page.evaluate(INJECTED) == [], "map"
     for site, region in placed:
         marker = page.locator(f'.site-marker[data-site="{site.slug}"]')
-        title = re.compile(f"^{re.escape(site.name)}: (online|degraded|offline|empty)$")
+        title = re.compile(f"^{re.escape(site.name)}: (online|degraded|offline|no nodes)$")
         expect(marker).to_have_attribute("title", title)
         marker.click()
         popup = page.locator(".leaflet-popup-content")

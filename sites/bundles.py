@@ -60,8 +60,13 @@ class _Contents:
 
 
 def bundle_export(*, actor: Actor, site: Site, path: Path, full: bool = False, part_size: int | None = None,
-                  valid_for: dt.timedelta = DEFAULT_VALID_FOR, user: Any = None) -> Made:
-    """Write the next bundle in for ``site`` to ``path`` (or its parts); refused with SitesError naming the field."""
+                  valid_for: dt.timedelta = DEFAULT_VALID_FOR, user: Any = None,
+                  expected_sequence: int | None = None) -> Made:
+    """Write the next bundle in for ``site`` to ``path`` (or its parts); refused with SitesError naming the field.
+
+    With ``expected_sequence`` (the one :func:`next_sequence` gave, say to name the file) it is refused
+    unless that is still the sequence it gets: another bundle for the site may have been made meanwhile.
+    """
     if not dt.timedelta(hours=1) <= valid_for <= MAX_VALID_FOR:
         raise SitesError("a bundle is valid for between 1 hour and 3650 days", field="valid_for")
     if part_size is not None and part_size < 1024 * 1024:
@@ -75,8 +80,10 @@ def bundle_export(*, actor: Actor, site: Site, path: Path, full: bool = False, p
             if not nodes:
                 raise SitesError(f"site {site.slug} has no enrolled node: a bundle in carries its nodes' states",
                                  field="site")
-            last = SiteBundle.objects.filter(site=site, direction=BundleDirection.IN).aggregate(m=Max("sequence"))
-            sequence = (last["m"] or 0) + 1
+            sequence = next_sequence(site)
+            if expected_sequence is not None and sequence != expected_sequence:
+                raise SitesError(f"bundle in {expected_sequence} for site {site.slug} was made meanwhile; the next "
+                                 f"one is {sequence}", field="sequence")
             contents = _contents(site, nodes, actor=actor, full=full)
             now = timezone.now()
             trust = keys.current()
@@ -100,6 +107,12 @@ def bundle_export(*, actor: Actor, site: Site, path: Path, full: bool = False, p
                 p.unlink()
         raise
     return Made(bundle=bundle, paths=written)
+
+
+def next_sequence(site: Site) -> int:
+    """The sequence the next bundle in for ``site`` gets (allocated for good under the site's row lock)."""
+    last = SiteBundle.objects.filter(site=site, direction=BundleDirection.IN).aggregate(m=Max("sequence"))
+    return int(last["m"] or 0) + 1
 
 
 def _contents(site: Site, nodes: list[Node], *, actor: Actor, full: bool) -> _Contents:

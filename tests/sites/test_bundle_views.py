@@ -3,31 +3,29 @@ and air-gapped sites shown as such (never offline) on the fleet, the map, the si
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.test import Client
 from django.utils import timezone
 
 from audit.models import AuditEvent
 from audit.services import Actor
-from edge_runtime import protocol, signing
+from edge_runtime import signing
 from edge_runtime.airgap.bundle import read_metadata
-from edge_runtime.airgap.writing import Source, write_bundle
-from edge_runtime.protocol.airgap import HeldArtifact, NodeInventory
+from edge_runtime.protocol.airgap import HeldArtifact
 from models_registry import services as registry
 from queries.models import FederatedQuery, QuerySite
-from sites import bundle_views, services
+from sites import bundle_views
 from sites.bundles import bundle_export
 from sites.liveness import shown_confirmed_at
 from sites.models import Connectivity, Node, Region, Site, SiteBundle
 from tests.fixtures.personas import make_site
 from tests.models_registry.helpers import make_model, valid_version
+from tests.sites.bundle_helpers import bundle_out, enroll
 
 pytestmark = pytest.mark.django_db
 
@@ -47,29 +45,6 @@ def uploads(settings: Any, tmp_path: Path) -> Path:
     directory.mkdir()
     settings.FILE_UPLOAD_TEMP_DIR = str(directory)
     return directory
-
-
-def enroll(site: Site, name: str, key: Ed25519PrivateKey | None = None) -> Node:
-    """A node enrolled at the depot, with its identity key registered (as edge-runtime enroll does)."""
-    _, token = services.token_create(actor=ACTOR, site=site)
-    public = base64.b64encode(signing.public_key_raw(key.public_key())).decode() if key else None
-    node, _ = services.node_enroll(request=protocol.EnrollRequest(token=token, name=name, identity_key=public),
-                                   ip="10.0.0.5")
-    return Node.objects.get(pk=node.pk)
-
-
-def bundle_out(path: Path, node: Node, key: Ed25519PrivateKey, *, sequence: int = 1,
-               created: dt.datetime | None = None, held: list[HeldArtifact] | None = None) -> Path:
-    """A bundle out as edge-runtime export-bundle writes one: the node's report and inventory, signed by its key."""
-    created = created or timezone.now()
-    report = protocol.SyncRequest(runtime_version="0.1.0", actual=protocol.ActualState(applied_generation=1))
-    sources = [Source.json("report.json", report.model_dump(mode="json")),
-               Source.json("inventory.json", NodeInventory(artifacts=held or [], bundle_in_sequence=1)
-                           .model_dump(mode="json"))]
-    meta = {"direction": "out", "site": node.site.slug, "node": str(node.uuid), "sequence": sequence,
-            "created": created, "expires": created + dt.timedelta(days=3650)}
-    write_bundle(path, meta, sources, key)
-    return path
 
 
 def upload(client: Client, site: Site, path: Path, **headers: str) -> Any:

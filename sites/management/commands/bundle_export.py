@@ -8,7 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from audit.services import Actor
-from sites.bundles import DEFAULT_VALID_FOR, bundle_export
+from sites.bundles import DEFAULT_VALID_FOR, bundle_export, next_sequence
 from sites.models import Site
 from sites.services import SitesError
 
@@ -50,14 +50,16 @@ class Command(BaseCommand):
                 part_size = parse_size(options["part_size"])
             except ValueError as exc:
                 raise CommandError(f"--part-size: {exc}") from None
-        path = Path(options["output"] or f"{site.slug}-in-next.ewb")
+        expected = None if options["output"] else next_sequence(site)
+        path = Path(options["output"] or f"{site.slug}-in-{expected}.ewb")
         if path.exists() or path.with_name(f"{path.name}.001").exists():
             raise CommandError(f"{path} exists: choose another name (a bundle never overwrites a file)")
         if not path.parent.is_dir():
             raise CommandError(f"{path.parent} is not a directory")
         try:
             made = bundle_export(actor=Actor.system("bundle_export"), site=site, path=path, full=options["full"],
-                                 part_size=part_size, valid_for=dt.timedelta(days=options["valid_days"]))
+                                 part_size=part_size, valid_for=dt.timedelta(days=options["valid_days"]),
+                                 expected_sequence=expected)
         except SitesError as exc:
             raise CommandError(f"no bundle was written: {exc.message}") from None
         except OSError as exc:

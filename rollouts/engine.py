@@ -47,7 +47,7 @@ from rollouts.models import (
     WavePhase,
 )
 from rollouts.reports import desired_versions, publish_row, publish_rows, reports_new, reports_previous
-from rollouts.selectors import offline_share, unreachable
+from rollouts.selectors import by_bundle, offline_share, unreachable
 from sites.models import Node
 
 SYSTEM = Actor.system("rollouts")
@@ -234,6 +234,9 @@ def _confirm(rollout: Rollout, rows: list[RolloutNode], actor: Actor) -> list[Ro
     return failed
 
 
+CARRIED = "air-gapped: the version goes in the site's next bundle in"
+
+
 def progress(rollout: Rollout, *, now: dt.datetime, actor: Actor = SYSTEM) -> None:
     """One tick of a progressing rollout: confirm reports, then start, wait on or judge the current wave."""
     strategy = Strategy.model_validate(rollout.strategy)
@@ -268,6 +271,12 @@ def _updating(rollout: Rollout, wave: list[RolloutNode], strategy: Strategy, *, 
     overdue = (now - started).total_seconds() >= strategy.offline_timeout_s
     waiting = [r for r in wave if r.state == NodeState.UPDATING]
     if overdue:
+        # Reached by bundle only: they keep the version, which the next bundle in carries, and are confirmed
+        # (or roll the rollout back) whenever a bundle out reports them; the wave does not wait for them.
+        for row in (r for r in waiting if by_bundle(r.node) and not r.detail.startswith(CARRIED)):
+            row.detail = f"{CARRIED}; confirmed when a bundle out of {row.node.site.slug} reports it"
+            row.save(update_fields=["detail", "updated_at"])
+        waiting = [r for r in waiting if not by_bundle(r.node)]
         late = [r for r in waiting if not unreachable(r.node, now)]
         if late:
             names = ", ".join(f"{r.node.site.slug}/{r.node.name}" for r in late)

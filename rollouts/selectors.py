@@ -12,8 +12,8 @@ from django.utils import timezone
 from core.permissions import user_can
 from models_registry.models import ModelVersion, VersionStatus
 from rollouts.models import ASSIGNED_NODE_STATES, NodeState, Rollout, RolloutNode, RolloutState
-from sites.liveness import node_status
-from sites.models import Node, NodeStatus
+from sites.liveness import node_status, shown_status
+from sites.models import Connectivity, Node, NodeStatus
 
 UNREACHABLE = (NodeStatus.PENDING, NodeStatus.STALE, NodeStatus.OFFLINE, NodeStatus.REVOKED)
 
@@ -52,9 +52,15 @@ def unreachable_at(last_seen_at: dt.datetime | None, revoked_at: dt.datetime | N
     return node_status(last_seen_at=last_seen_at, revoked=revoked_at is not None, now=now) in UNREACHABLE
 
 
+def by_bundle(node: Node) -> bool:
+    """Whether ``node`` is reached only by bundles (its site is air-gapped): never "offline", only far."""
+    return node.site.connectivity == Connectivity.AIR_GAPPED
+
+
 def offline_share(rollout: Rollout, now: dt.datetime) -> tuple[int, int]:
-    """(unreachable, total) among the rollout's nodes that were not skipped: one narrow query."""
-    seen = rollout.nodes.exclude(state=NodeState.SKIPPED).values_list("node__last_seen_at", "node__revoked_at")
+    """(unreachable, total) among the rollout's nodes that were not skipped and are not reached by bundle."""
+    seen = (rollout.nodes.exclude(state=NodeState.SKIPPED).exclude(node__site__connectivity=Connectivity.AIR_GAPPED)
+            .values_list("node__last_seen_at", "node__revoked_at"))
     flags = [unreachable_at(last, revoked, now) for last, revoked in seen]
     return sum(flags), len(flags)
 
@@ -123,8 +129,9 @@ def rollout_waves(rollout: Rollout) -> list[dict[str, Any]]:
             "label": "canary" if index == 0 else f"wave {index}",
             "current": index == rollout.current_wave and rollout.state in (RolloutState.PROGRESSING,
                                                                             RolloutState.PAUSED),
-            "nodes": [{"row": r, "status": node_status(last_seen_at=r.node.last_seen_at,
-                                                       revoked=r.node.revoked_at is not None, now=now),
+            "nodes": [{"row": r, "status": shown_status(node_status(last_seen_at=r.node.last_seen_at,
+                                                                    revoked=r.node.revoked_at is not None, now=now),
+                                                        connectivity=r.node.site.connectivity),
                        "reported": _reported(r.node, rollout.version.model.slug)} for r in members],
         })
     return waves

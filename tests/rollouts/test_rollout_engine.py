@@ -10,6 +10,7 @@ from audit.models import AuditEvent
 from policies import services as policy_services
 from rollouts import engine, services
 from rollouts.models import NodeState, PauseKind, Rollout, RolloutEvent, RolloutState, WavePhase
+from rollouts.selectors import rollout_waves
 from rollouts.services import RolloutError
 from sites.models import Site
 from tests.fixtures.personas import make_site
@@ -263,6 +264,54 @@ def test_it_pauses_instead_of_judging_while_much_of_the_target_is_offline(site_b
     # Back to judging: the canary's errors now fail it.
     rollout = tick(tick(rollout))
     assert rollout.state == RolloutState.ROLLING_BACK
+
+
+def test_it_carries_the_version_to_air_gapped_nodes_without_pausing_or_skipping_them(site_berlin: Site,
+                                                                                       region_eu: Any) -> None:
+    base7 = make_site(region_eu, "base-7", jurisdiction="DE", connectivity="air_gapped")
+    v1, v2 = two_versions("defects")
+    connected, gapped = fleet(site_berlin, 2), fleet(base7, 2, prefix="g")
+    for site, nodes in ((site_berlin, connected), (base7, gapped)):
+        deploy(v1, site)
+        for node in nodes:
+            report(node, serving("defects", "1.0.0"))
+    age(gapped, 7 * 86_400)  # their last bundle out was written a week ago
+    rollout = services.rollout_create(actor=ACTOR, user=None, version=v2, target={"sites": ["plant-berlin", "base-7"]},
+                                      strategy={"canary_nodes": 1, "percentages": [100], "bake_s": 0, "gate": None,
+                                                "offline_timeout_s": 30, "max_offline_fraction": 0.5})
+    rollout = services.rollout_start(actor=ACTOR, rollout=rollout)
+    for _ in range(12):
+        rollout = tick(rollout)
+        if rollout.terminal:
+            break
+        for node in connected:
+            if desired_versions(node, "defects") == ["2.0.0"]:
+                report(node, serving("defects", "2.0.0"))
+        rewind(rollout, 31)
+    # Half the target a week away by bundle is no outage: no pause, nothing skipped, the version stays theirs.
+    assert rollout.state == RolloutState.SUCCEEDED, rollout.reason
+    assert not rollout.events.filter(to_state=RolloutState.PAUSED).exists()
+    assert rows(rollout) == {"n0": "updated", "n1": "updated", "g0": "updating", "g1": "updating"}
+    assert all(desired_versions(n, "defects") == ["2.0.0"] for n in gapped)
+    assert "the version goes in the site's next bundle in" in rollout.nodes.get(node=gapped[0]).detail
+    # A bundle out reports them serving it: the finished rollout confirms them.
+    for node in gapped:
+        report(node, serving("defects", "2.0.0"))
+    assert set(rows(tick(rollout)).values()) == {"updated"}
+
+
+def test_the_rollout_page_shows_an_air_gapped_node_as_such(site_berlin: Site, region_eu: Any) -> None:
+    base7 = make_site(region_eu, "base-7", jurisdiction="DE", connectivity="air_gapped")
+    v1, v2 = two_versions("defects")
+    nodes = (*fleet(site_berlin, 1), *fleet(base7, 1, prefix="g"))
+    deploy(v1, site_berlin)
+    deploy(v1, base7)
+    for node in nodes:
+        report(node, serving("defects", "1.0.0"))
+    rollout = services.rollout_create(actor=ACTOR, user=None, version=v2, target={"sites": ["plant-berlin", "base-7"]},
+                                      strategy={"canary_nodes": 1, "percentages": [100]})
+    shown = {item["row"].node.name: item["status"] for wave in rollout_waves(rollout) for item in wave["nodes"]}
+    assert shown == {"n0": "online", "g0": "air-gapped"}
 
 
 def test_it_ignores_a_stale_or_duplicated_tick(site_berlin: Site) -> None:

@@ -18,6 +18,7 @@ from django import forms
 from edge_runtime.data.spec import AggregateOp, FilterOp, Interval
 from queries.models import OfflineBehaviour
 from queries.selectors import CatalogEntry
+from queries.services.lifecycle import MAX_WAIT_S
 
 AGGREGATE_SLOTS = 4
 FILTER_SLOTS = 3
@@ -48,8 +49,10 @@ class QueryForm(forms.Form):
     offline_behaviour = forms.ChoiceField(label="Offline sites", choices=OfflineBehaviour.choices,
                                           initial=OfflineBehaviour.WAIT, widget=forms.RadioSelect)
     deadline_s = forms.IntegerField(label="Answer within (seconds)", initial=60, min_value=1, max_value=86_400)
-    wait_hours = forms.FloatField(label="Wait for offline sites (hours)", initial=24, min_value=0.001,
-                                  max_value=168)
+    wait_hours = forms.FloatField(label="Wait for offline and air-gapped sites (hours)", initial=24,
+                                  min_value=0.001, max_value=MAX_WAIT_S / 3600,
+                                  help_text="An air-gapped site answers when its bundle out comes back: up to 90 "
+                                            "days.")
 
     def choice(self, name: str) -> forms.ChoiceField:
         """The choice field ``name``, typed as one (``self.fields`` holds plain Fields to the type checker)."""

@@ -39,6 +39,8 @@ from sites.models import Connectivity, Node, NodeStatus, Site
 MAX_SITES = 500
 MIN_DEADLINE_S = 1
 MAX_DEADLINE_S = 7 * 86_400
+# How long a site off the network may take: an air-gapped site answers when its bundle out comes back.
+MAX_WAIT_S = 90 * 86_400
 # Where several nodes of a site report the dataset, the biggest role answers (the site's own data lives there).
 ROLE_PREFERENCE = {"server": 0, "gateway": 1, "device": 2}
 
@@ -99,15 +101,15 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
     Refused, with nothing written, if ``user`` may not query one of the
     sites (QueryForbidden) or the document does not fit (QueriesError naming
     the field). ``deadline_s``: how long sites have to answer; under
-    ``wait``, a site whose node is offline now has ``wait_s`` instead.
+    ``wait``, a site whose node is offline now, or that is air-gapped, has
+    ``wait_s`` instead (up to 90 days: a bundle's round trip).
     """
     if offline_behaviour not in OfflineBehaviour.values:
         raise QueriesError(f"offline_behaviour: {offline_behaviour!r} is not one of "
                            f"{', '.join(OfflineBehaviour.values)}", field="offline_behaviour")
-    for name, value in (("deadline_s", deadline_s), ("wait_s", wait_s)):
-        if not MIN_DEADLINE_S <= value <= MAX_DEADLINE_S:
-            raise QueriesError(f"{name}: must be between {MIN_DEADLINE_S} and {MAX_DEADLINE_S} seconds",
-                               field=name)
+    for name, value, most in (("deadline_s", deadline_s, MAX_DEADLINE_S), ("wait_s", wait_s, MAX_WAIT_S)):
+        if not MIN_DEADLINE_S <= value <= most:
+            raise QueriesError(f"{name}: must be between {MIN_DEADLINE_S} and {most} seconds", field=name)
     sites = list(dict.fromkeys(sites))
     for site in sites:
         if not user_can(user, "query", site):
@@ -127,7 +129,9 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
             node = chosen[site.pk].node
             online = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now) == NodeStatus.ONLINE
             state = _first_state(site, online)
-            site_deadline = deadline if online or offline_behaviour == OfflineBehaviour.TIMEOUT else wait_until
+            # An air-gapped site is never "online" for a query: its answer comes back by bundle.
+            near = online and state != SiteState.BUNDLE
+            site_deadline = deadline if near or offline_behaviour == OfflineBehaviour.TIMEOUT else wait_until
             QuerySite.objects.create(query=query, site=site, node=node, state=state, deadline=site_deadline)
             QueryEvent.objects.create(query=query, site=site, to_state=state,
                                       detail={"node": str(node.uuid), "deadline": site_deadline.isoformat()})

@@ -123,3 +123,34 @@ def test_it_keeps_the_catalog_from_reports_and_audits_shape_changes_not_row_coun
     assert AuditEvent.objects.filter(action="node.datasets").count() == 2
     assert dataset_catalog_report(node=node, report=node.actual_state["detail"]["datasets"],
                                   actor=Actor.node(node)) is False
+
+
+def test_an_air_gapped_site_waits_for_its_bundle_however_recently_it_was_heard_from(estate: Estate,
+                                                                                     admin_user: Any) -> None:
+    from django.utils import timezone
+
+    from sites.models import Node
+
+    Site.objects.filter(pk=estate.berlin.pk).update(connectivity="air_gapped")
+    # Berlin's bundle out was imported a moment ago: its node looks online, yet it answers only by bundle.
+    Node.objects.filter(pk__in=[estate.berlin_node.pk, estate.ohio_node.pk]).update(last_seen_at=timezone.now())
+    query = create(admin_user, [Site.objects.get(pk=estate.berlin.pk), estate.ohio], deadline_s=60,
+                   wait_s=30 * 86_400)
+    rows = {row.site.slug: row for row in QuerySite.objects.filter(query=query).select_related("site")}
+    assert (rows["plant-berlin"].state, rows["plant-berlin"].deadline) == ("bundle", query.wait_until)
+    assert (rows["plant-ohio"].state, rows["plant-ohio"].deadline) == ("pending", query.deadline)
+    assert (query.wait_until - query.deadline).days == 29  # a month for the bundle's round trip
+    [delivered] = query_deliveries(node=estate.berlin_node)  # what the next bundle in carries
+    assert (delivered.query_id, delivered.deadline) == (str(query.uuid), query.wait_until)
+
+
+@pytest.mark.parametrize(("field", "value", "most"), [("wait_s", 90 * 86_400 + 1, 90 * 86_400),
+                                                      ("deadline_s", 7 * 86_400 + 1, 7 * 86_400),
+                                                      ("wait_s", 0, 90 * 86_400)])
+def test_it_refuses_a_wait_or_deadline_out_of_range_naming_the_field(estate: Estate, admin_user: Any, field: str,
+                                                                     value: int, most: int) -> None:
+    with pytest.raises(QueriesError) as caught:
+        create(admin_user, [estate.berlin], **{field: value})
+    assert caught.value.field == field
+    assert caught.value.message == f"{field}: must be between 1 and {most} seconds"
+    _nothing_created()

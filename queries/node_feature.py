@@ -38,9 +38,8 @@ class QueriesFeature(NodeFeatureBase):
         # does not carry it again. An answer to a query already final (answered by another path) is a repeat.
         taken: list[str] = sync.answer.setdefault("answers", [])
         notes: list[str] = sync.answer.setdefault("notes", [])
-        for name, body in sorted(members.items()):
-            if not name.startswith(ANSWER_PREFIX):
-                continue
+        for name in sorted(n for n in members if n.startswith(ANSWER_PREFIX)):
+            body = members[name]  # one at a time: the mapping reads each from disk when asked
             try:
                 result = QueryResult.model_validate_json(body)
             except ValidationError as exc:

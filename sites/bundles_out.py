@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,6 +66,8 @@ from sites.telemetry.services import Submission, telemetry_commit
 
 # The small members are read into memory; a bundle out has no large one (models only travel in).
 MAX_MEMBER_BYTES = 2 * 1024 * 1024
+# Telemetry frames are stored this many at a time, inside the import's transaction.
+FRAMES_PER_COMMIT = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +78,39 @@ class Taken:
     again: bool = False
 
 
+class _Staged(Mapping[str, bytes]):
+    """The members of a verified bundle, by name, each read from its staging file when asked for (never all
+    at once: a node away for months may send many)."""
+
+    def __init__(self, staging: Path, signed: SignedMeta) -> None:
+        self._paths = {m.name: staging / f"{n:06d}" for n, m in enumerate(signed.signed.members, start=1)}
+
+    def __getitem__(self, name: str) -> bytes:
+        return self._paths[name].read_bytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def parsed(self, prefix: str, model: Any) -> Iterator[Any]:
+        """The members under ``prefix``, in name order, each parsed as ``model`` as it is reached."""
+        for name in sorted(n for n in self._paths if n.startswith(prefix)):
+            yield _parse(self, name, model)
+
+
 @dataclasses.dataclass
 class _Carried:
     report: protocol.SyncRequest
     inventory: NodeInventory
-    uploads: list[protocol.AuditUpload]
-    frames: list[protocol.TelemetryFrame]
-    members: dict[str, bytes]
+    members: _Staged
+
+    def uploads(self) -> Iterator[protocol.AuditUpload]:
+        return self.members.parsed("audit/", protocol.AuditUpload)
+
+    def frames(self) -> Iterator[protocol.TelemetryFrame]:
+        return self.members.parsed("telemetry/", protocol.TelemetryFrame)
 
 
 def bundle_import(*, actor: Actor, path: Path, user: Any = None) -> Taken:
@@ -170,17 +199,17 @@ def _staging() -> Iterator[Path]:
 
 
 def _read(staging: Path, signed: SignedMeta) -> _Carried:
-    """The members, read and checked against the wire models; BundleRefused names the one that is not."""
-    members = {m.name: (staging / f"{n:06d}").read_bytes() for n, m in enumerate(signed.signed.members, start=1)}
-    report = _parse(members, "report.json", protocol.SyncRequest)
-    inventory = _parse(members, "inventory.json", NodeInventory)
-    uploads = [_parse(members, name, protocol.AuditUpload) for name in sorted(members) if name.startswith("audit/")]
-    frames = [_parse(members, name, protocol.TelemetryFrame) for name in sorted(members)
-              if name.startswith("telemetry/")]
-    return _Carried(report=report, inventory=inventory, uploads=uploads, frames=frames, members=members)
+    """The members, each checked against its wire model (BundleRefused names the one that is not) before
+    anything is taken; the audit uploads and telemetry frames are read again, one by one, as they are taken."""
+    members = _Staged(staging, signed)
+    carried = _Carried(report=_parse(members, "report.json", protocol.SyncRequest),
+                       inventory=_parse(members, "inventory.json", NodeInventory), members=members)
+    for _ in itertools.chain(carried.uploads(), carried.frames()):
+        pass
+    return carried
 
 
-def _parse(members: dict[str, bytes], name: str, model: Any) -> Any:
+def _parse(members: Mapping[str, bytes], name: str, model: Any) -> Any:
     if name not in members:
         raise BundleRefused(f"the bundle lacks {name}: it is no bundle out of a node")
     try:
@@ -201,8 +230,8 @@ def _take(actor: Actor, node: Node, signed: SignedMeta, carried: _Carried, user:
             raise BundleRefused(f"bundle out {last} of node {node.name} was imported meanwhile; import again to "
                                 "see whether this one is still needed")
         reported = node_report_carried(node=node, request=carried.report, as_of=meta.created, actor=node_actor)
-        audit_ack, entries = _witness(node, carried.uploads)
-        telemetry_seq = _telemetry(node, carried.frames)
+        audit_ack, entries = _witness(node, carried.uploads())
+        telemetry_items, telemetry_seq = _telemetry(node, carried.frames())
         sync = features.NodeSync(node=node, actual=carried.report.actual, actor=node_actor)
         for feature in features.node_features():
             feature.carried(sync, carried.members)
@@ -210,7 +239,7 @@ def _take(actor: Actor, node: Node, signed: SignedMeta, carried: _Carried, user:
                                 answers=sync.answer.get("answers", []))
         summary = {"report": "taken" if reported else "older than what the node reported since",
                    "audit_entries": entries, "audit": audit_ack.state if audit_ack else "none",
-                   "telemetry_items": sum(len(f.items) for f in carried.frames), "telemetry_seq": telemetry_seq,
+                   "telemetry_items": telemetry_items, "telemetry_seq": telemetry_seq,
                    "answers": len(receipt.answers), "notes": sync.answer.get("notes", []),
                    "inventory": carried.inventory.model_dump(mode="json")}
         bundle = SiteBundle.objects.create(
@@ -226,7 +255,7 @@ def _take(actor: Actor, node: Node, signed: SignedMeta, carried: _Carried, user:
     return Taken(bundle=bundle)
 
 
-def _witness(node: Node, uploads: list[protocol.AuditUpload]) -> tuple[protocol.AuditAck | None, int]:
+def _witness(node: Node, uploads: Iterable[protocol.AuditUpload]) -> tuple[protocol.AuditAck | None, int]:
     """Each upload witnessed in order; the last answer, and how many entries were stored."""
     ack: protocol.AuditAck | None = None
     before = NodeLog.objects.filter(node_uuid=node.uuid).values_list("stored", flat=True).first() or 0
@@ -240,11 +269,14 @@ def _witness(node: Node, uploads: list[protocol.AuditUpload]) -> tuple[protocol.
     return ack, max(0, ack.stored - before)
 
 
-def _telemetry(node: Node, frames: list[protocol.TelemetryFrame]) -> int:
-    """The frames stored (duplicates skipped); the node's high-water mark after them."""
-    if not frames:
-        return 0
-    committed = telemetry_commit(submissions=[
-        Submission(node_id=node.pk, node_uuid=str(node.uuid), site_uuid=str(node.site.uuid), frame=frame)
-        for frame in frames])
-    return int(committed.marks.get(node.pk, 0))
+def _telemetry(node: Node, frames: Iterable[protocol.TelemetryFrame]) -> tuple[int, int]:
+    """The frames stored a batch at a time (duplicates skipped): how many items, and the node's high-water mark."""
+    items = mark = 0
+    it = iter(frames)
+    while batch := list(itertools.islice(it, FRAMES_PER_COMMIT)):
+        items += sum(len(f.items) for f in batch)
+        committed = telemetry_commit(submissions=[
+            Submission(node_id=node.pk, node_uuid=str(node.uuid), site_uuid=str(node.site.uuid), frame=frame)
+            for frame in batch])
+        mark = int(committed.marks.get(node.pk, mark))
+    return items, mark

@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from edge_runtime import signing
+from edge_runtime import protocol, signing
 from edge_runtime.airgap.bundle import BundleRefused
 from edge_runtime.airgap.writing import Source, write_bundle
 from sites import services
@@ -161,3 +161,39 @@ def test_the_import_command_says_what_it_took_and_what_it_refused(base7: Site, t
     later = bundle_out(tmp_path / "out-2.ewb", node, key, sequence=2)
     with pytest.raises(CommandError, match="refused .*out-2.ewb: node s-1 of base-7 was revoked.*nothing was taken"):
         call_command("bundle_import", str(later))
+
+
+def _frames(count: int, *, per_frame: int = 2) -> list[Source]:
+    from tests.sites.test_telemetry import T0, point
+
+    frames = []
+    for n in range(count):
+        items = [point(n * per_frame + i + 1, T0 + dt.timedelta(seconds=n * per_frame + i)) for i in range(per_frame)]
+        frames.append(Source(name=f"telemetry/{n + 1:06d}.json",
+                             data=protocol.TelemetryFrame(items=items).model_dump_json().encode()))
+    return frames
+
+
+def test_it_stores_many_frames_a_batch_at_a_time_and_all_of_them(base7: Site, tmp_path: Path) -> None:
+    from sites.bundles_out import FRAMES_PER_COMMIT
+    from sites.telemetry.models import TelemetryStream
+
+    key = signing.generate_private_key()
+    node = enroll(base7, "s-1", key)
+    count = 2 * FRAMES_PER_COMMIT + 7  # three commits
+    taken = bundle_import(actor=ACTOR, path=bundle_out(tmp_path / "out-1.ewb", node, key, extra=_frames(count)))
+    stream = TelemetryStream.objects.get(node=node)
+    assert (taken.bundle.summary["telemetry_items"], taken.bundle.summary["telemetry_seq"]) == (2 * count, 2 * count)
+    assert (stream.last_seq, stream.points) == (2 * count, 2 * count)
+    assert taken.bundle.receipt["receipt"]["telemetry_seq"] == 2 * count
+
+
+def test_it_refuses_a_bad_frame_after_good_ones_before_storing_any(base7: Site, tmp_path: Path) -> None:
+    from sites.telemetry.models import TelemetryStream
+
+    key = signing.generate_private_key()
+    node = enroll(base7, "s-1", key)
+    bad = Source(name="telemetry/000004.json", data=b'{"type": "telemetry", "items": []}')
+    path = bundle_out(tmp_path / "out-1.ewb", node, key, extra=[*_frames(3), bad])
+    refused(path, node, "telemetry/000004.json: items: List should have at least 1 item")
+    assert not TelemetryStream.objects.filter(node=node, points__gt=0).exists()

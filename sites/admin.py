@@ -38,8 +38,8 @@ from orchestrator.models import DesiredState
 from sites import services
 from sites.models import EnrollmentToken, Node, Region, Site
 
-SITE_FIELDS = ("region", "slug", "name", "jurisdiction", "clearance", "connectivity", "latitude", "longitude",
-               "labels")
+SITE_FIELDS = ("region", "slug", "name", "jurisdiction", "clearance", "connectivity", "expired_bundles", "latitude",
+               "longitude", "labels")
 
 
 def _pk_or_404(model: Any, value: str) -> Any:

@@ -42,7 +42,8 @@ def _enrolled(agent: Client, site: Site, name: str) -> dict[str, Any]:
 
 def _site_form(site: Site, **changes: Any) -> dict[str, Any]:
     form = {"region": site.region.pk, "slug": site.slug, "name": site.name, "jurisdiction": site.jurisdiction,
-            "clearance": site.clearance, "connectivity": site.connectivity, "latitude": site.latitude,
+            "clearance": site.clearance, "connectivity": site.connectivity,
+            "expired_bundles": site.expired_bundles, "latitude": site.latitude,
             "longitude": site.longitude, "labels": json.dumps(site.labels), "_save": "Save"}
     form.update(changes)
     return form
@@ -76,6 +77,17 @@ def test_it_republishes_the_nodes_signed_policy_when_the_admin_changes_a_sites_c
     assert event.actor == "admin"
     # Another site's nodes are not touched.
     assert DesiredState.objects.get(node__uuid=other["node_id"]).generation == 1
+
+
+def test_it_sets_an_air_gapped_sites_policy_on_expired_bundles_through_the_service(admin_client_: Client,
+                                                                                     site_berlin: Site) -> None:
+    form = _site_form(site_berlin, connectivity="air_gapped", expired_bundles="warn")
+    response = admin_client_.post(f"/admin/sites/site/{site_berlin.pk}/change/", form)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    site_berlin.refresh_from_db()
+    assert (site_berlin.connectivity, site_berlin.expired_bundles) == ("air_gapped", "warn")
+    (event,) = AuditEvent.objects.filter(action="site.update", object_id=str(site_berlin.uuid))
+    assert (event.before["expired_bundles"], event.after["expired_bundles"]) == ("refuse", "warn")
 
 
 def test_it_writes_nothing_when_the_admin_saves_a_site_unchanged(admin_client_: Client, site_berlin: Site) -> None:

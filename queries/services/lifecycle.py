@@ -107,9 +107,7 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
     if offline_behaviour not in OfflineBehaviour.values:
         raise QueriesError(f"offline_behaviour: {offline_behaviour!r} is not one of "
                            f"{', '.join(OfflineBehaviour.values)}", field="offline_behaviour")
-    for name, value, most in (("deadline_s", deadline_s, MAX_DEADLINE_S), ("wait_s", wait_s, MAX_WAIT_S)):
-        if not MIN_DEADLINE_S <= value <= most:
-            raise QueriesError(f"{name}: must be between {MIN_DEADLINE_S} and {most} seconds", field=name)
+    _check_times(deadline_s=deadline_s, wait_s=wait_s)
     sites = list(dict.fromkeys(sites))
     for site in sites:
         if not user_can(user, "query", site):
@@ -144,6 +142,12 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
                             "offline_behaviour": offline_behaviour, "deadline": deadline.isoformat(),
                             "wait_until": wait_until.isoformat()})
     return query
+
+
+def _check_times(*, deadline_s: float, wait_s: float) -> None:
+    for name, value, most in (("deadline_s", deadline_s, MAX_DEADLINE_S), ("wait_s", wait_s, MAX_WAIT_S)):
+        if not MIN_DEADLINE_S <= value <= most:
+            raise QueriesError(f"{name}: must be between {MIN_DEADLINE_S} and {most} seconds", field=name)
 
 
 def _first_state(site: Site, online: bool) -> SiteState:

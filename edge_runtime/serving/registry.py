@@ -164,6 +164,8 @@ class ModelRegistry:
         # that a slow load never takes a thread that requests are waiting for.
         self.executor = ThreadPoolExecutor(max_workers=inference_threads, thread_name_prefix="inference")
         self._models: dict[str, ServedModel] = {}
+        # The last load asked for each name, served or not: what a repository load retries.
+        self._requested: dict[str, LoadSpec] = {}
         self._loading = 0
 
     # reads -------------------------------------------------------------------
@@ -200,6 +202,10 @@ class ModelRegistry:
         """The outcome of the last load of ``name`` (serving, or failed with what still serves)."""
         served = self._models.get(name)
         return served.status if served else None
+
+    def requested(self, name: str) -> LoadSpec | None:
+        """The last load asked for ``name`` (whether it serves, failed or was refused); None if never."""
+        return self._requested.get(name)
 
     def statuses(self) -> list[ModelStatus]:
         return [s.status for _, s in sorted(self._models.items()) if s.status is not None]
@@ -247,6 +253,7 @@ class ModelRegistry:
                         providers=tuple(providers), required_providers=tuple(required_providers),
                         max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                         inline_below_ms=inline_below_ms)
+        self._requested[name] = spec
         served = self._models.setdefault(name, ServedModel())
         async with served.lock:
             current = served.versions.get(version)

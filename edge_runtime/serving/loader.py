@@ -1,21 +1,39 @@
-"""Loading an ONNX model: execution provider choice, signature, smoke test.
+"""Loading an ONNX model: execution provider choice, signature, smoke test, same answers.
 
-Provider order for one model: the model's own preference (``DesiredModel.
-providers``), then the node's priority list, each kept only if this ONNX
-Runtime build has it, and ``CPUExecutionProvider`` always last so that there
-is always something to run on. A provider the model *requires* but the node
-lacks is a refusal (:class:`ProviderError`), never a silent CPU fallback. ONNX
-Runtime itself may still fall back when a provider fails to initialise (a
-missing CUDA library, say); the provider the session actually runs on is
-recorded as :attr:`LoadedModel.provider`, and a required provider missing
-from the session is refused too.
+**The providers tried** (:func:`select_providers`): the version's preference
+(``DesiredModel.providers``), then the node's priority list, each kept only if
+this onnxruntime build has it, is a compute provider and is not forbidden by
+the version, and ``CPUExecutionProvider`` last. A node started with an
+explicit provider list uses no other (``--providers CPUExecutionProvider``
+forces CPU). A provider the version *requires* but the node lacks is a
+refusal (:class:`ProviderError`), never a silent CPU fallback. A misspelled
+provider name, in a version or a node's list, is a refusal that names it.
 
-A model is smoke-tested before anyone can send it a request: one inference
-on generated inputs (dynamic dimensions set to 1), so that a model that
-loads but cannot run is refused while the previous version keeps serving.
-A few more timed runs on the same inputs tell the batcher what one call
-costs once warm (the first run also allocates); they are skipped for a
-model whose first run was slow, which the batcher treats as slow anyway.
+**Fall back, never go dark** (:func:`load_model`). Each provider in turn gets
+a session of its own (that provider, and CPU for the nodes it leaves) and
+must load, pass the smoke test and give CPU's answers; the first that does
+serves. One that fails is left with its reason, and the next is tried, down to
+CPU. Only a *required* provider that fails is a refusal: the version is not
+served. Every reason is reported (``LoadedModel.fallback``).
+
+**Truthful placement.** The accelerator session's first run is profiled:
+onnxruntime's profile names the provider of every kernel it ran. ``full``:
+the accelerator ran all of them; ``partial``: some ran on CPU (how many, of
+the model's nodes, is reported); ``cpu_fallback``: an accelerator was on offer
+but the model runs on CPU (it took none of the graph, failed, or changed the
+answers); ``cpu``: CPU was all there was to use. An accelerator that takes
+none of a graph is not kept: its session is CPU's anyway.
+
+**Same answers** (:mod:`.probes`): inputs made from the signature, small ones
+and ones spanning each type (large INT64, NaN), run on the accelerator and on
+CPU; outputs must agree within the version's ``rtol``/``atol`` (default
+tight), or the accelerator is not used for that version and the reason says
+what differed.
+
+A model is smoke-tested before anyone can send it a request, so that a model
+that loads but cannot run is refused while the previous version keeps
+serving. A few more timed runs tell the batcher what one call costs once
+warm; they are skipped for a model whose first run was slow.
 
 Session options (:func:`session_options`): onnxruntime's intra-op pool
 keeps its own size (one thread per physical core), narrowed to the CPUs this
@@ -23,77 +41,48 @@ process may use when a container's CPU set or ``taskset`` leaves it fewer;
 and its threads do not spin while they wait for work, so that they leave
 the CPU to the event loop that parses requests and writes answers (why:
 docs/decisions/0005-onnxruntime-threads-do-not-spin.md).
+
+The seam for hardware a test machine lacks is ``session_factory`` (what
+opens a session) with ``available`` (what the build offers).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.serving.tensors import OIP_TO_NUMPY, Array, TensorError, oip_datatype
+from edge_runtime.protocol.providers import CPU, check_names
+from edge_runtime.serving import probes
+from edge_runtime.serving.providers import (
+    DEFAULT_PROVIDER_PRIORITY,
+    LoadError,
+    ProviderError,
+    ProviderPlan,
+    available_providers,
+    known_providers,
+    select_providers,
+)
+from edge_runtime.serving.tensors import Array, TensorError, oip_datatype
+
+__all__ = ["CPU", "DEFAULT_PROVIDER_PRIORITY", "LoadError", "LoadedModel", "ProviderError", "ProviderPlan",
+           "TensorSpec", "available_providers", "known_providers", "load_model", "select_providers"]
 
 logger = logging.getLogger("edge_runtime.serving")
 
-CPU = "CPUExecutionProvider"
-DEFAULT_PROVIDER_PRIORITY: tuple[str, ...] = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "ROCMExecutionProvider",
-    "OpenVINOExecutionProvider",
-    "CoreMLExecutionProvider",
-    "DmlExecutionProvider",
-    CPU,
-)
 # Timed warm runs after the smoke test, while all of them together stay under WARM_RUN_BELOW_S.
 WARM_RUNS = 3
 WARM_RUN_BELOW_S = 0.05
-# Listed by get_available_providers() but not a place to run a graph: the
-# Azure provider calls a remote endpoint, and inference never waits on the network.
-NON_COMPUTE_PROVIDERS = frozenset({"AzureExecutionProvider"})
-
-
-class LoadError(Exception):
-    """A model could not be loaded or failed its smoke test; the message says why."""
-
-
-class ProviderError(LoadError):
-    """The node lacks an execution provider the model requires."""
-
-
-def available_providers() -> list[str]:
-    """The compute providers of this ONNX Runtime build, in its own order."""
-    return [p for p in ort.get_available_providers() if p not in NON_COMPUTE_PROVIDERS]
-
-
-def select_providers(
-    *,
-    preferred: Sequence[str] = (),
-    required: Sequence[str] = (),
-    priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
-    available: Iterable[str] | None = None,
-) -> list[str]:
-    """The providers to ask ONNX Runtime for, best first, CPU last."""
-    have = [p for p in (available_providers() if available is None else available) if p not in NON_COMPUTE_PROVIDERS]
-    missing = [p for p in required if p not in have]
-    if missing:
-        raise ProviderError(
-            f"the model requires {', '.join(missing)}, which this node lacks "
-            f"(it has: {', '.join(have) or 'none'})"
-        )
-    chosen: list[str] = []
-    for provider in [*preferred, *priority]:
-        if provider in have and provider not in chosen and provider != CPU:
-            chosen.append(provider)
-    chosen.append(CPU)
-    return chosen
+Placement = Literal["full", "partial", "cpu_fallback", "cpu"]
+# What opens a session: (model path, options, providers, provider options) -> an InferenceSession.
+SessionFactory = Callable[[str, ort.SessionOptions, list[str], list[dict[str, str]]], Any]
 
 
 @dataclass(frozen=True)
@@ -111,7 +100,7 @@ class TensorSpec:
 class LoadedModel:
     """A session that passed its smoke test, with what the server needs to know about it."""
 
-    session: ort.InferenceSession
+    session: Any
     path: Path
     provider: str
     providers: list[str]
@@ -123,6 +112,11 @@ class LoadedModel:
     warm_run_seconds: float = 0.0
     # Runs of this session the batcher makes side by side.
     instances: int = 1
+    # Where the graph runs (see the module's docstring), and what was given up on the way, with why.
+    placement: Placement = "cpu"
+    cpu_nodes: int = 0
+    graph_nodes: int = 0
+    fallback: str = ""
     inputs_by_name: dict[str, TensorSpec] = field(default_factory=dict)
     output_names: list[str] = field(default_factory=list)
     output_index: dict[str, int] = field(default_factory=dict)
@@ -138,6 +132,13 @@ class LoadedModel:
         return bool(self.inputs) and all(
             len(spec.shape) >= 1 and spec.shape[0] == -1 for spec in [*self.inputs, *self.outputs]
         )
+
+    @property
+    def placement_text(self) -> str:
+        """``full``, ``partial (N of M nodes on CPU)``, ``cpu fallback`` or ``cpu``."""
+        if self.placement == "partial":
+            return f"partial ({self.cpu_nodes} of {self.graph_nodes} nodes on CPU)"
+        return self.placement.replace("_", " ")
 
     def run(self, feeds: dict[str, Array]) -> list[Array]:
         return list(self.session.run(self.output_names, feeds))
@@ -160,21 +161,7 @@ def _spec(arg: Any) -> TensorSpec:
 
 def smoke_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, Array]:
     """Inputs of the right dtype and shape (dynamic dims = 1): small random floats, zeros otherwise."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, Array] = {}
-    for spec in specs:
-        shape = tuple(1 if d < 0 else d for d in spec.shape)
-        dtype = OIP_TO_NUMPY[spec.datatype]
-        if spec.datatype == "BYTES":
-            array = np.full(shape, "", dtype=object)
-        elif dtype.kind == "f":
-            array = rng.uniform(-0.1, 0.1, size=shape).astype(dtype)
-        else:
-            # Zeros are valid indices and lengths, so integer inputs that
-            # steer the graph (Gather indices, shapes) stay in range.
-            array = np.zeros(shape, dtype=dtype)
-        feeds[spec.name] = array
-    return feeds
+    return probes.plain_inputs(specs, seed)
 
 
 def usable_cpus() -> int:
@@ -221,60 +208,195 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
+@dataclass(frozen=True)
+class _Context:
+    """How every candidate session is made: the same for each provider tried."""
+
+    path: Path
+    plan: ProviderPlan
+    intra_op_threads: int
+    instances: int
+    cpus: int
+    factory: SessionFactory
+
+
+def _open_session(path: str, options: ort.SessionOptions, providers: list[str],
+                  provider_options: list[dict[str, str]]) -> Any:
+    return ort.InferenceSession(path, sess_options=options, providers=providers, provider_options=provider_options)
+
+
 def load_model(
     path: Path,
     *,
     preferred: Sequence[str] = (),
     required: Sequence[str] = (),
+    forbidden: Sequence[str] = (),
+    provider_options: Mapping[str, Mapping[str, str]] | None = None,
+    rtol: float = probes.DEFAULT_RTOL,
+    atol: float = probes.DEFAULT_ATOL,
+    finite_inputs: bool = False,
     priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
+    only: Sequence[str] | None = None,
     intra_op_threads: int = 0,
     instances: int = 1,
     cpus: int = 0,
+    available: Iterable[str] | None = None,
+    session_factory: SessionFactory | None = None,
 ) -> LoadedModel:
-    """Load ``path`` with the best provider, read its signature and smoke-test it.
+    """Load ``path`` on the best provider that runs it and gives CPU's answers; fall back down to CPU.
 
-    ``instances`` (0: :func:`auto_instances`) is how many runs of the
-    session the batcher will make side by side; unless ``intra_op_threads``
-    says otherwise, each gets its share of ``cpus`` (0: every usable CPU;
-    less when other serving processes share them). The count used is
-    :attr:`LoadedModel.instances`.
+    ``instances`` (0: :func:`auto_instances` for the provider used) is how
+    many runs of the session the batcher will make side by side; unless
+    ``intra_op_threads`` says otherwise, each gets its share of ``cpus`` (0:
+    every usable CPU; less when other serving processes share them).
 
-    Raises :class:`ProviderError` or :class:`LoadError`; nothing is served
-    from a model that did not come back from here.
+    Raises :class:`ProviderError` (a required provider missing or unusable, a
+    misspelled name) or :class:`LoadError` (no provider could run it);
+    nothing is served from a model that did not come back from here.
     """
-    providers = select_providers(preferred=preferred, required=required, priority=priority)
-    if instances < 1:
-        instances = auto_instances(providers, cpus)
-    options = session_options(intra_op_threads or instance_threads(instances, cpus))
-    started = time.perf_counter()
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for a bad file
-        raise LoadError(f"onnxruntime cannot load {path.name}: {_one_line(exc)}") from exc
-    load_seconds = time.perf_counter() - started
-    actual = list(session.get_providers())
-    lost = [p for p in required if p not in actual]
-    if lost:
-        raise ProviderError(f"the model requires {', '.join(lost)}, but onnxruntime fell back to {actual[0]}")
-    if actual and actual[0] != providers[0]:
-        logger.warning("model %s asked for %s, runs on %s", path.name, providers[0], actual[0])
-    inputs = [_spec(arg) for arg in session.get_inputs()]
-    outputs = [_spec(arg) for arg in session.get_outputs()]
-    model = LoadedModel(
-        session=session, path=path, provider=actual[0] if actual else CPU, providers=actual,
-        inputs=inputs, outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0, instances=instances,
-    )
-    _smoke_test(model)
+    plan = ProviderPlan(preferred=tuple(preferred), required=tuple(required), forbidden=tuple(forbidden),
+                        options=provider_options or {}, rtol=rtol, atol=atol,
+                        finite_inputs=finite_inputs).checked()
+    if only is not None:
+        only = check_names(only, "the node's providers", known=known_providers())
+    chain = select_providers(preferred=plan.preferred, required=plan.required, forbidden=plan.forbidden,
+                             priority=priority, available=available, only=only)
+    context = _Context(path=path, plan=plan, intra_op_threads=intra_op_threads, instances=instances, cpus=cpus,
+                       factory=session_factory or _open_session)
+    return _choose(context, chain)
+
+
+def _choose(context: _Context, chain: list[str]) -> LoadedModel:
+    """Try each provider of ``chain`` in turn (CPU last); the first that serves truthfully is used."""
+    reasons: list[str] = []
+    reference: _Reference | None = None
+    for provider in chain:
+        try:
+            if provider == CPU:
+                cpu = reference.model if reference is not None and reference.model else _candidate(context, CPU)
+                return _settle(cpu, context.path, reasons, accelerated=len(chain) > 1)
+            model, kernels = _candidate_profiled(context, provider)
+            reference = reference or _Reference.of(context)
+            _judge(model, kernels, reference, context.plan)
+            return model
+        except LoadError as exc:
+            if provider in context.plan.required:
+                raise ProviderError(f"the model requires {provider}, which cannot serve it: {exc}") from None
+            if provider == CPU:
+                tried = "; ".join(reasons)
+                raise LoadError(f"{exc}" + (f" (tried before CPU: {tried})" if tried else "")) from None
+            logger.warning("model %s: not on %s: %s", context.path.name, provider, exc)
+            reasons.append(f"{provider}: {exc}")
+    raise LoadError("no execution provider to try")  # unreachable: the chain always ends with CPU
+
+
+def _settle(model: LoadedModel, path: Path, reasons: list[str], *, accelerated: bool) -> LoadedModel:
+    model.placement = "cpu_fallback" if accelerated else "cpu"
+    model.graph_nodes = probes.graph_nodes(path)
+    model.cpu_nodes = model.graph_nodes
+    model.fallback = "; ".join(reasons)[:1000]
     return model
 
 
-def _smoke_test(model: LoadedModel) -> None:
+@dataclass
+class _Reference:
+    """The model on CPU and its answers to the probe inputs: what an accelerator is compared with."""
+
+    model: LoadedModel | None
+    answers: list[tuple[str, dict[str, Array], list[Array]]]
+    problem: str = ""
+
+    @classmethod
+    def of(cls, context: _Context) -> _Reference:
+        try:
+            model = _candidate(context, CPU)
+        except LoadError as exc:
+            return cls(model=None, answers=[], problem=f"CPU cannot run it to compare with ({exc})")
+        answers = []
+        for name, feeds in probes.probe_inputs(model.inputs, finite=context.plan.finite_inputs):
+            try:
+                answers.append((name, feeds, model.run(feeds)))
+            except Exception:  # noqa: BLE001,S112 - inputs the model refuses on CPU too prove nothing
+                continue
+        return cls(model=model, answers=answers)
+
+
+def _judge(model: LoadedModel, kernels: dict[str, int], reference: _Reference, plan: ProviderPlan) -> None:
+    """Placement and answers of an accelerator session; a LoadError if it is not to be used."""
+    on_accelerator = sum(n for p, n in kernels.items() if p != CPU)
+    on_cpu = kernels.get(CPU, 0)
+    if kernels and on_accelerator == 0:
+        raise LoadError(f"it takes none of the graph's nodes ({on_cpu} ran on CPU)")
+    for name, feeds, want in reference.answers:
+        try:
+            got = model.run(feeds)
+        except Exception as exc:  # noqa: BLE001 - an accelerator failing where CPU answers is a difference
+            raise LoadError(f"fails on the {name} probe inputs that CPU answers: {_one_line(exc)}") from None
+        differs = probes.difference(model.output_names, got, want, rtol=plan.rtol, atol=plan.atol)
+        if differs:
+            raise LoadError(f"changes the results on the {name} probe inputs: {differs}")
+    model.graph_nodes = probes.graph_nodes(model.path)
+    model.cpu_nodes = min(on_cpu, model.graph_nodes) if model.graph_nodes else on_cpu
+    model.placement = "partial" if on_cpu else "full"
+    if reference.problem:
+        model.fallback = reference.problem[:1000]
+
+
+def _candidate(context: _Context, provider: str, options: ort.SessionOptions | None = None,
+               after_first: Callable[[LoadedModel], None] | None = None) -> LoadedModel:
+    """A session of the model on ``provider`` (and CPU for what it leaves), read and smoke-tested."""
+    instances = context.instances if context.instances >= 1 else auto_instances([provider], context.cpus)
+    if options is None:
+        options = session_options(context.intra_op_threads or instance_threads(instances, context.cpus))
+    providers = [provider] if provider == CPU else [provider, CPU]
+    provider_options = [dict(context.plan.options.get(p, {})) for p in providers]
+    started = time.perf_counter()
+    try:
+        session = context.factory(str(context.path), options, providers, provider_options)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many types for a bad file or a failed compile
+        raise LoadError(f"onnxruntime cannot load {context.path.name}: {_one_line(exc)}") from exc
+    load_seconds = time.perf_counter() - started
+    actual = list(session.get_providers())
+    if provider not in actual:
+        raise LoadError(f"onnxruntime did not start it (the session runs on {', '.join(actual) or 'nothing'})")
+    inputs = [_spec(arg) for arg in session.get_inputs()]
+    outputs = [_spec(arg) for arg in session.get_outputs()]
+    model = LoadedModel(session=session, path=context.path, provider=provider, providers=actual, inputs=inputs,
+                        outputs=outputs, load_seconds=load_seconds, smoke_seconds=0.0, instances=instances)
+    _smoke_test(model, after_first)
+    return model
+
+
+def _candidate_profiled(context: _Context, provider: str) -> tuple[LoadedModel, dict[str, int]]:
+    """An accelerator candidate whose smoke run is profiled: kernels run, by provider."""
+    instances = context.instances if context.instances >= 1 else auto_instances([provider], context.cpus)
+    options = session_options(context.intra_op_threads or instance_threads(instances, context.cpus))
+    with tempfile.TemporaryDirectory(prefix="edgewise-profile-") as folder:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / "run")
+        kernels: dict[str, int] = {}
+
+        def first_run_done(model: LoadedModel) -> None:
+            profile = Path(model.session.end_profiling())
+            try:
+                kernels.update(probes.kernels_by_provider(profile))
+            except (OSError, ValueError) as exc:
+                logger.warning("model %s: the profile of its run on %s cannot be read: %s",
+                               context.path.name, provider, exc)
+
+        model = _candidate(context, provider, options, after_first=first_run_done)
+    return model, kernels
+
+
+def _smoke_test(model: LoadedModel, after_first: Callable[[LoadedModel], None] | None = None) -> None:
     """Run the model on made-up inputs (a LoadError if it fails), then warm it up within a small budget."""
     feeds = smoke_inputs(model.inputs)
     started = time.perf_counter()
     try:
         model.run(feeds)
         model.smoke_seconds = model.warm_run_seconds = time.perf_counter() - started
+        if after_first is not None:
+            after_first(model)
         spent = 0.0
         for _ in range(WARM_RUNS):
             if model.smoke_seconds + spent >= WARM_RUN_BELOW_S:

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from edge_runtime.protocol import Hardware
+from edge_runtime.protocol.providers import NON_COMPUTE_PROVIDERS
 
 PROC = Path("/proc")
 # nvidia-smi can hang on a wedged driver; the profile is not worth waiting for.
@@ -115,6 +116,7 @@ def execution_providers() -> list[str]:
     except Exception:  # noqa: BLE001 - a broken install must not stop the node from reporting the rest
         return []
     try:
-        return [str(p) for p in onnxruntime.get_available_providers()]
+        # Only providers that compute: Azure's calls a remote endpoint and is never offered to placement.
+        return [str(p) for p in onnxruntime.get_available_providers() if p not in NON_COMPUTE_PROVIDERS]
     except Exception:  # noqa: BLE001 - same: the profile is best effort
         return []

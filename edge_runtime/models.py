@@ -203,6 +203,8 @@ class ModelStore:
                 statuses.append(await self.registry.load(
                     model.name, model.version, path, sha256=model.sha256, variant=model.variant,
                     providers=model.providers, required_providers=model.required_providers,
+                    forbidden_providers=model.forbidden_providers, provider_options=model.provider_options,
+                    rtol=model.rtol, atol=model.atol, finite_inputs=model.finite_inputs,
                     max_batch_size=model.max_batch_size, max_queue_delay_ms=model.max_queue_delay_ms,
                     retire_others=False,
                 ))

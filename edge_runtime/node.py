@@ -114,7 +114,9 @@ async def build_node(state: StateDir, config: NodeConfig) -> Node:
     from edge_runtime.telemetry import QUEUE_FILE, Telemetry, TelemetryQueue
 
     identity = state.load_identity()
-    options: dict[str, Any] = {"provider_priority": list(config.providers)} if config.providers else {}
+    # A node given its providers uses those and no other (``--providers CPUExecutionProvider`` forces CPU).
+    options: dict[str, Any] = ({"provider_priority": list(config.providers), "providers_only": list(config.providers)}
+                               if config.providers else {})
     try:
         processes = resolve_processes(config.serving_processes) if config.serve_port >= 0 else 1
     except ValueError as exc:

@@ -82,10 +82,6 @@ parse_processes = whole_number("serving processes", 0, 64)
 parse_max_connections = whole_number("the connection limit", 1, 1_000_000)
 
 
-def _env_list(name: str) -> list[str]:
-    return [x.strip() for x in os.environ.get(name, "").split(",") if x.strip()]
-
-
 def state_dir_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="the node's state directory (default: $EDGEWISE_STATE_DIR, /var/lib/edgewise as root, "
@@ -114,11 +110,21 @@ def instances_option(p: argparse.ArgumentParser) -> None:
                         "gets 503 (default 1024; keep it under the open-file limit)")
 
 
+def parse_providers(value: str) -> list[str]:
+    """A comma separated provider list, each name one onnxruntime knows (a misspelling is named)."""
+    from edge_runtime.protocol.providers import ProviderNameError, check_names
+
+    try:
+        return check_names([x.strip() for x in value.split(",") if x.strip()], "--providers")
+    except ProviderNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def providers_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--providers", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
-                   default=_env_list("EDGEWISE_PROVIDERS"),
-                   help="execution providers in order of preference (default: the best this machine has, "
-                        "CPU last)")
+    p.add_argument("--providers", type=parse_providers, default=os.environ.get("EDGEWISE_PROVIDERS", ""),
+                   help="the execution providers this node uses, in order of preference, and no other "
+                        "(default: every one this machine has, the best first, CPU last; "
+                        "CPUExecutionProvider alone forces CPU)")
 
 
 def add_enroll(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -43,6 +43,7 @@ from typing import Annotated, Any, Literal, Protocol, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_runtime.names import first_repeat
+from edge_runtime.protocol.providers import NON_COMPUTE_PROVIDERS
 
 CLEARANCE_LABELS: dict[int, str] = {0: "Public", 1: "Internal", 2: "Confidential", 3: "Secret"}
 RULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,59}$"
@@ -326,7 +327,7 @@ def node_facts(role: str, hardware: Mapping[str, Any] | None) -> NodeFacts:
         memory = 0
     providers = hardware.get("execution_providers") or ()
     return NodeFacts(role=role, memory_mb=memory if math.isfinite(memory) else 0,
-                     execution_providers=tuple(str(p) for p in providers))
+                     execution_providers=tuple(str(p) for p in providers if p not in NON_COMPUTE_PROVIDERS))
 
 
 def model_facts(classification: int, *, min_memory_mb: int = 0, node_roles: Iterable[str] = (),

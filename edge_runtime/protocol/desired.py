@@ -34,6 +34,15 @@ class DesiredModel(Received):
     required_providers: list[str] = Field(default_factory=list, max_length=16)
     max_batch_size: int = Field(default=8, ge=1, le=1024)
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+    # Providers the version must not run on (never CPU), and options per provider (OpenVINO's
+    # device_type and precision, CUDA's device_id, TensorRT's settings), as strings.
+    forbidden_providers: list[str] = Field(default_factory=list, max_length=16)
+    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict, max_length=16)
+    # How far an accelerator's outputs may be from CPU's on the probe inputs; past it, CPU serves.
+    rtol: float = Field(default=1e-4, ge=0, le=1)
+    atol: float = Field(default=1e-5, ge=0, le=1e6)
+    # The version's inputs are never NaN or infinite, so the probes send none.
+    finite_inputs: bool = False
 
 
 class DesiredState(Received):

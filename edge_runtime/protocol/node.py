@@ -108,10 +108,24 @@ class ModelStatus(WireModel):
     provider: str = Field(default="", max_length=60)
     state: Literal["downloading", "loading", "serving", "failed", "refused"] = "loading"
     error: str = Field(default="", max_length=1000)
+    # Where the graph runs: "full" on the accelerator, "partial" (cpu_nodes of graph_nodes on CPU),
+    # "cpu_fallback" (an accelerator was on offer; why not is in ``fallback``), "cpu" (nothing else to use);
+    # "" from older runtimes and for a version that does not serve.
+    placement: Literal["", "full", "partial", "cpu_fallback", "cpu"] = ""
+    cpu_nodes: int = Field(default=0, ge=0, le=10_000_000)
+    graph_nodes: int = Field(default=0, ge=0, le=10_000_000)
+    # Each provider given up before the one that serves, with why ("OpenVINOExecutionProvider: ...").
+    fallback: str = Field(default="", max_length=1000)
     # The version that keeps serving while this one failed, if any.
     serving_version: str | None = Field(default=None, max_length=50)
     # Serving counters of ``version`` while it serves (absent from older runtimes).
     stats: ModelStats | None = None
+
+    def placement_text(self) -> str:
+        """``full``, ``partial (N of M nodes on CPU)``, ``cpu fallback``, ``cpu``; "" when not known."""
+        if self.placement == "partial":
+            return f"partial ({self.cpu_nodes} of {self.graph_nodes} nodes on CPU)"
+        return self.placement.replace("_", " ")
 
 
 class DatasetEntry(BaseModel):

@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 import onnxruntime as ort
 
-from edge_runtime.protocol.providers import CPU, check_names
+from edge_runtime.protocol.providers import CPU, ProviderNameError, check_names
 from edge_runtime.serving import probes
 from edge_runtime.serving.providers import (
     DEFAULT_PROVIDER_PRIORITY,
@@ -132,13 +132,6 @@ class LoadedModel:
         return bool(self.inputs) and all(
             len(spec.shape) >= 1 and spec.shape[0] == -1 for spec in [*self.inputs, *self.outputs]
         )
-
-    @property
-    def placement_text(self) -> str:
-        """``full``, ``partial (N of M nodes on CPU)``, ``cpu fallback`` or ``cpu``."""
-        if self.placement == "partial":
-            return f"partial ({self.cpu_nodes} of {self.graph_nodes} nodes on CPU)"
-        return self.placement.replace("_", " ")
 
     def run(self, feeds: dict[str, Array]) -> list[Array]:
         return list(self.session.run(self.output_names, feeds))
@@ -258,7 +251,10 @@ def load_model(
                         options=provider_options or {}, rtol=rtol, atol=atol,
                         finite_inputs=finite_inputs).checked()
     if only is not None:
-        only = check_names(only, "the node's providers", known=known_providers())
+        try:
+            only = check_names(only, "the node's providers", known=known_providers())
+        except ProviderNameError as exc:
+            raise ProviderError(str(exc)) from None
     chain = select_providers(preferred=plan.preferred, required=plan.required, forbidden=plan.forbidden,
                              priority=priority, available=available, only=only)
     context = _Context(path=path, plan=plan, intra_op_threads=intra_op_threads, instances=instances, cpus=cpus,

@@ -36,9 +36,11 @@ from edge_runtime.serving.loader import (
     LoadedModel,
     LoadError,
     ProviderError,
+    SessionFactory,
     load_model,
 )
 from edge_runtime.serving.metrics import Metrics, ModelMetrics
+from edge_runtime.serving.probes import DEFAULT_ATOL, DEFAULT_RTOL
 
 logger = logging.getLogger("edge_runtime.serving")
 
@@ -94,17 +96,33 @@ class LoadSpec:
     max_batch_size: int = 8
     max_queue_delay_ms: float = 0.0
     inline_below_ms: float = DEFAULT_INLINE_BELOW_MS
+    forbidden_providers: tuple[str, ...] = ()
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    finite_inputs: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "path": self.path, "sha256": self.sha256,
                 "variant": self.variant, "providers": list(self.providers),
                 "required_providers": list(self.required_providers), "max_batch_size": self.max_batch_size,
-                "max_queue_delay_ms": self.max_queue_delay_ms, "inline_below_ms": self.inline_below_ms}
+                "max_queue_delay_ms": self.max_queue_delay_ms, "inline_below_ms": self.inline_below_ms,
+                "forbidden_providers": list(self.forbidden_providers), "provider_options": self.provider_options,
+                "rtol": self.rtol, "atol": self.atol, "finite_inputs": self.finite_inputs}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> LoadSpec:
         return cls(**{**data, "providers": tuple(data["providers"]),
-                      "required_providers": tuple(data["required_providers"])})
+                      "required_providers": tuple(data["required_providers"]),
+                      "forbidden_providers": tuple(data.get("forbidden_providers", ()))})
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`ModelRegistry.load` that load this spec again (after the path)."""
+        return {"sha256": self.sha256, "variant": self.variant, "providers": self.providers,
+                "required_providers": self.required_providers, "forbidden_providers": self.forbidden_providers,
+                "provider_options": self.provider_options, "rtol": self.rtol, "atol": self.atol,
+                "finite_inputs": self.finite_inputs, "max_batch_size": self.max_batch_size,
+                "max_queue_delay_ms": self.max_queue_delay_ms, "inline_below_ms": self.inline_below_ms}
 
 
 class Mirror(Protocol):
@@ -132,8 +150,11 @@ class ServedVersion:
     answer_heads: dict[Any, Any] = field(default_factory=dict)
 
     def status(self) -> ModelStatus:
+        model = self.model
         return ModelStatus(name=self.name, version=self.version, sha256=self.sha256, variant=self.variant,
-                           provider=self.model.provider, state="serving", serving_version=self.version)
+                           provider=model.provider, state="serving", serving_version=self.version,
+                           placement=model.placement, cpu_nodes=model.cpu_nodes, graph_nodes=model.graph_nodes,
+                           fallback=model.fallback)
 
 
 @dataclass
@@ -147,17 +168,23 @@ class ServedModel:
 class ModelRegistry:
     def __init__(self, *, provider_priority: Sequence[str] = DEFAULT_PROVIDER_PRIORITY,
                  intra_op_threads: int = 0, instances: int = 0, inference_threads: int = 4,
-                 cpus: int = 0, metrics: Metrics | None = None) -> None:
+                 cpus: int = 0, metrics: Metrics | None = None, providers_only: Sequence[str] | None = None,
+                 session_factory: SessionFactory | None = None, available: Sequence[str] | None = None) -> None:
         """``instances``: batches of one model run side by side (0: chosen per model, see
         :func:`~edge_runtime.serving.loader.auto_instances`); ``intra_op_threads``
         (0: ``cpus`` shared out among the instances) is per run; ``cpus`` is this
-        process's share of the node's CPUs (0: every usable one)."""
+        process's share of the node's CPUs (0: every usable one). ``providers_only``:
+        the node was given its provider list and uses no other. ``session_factory``
+        and ``available`` stand in for onnxruntime's (see :mod:`.loader`)."""
         if instances < 0:
             raise ValueError("instances must not be negative")
         self.provider_priority = tuple(provider_priority)
         self.intra_op_threads = intra_op_threads
         self.instances = instances
         self.cpus = cpus
+        self.providers_only = tuple(providers_only) if providers_only is not None else None
+        self.session_factory = session_factory
+        self.available = tuple(available) if available is not None else None
         self.mirror: Mirror | None = None
         self.metrics = metrics or Metrics()
         # Inference runs here; loading uses the loop's default executor so
@@ -236,6 +263,11 @@ class ModelRegistry:
         variant: str = "original",
         providers: Sequence[str] = (),
         required_providers: Sequence[str] = (),
+        forbidden_providers: Sequence[str] = (),
+        provider_options: dict[str, dict[str, str]] | None = None,
+        rtol: float = DEFAULT_RTOL,
+        atol: float = DEFAULT_ATOL,
+        finite_inputs: bool = False,
         max_batch_size: int = 8,
         max_queue_delay_ms: float = 0.0,
         inline_below_ms: float = DEFAULT_INLINE_BELOW_MS,
@@ -252,7 +284,9 @@ class ModelRegistry:
         spec = LoadSpec(name=name, version=version, path=str(path), sha256=sha256, variant=variant,
                         providers=tuple(providers), required_providers=tuple(required_providers),
                         max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                        inline_below_ms=inline_below_ms)
+                        inline_below_ms=inline_below_ms, forbidden_providers=tuple(forbidden_providers),
+                        provider_options=dict(provider_options or {}), rtol=rtol, atol=atol,
+                        finite_inputs=finite_inputs)
         self._requested[name] = spec
         served = self._models.setdefault(name, ServedModel())
         async with served.lock:
@@ -279,8 +313,10 @@ class ModelRegistry:
         try:
             return await asyncio.to_thread(
                 load_model, path, preferred=spec.providers, required=spec.required_providers,
-                priority=self.provider_priority, intra_op_threads=self.intra_op_threads,
-                instances=self.instances, cpus=self.cpus,
+                forbidden=spec.forbidden_providers, provider_options=spec.provider_options, rtol=spec.rtol,
+                atol=spec.atol, finite_inputs=spec.finite_inputs, priority=self.provider_priority,
+                only=self.providers_only, intra_op_threads=self.intra_op_threads, instances=self.instances,
+                cpus=self.cpus, available=self.available, session_factory=self.session_factory,
             )
         except LoadError as exc:
             state: Literal["refused", "failed"] = "refused" if isinstance(exc, ProviderError) else "failed"
@@ -314,8 +350,9 @@ class ModelRegistry:
             for other in [v for v in served.versions if v != version]:
                 retiring.append(served.versions.pop(other))
         served.status = new.status()
-        logger.info("model %s version %s serving on %s (load %.3fs, smoke test %.3fs)", spec.name, version,
-                    model.provider, model.load_seconds, model.smoke_seconds)
+        logger.info("model %s version %s serving on %s, %s (load %.3fs, smoke test %.3fs)%s", spec.name, version,
+                    model.provider, served.status.placement_text(), model.load_seconds, model.smoke_seconds,
+                    f"; not on {model.fallback}" if model.fallback else "")
         return new, retiring
 
     async def unload(self, name: str, version: str | None = None) -> None:

@@ -74,7 +74,9 @@ def serve_main(
 async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max_batch_size: int,
                  max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str],
                  instances: int, processes: int, max_connections: int) -> int:
-    registry = ModelRegistry(provider_priority=provider_priority, instances=instances, cpus=cpu_share(processes))
+    only = list(provider_priority) if tuple(provider_priority) != DEFAULT_PROVIDER_PRIORITY else None
+    registry = ModelRegistry(provider_priority=provider_priority, instances=instances, cpus=cpu_share(processes),
+                             providers_only=only)
     served = 0
     for path in files:
         name = path.stem
@@ -86,7 +88,7 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
                                      max_queue_delay_ms=max_queue_delay_ms)
         if status.state == "serving":
             served += 1
-            print(f"loaded {name} on {status.provider}", file=stream, flush=True)
+            print(f"loaded {name} on {status.provider} ({status.placement_text()})", file=stream, flush=True)
         else:
             print(f"skipped {path.name}: {status.error}", file=stream, flush=True)
     if not served:

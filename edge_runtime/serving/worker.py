@@ -68,7 +68,8 @@ class Worker:
             logging.getLogger("edge_runtime").setLevel(int(message["log_level"]))
             self.registry = ModelRegistry(provider_priority=message["provider_priority"],
                                           intra_op_threads=message["intra_op_threads"],
-                                          instances=message["instances"], cpus=message["cpus"])
+                                          instances=message["instances"], cpus=message["cpus"],
+                                          providers_only=message.get("providers_only"))
             return {}
         if op == "load":
             spec = LoadSpec.from_json(message["spec"])
@@ -78,11 +79,8 @@ class Worker:
                 if found != spec.sha256:
                     raise WorkerError(f"model {spec.name} version {spec.version}: {spec.path} has sha256 "
                                       f"{found}, not {spec.sha256}; not loaded")
-            status = await self._registry().load(
-                spec.name, spec.version, Path(spec.path), sha256=spec.sha256, variant=spec.variant,
-                providers=spec.providers, required_providers=spec.required_providers,
-                max_batch_size=spec.max_batch_size, max_queue_delay_ms=spec.max_queue_delay_ms,
-                inline_below_ms=spec.inline_below_ms, retire_others=bool(message["retire_others"]))
+            status = await self._registry().load(spec.name, spec.version, Path(spec.path), **spec.load_options(),
+                                                 retire_others=bool(message["retire_others"]))
             return {"status": status.model_dump(mode="json")}
         if op == "unload":
             await self._registry().unload(message["name"], message.get("version"))

@@ -246,6 +246,7 @@ class WorkerPool:
             "header_timeout_s": header_timeout_s, "body_timeout_s": body_timeout_s,
             "max_connections": max_connections,
             "server_name": server_name, "provider_priority": list(registry.provider_priority),
+            "providers_only": list(registry.providers_only) if registry.providers_only is not None else None,
             "intra_op_threads": registry.intra_op_threads, "instances": registry.instances,
             "cpus": registry.cpus, "sys_path": [p for p in sys.path if p],
             "log_level": logging.getLogger("edge_runtime").getEffectiveLevel(),

@@ -138,6 +138,10 @@ Every variable:
 ``EDGEWISE_MAP_TILE_ATTRIBUTION``
                                 the attribution those tiles require (HTML
                                 shown on the map), default empty
+``EDGEWISE_METRICS_TOKEN``      bearer token (32+ characters) a Prometheus
+                                scraper sends to ``/metrics`` (or
+                                ``EDGEWISE_METRICS_TOKEN_FILE``); default none:
+                                only administrators' sessions may read it
 ==============================  ===============================================
 """
 
@@ -259,6 +263,7 @@ INSTALLED_APPS = [
     "models_registry",
     "rollouts",
     "queries",
+    "metrics",
     "demo",
 ]
 
@@ -266,6 +271,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "orchestrator.csp.content_security_policy_middleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "metrics.middleware.request_metrics_middleware",  # after WhiteNoise: static files are not counted
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -395,26 +401,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("EDGEWISE_CELERY_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
-    "node-liveness-sweep": {
-        "task": "sites.node_liveness_sweep",
-        "schedule": env_float("EDGEWISE_LIVENESS_SWEEP_INTERVAL", 10.0),
-    },
-    "model-version-reconcile": {
-        "task": "models_registry.model_version_reconcile",
-        "schedule": env_float("EDGEWISE_MODEL_RECONCILE_INTERVAL", 60.0),
-    },
-    "telemetry-prune": {
-        "task": "sites.telemetry_prune",
-        "schedule": env_float("EDGEWISE_TELEMETRY_PRUNE_INTERVAL", 300.0),
-    },
-    "rollout-reconcile": {
-        "task": "orchestrator.rollout_reconcile",
-        "schedule": env_float("EDGEWISE_ROLLOUT_RECONCILE_INTERVAL", 15.0),
-    },
-    "query-expire": {
-        "task": "queries.query_expire",
-        "schedule": env_float("EDGEWISE_QUERY_EXPIRE_INTERVAL", 5.0),
-    },
+    "node-liveness-sweep": {"task": "sites.node_liveness_sweep",
+                            "schedule": env_float("EDGEWISE_LIVENESS_SWEEP_INTERVAL", 10.0)},
+    "model-version-reconcile": {"task": "models_registry.model_version_reconcile",
+                                "schedule": env_float("EDGEWISE_MODEL_RECONCILE_INTERVAL", 60.0)},
+    "telemetry-prune": {"task": "sites.telemetry_prune",
+                        "schedule": env_float("EDGEWISE_TELEMETRY_PRUNE_INTERVAL", 300.0)},
+    "rollout-reconcile": {"task": "orchestrator.rollout_reconcile",
+                          "schedule": env_float("EDGEWISE_ROLLOUT_RECONCILE_INTERVAL", 15.0)},
+    "query-expire": {"task": "queries.query_expire", "schedule": env_float("EDGEWISE_QUERY_EXPIRE_INTERVAL", 5.0)},
     "audit-checkpoint": {"task": "audit.checkpoint_take", "schedule": AUDIT_CHECKPOINT_INTERVAL_S},
 }
 ROLLOUT_TICK_S = env_float("EDGEWISE_ROLLOUT_TICK", 5.0)
@@ -437,6 +432,10 @@ MAP_TILE_URL = env_str("EDGEWISE_MAP_TILE_URL")
 if MAP_TILE_URL and not MAP_TILE_URL.startswith(("https://", "http://", "/")):
     raise ConfigError(f"EDGEWISE_MAP_TILE_URL must be an http(s) URL or a path, not {MAP_TILE_URL!r}")
 MAP_TILE_ATTRIBUTION = env_str("EDGEWISE_MAP_TILE_ATTRIBUTION")
+METRICS_TOKEN = env_secret("EDGEWISE_METRICS_TOKEN")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ConfigError("EDGEWISE_METRICS_TOKEN must be at least 32 characters; make one with: "
+                      "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
 
 LOGGING = {
     "version": 1,

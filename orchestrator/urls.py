@@ -15,6 +15,7 @@ urlpatterns = [
     path("models/", include("models_registry.urls")),
     path("policies/", include("policies.urls")),
     path("queries/", include("queries.urls")),
+    path("", include("metrics.urls")),
     path("", include("rollouts.urls")),
     path("", include("sites.urls")),
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The packages of this repository, bottom layer first (docs/architecture.md draws them).
 PACKAGES = ("edge_runtime", "core", "audit", "orchestrator", "sites", "policies", "models_registry", "rollouts",
-            "queries", "demo")
+            "queries", "metrics", "demo")
 # The project's wiring: settings and the entry points that mount every app (URLs, ASGI, Celery).
 WIRING = {"orchestrator/settings.py", "orchestrator/urls.py", "orchestrator/asgi.py", "orchestrator/routing.py",
           "orchestrator/wsgi.py", "orchestrator/celery.py"}

@@ -1,0 +1,158 @@
+"""Counters shared by every control-plane process: requests handled and node syncs.
+
+Several ASGI processes serve behind a load balancer, and Prometheus scrapes
+whichever one it reaches: a counter kept in a process's memory would show that
+process's share only, and start again from zero whenever the process does. So
+the counters are Redis hashes (``REDIS_URL``), added to with ``HINCRBY`` and
+``HINCRBYFLOAT`` (atomic, so no increment of one process overwrites another's)
+in one pipelined round trip per request, and read in one round trip per scrape.
+Their keys sit under the installation's Celery queue name
+(``EDGEWISE_CELERY_QUEUE``), which is already unique to each installation that
+shares a Redis (two sharing one queue would take each other's tasks).
+
+An embedded install (no ``REDIS_URL``) runs a single web process, so its
+counters live in that process's memory and start from zero when it restarts.
+
+Counting never fails a request: when Redis cannot be reached the increment is
+dropped and logged (at most once a minute), and a scrape answers 503 instead
+of showing counters that went backwards.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Protocol
+
+import redis
+from django.conf import settings
+
+logger = logging.getLogger("edgewise.metrics")
+
+HTTP = "http"  # field "<route>|<status class>": requests handled
+SYNC = "sync"  # fields "outcome:<outcome>", "le:<bound>" (one bucket, not cumulative) and "sum": node syncs
+SYNC_ROUTE = "agent:node-sync"  # the URL name of POST /agent/v1/nodes/<uuid>/sync
+UNMATCHED = "unmatched"  # the route of a request no URL pattern matched (its path is never a label)
+SYNC_OUTCOMES = ("ok", "refused", "error")
+# Upper bounds, in seconds, of the sync duration histogram's buckets.
+SYNC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+INF = "+Inf"
+# A Redis that does not answer must not hold every request up: fail fast, count nothing.
+REDIS_TIMEOUT_S = 0.5
+_WARN_EVERY_S = 60.0
+
+Increment = tuple[str, str, int | float]  # (hash, field, amount)
+
+
+class Store(Protocol):
+    def add(self, increments: list[Increment]) -> None: ...
+
+    def read(self, names: tuple[str, ...]) -> dict[str, dict[str, float]]: ...
+
+    def clear(self) -> None: ...
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:metrics:{name}"
+
+    def add(self, increments: list[Increment]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, field, amount in increments:
+            if isinstance(amount, int):
+                pipe.hincrby(self._key(name), field, amount)
+            else:
+                pipe.hincrbyfloat(self._key(name), field, amount)
+        pipe.execute()
+
+    def read(self, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._key(name))
+        rows = pipe.execute()
+        return {name: {k.decode(): float(v) for k, v in row.items()} for name, row in zip(names, rows, strict=True)}
+
+    def clear(self) -> None:
+        self.client.delete(self._key(HTTP), self._key(SYNC))
+
+
+class LocalStore:
+    """The counters of an embedded install's one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hashes: dict[str, defaultdict[str, float]] = defaultdict(lambda: defaultdict(float))
+
+    def add(self, increments: list[Increment]) -> None:
+        with self._lock:
+            for name, field, amount in increments:
+                self._hashes[name][field] += amount
+
+    def read(self, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {name: dict(self._hashes.get(name, {})) for name in names}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._hashes.clear()
+
+
+_local = LocalStore()
+_last_warned = 0.0
+
+
+@functools.cache
+def redis_client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL for the process; safe to share between threads."""
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+
+
+def store() -> Store:
+    if settings.REDIS_URL:
+        return RedisStore(redis_client(settings.REDIS_URL), settings.CELERY_TASK_DEFAULT_QUEUE)
+    return _local
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def sync_outcome(status: int) -> str:
+    """ok: answered; refused: the node's request was turned down (4xx); error: the control plane failed (5xx)."""
+    if status >= 500:
+        return "error"
+    return "refused" if status >= 400 else "ok"
+
+
+def sync_bucket(seconds: float) -> str:
+    """The field of the one bucket ``seconds`` falls in: the smallest bound at or above it."""
+    i = bisect.bisect_left(SYNC_BUCKETS, seconds)
+    return f"le:{SYNC_BUCKETS[i]}" if i < len(SYNC_BUCKETS) else f"le:{INF}"
+
+
+def request_count(*, route: str, status: int, seconds: float) -> None:
+    """Count one request answered ``status`` by ``route`` (a URL name), and, for a node's sync, its outcome and
+    duration. Never raises for Redis: a lost increment is logged, the request goes on."""
+    increments: list[Increment] = [(HTTP, f"{route}|{status_class(status)}", 1)]
+    if route == SYNC_ROUTE:
+        increments += [(SYNC, f"outcome:{sync_outcome(status)}", 1), (SYNC, sync_bucket(seconds), 1),
+                       (SYNC, "sum", float(seconds))]
+    try:
+        store().add(increments)
+    except redis.RedisError as exc:
+        global _last_warned
+        if time.monotonic() - _last_warned > _WARN_EVERY_S:
+            _last_warned = time.monotonic()
+            logger.warning("metrics: counters not written, Redis cannot be reached (%s); dropping them", exc)
+
+
+def counters_read() -> dict[str, dict[str, float]]:
+    """Every counter hash, as one scrape sees them. Raises redis.RedisError when Redis cannot be reached."""
+    return store().read((HTTP, SYNC))

@@ -24,7 +24,8 @@ from models_registry.models import Deployment, Model, ModelVariant, ModelVersion
 VERSION_READONLY = [
     "uuid", "model", "version", "sha256", "size", "signature", "status", "validation_log", "opset",
     "signature_inputs", "signature_outputs", "min_memory_mb", "node_roles", "required_providers",
-    "preferred_providers", "allow_quantized", "max_batch_size", "max_queue_delay_ms", "created_by", "created_at",
+    "preferred_providers", "forbidden_providers", "provider_options", "output_rtol", "output_atol", "finite_inputs",
+    "allow_quantized", "max_batch_size", "max_queue_delay_ms", "created_by", "created_at",
     "claimed_at", "attempts",
 ]
 

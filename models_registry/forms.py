@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django import forms
@@ -29,9 +30,32 @@ class VersionUploadForm(forms.Form):
                                            widget=forms.CheckboxSelectMultiple, help_text="None ticked: any role.")
     required_providers = forms.CharField(required=False, help_text="Comma separated; nodes without one get nothing.")
     preferred_providers = forms.CharField(required=False, help_text="Comma separated, best first.")
+    forbidden_providers = forms.CharField(required=False, help_text="Comma separated; never run on these.")
+    provider_options = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}),
+        help_text='JSON by provider, e.g. {"OpenVINOExecutionProvider": {"device_type": "GPU", "precision": "FP16"}}')
+    output_rtol = forms.FloatField(required=False, min_value=0, max_value=1, initial=1e-4,
+                                   label="Answer tolerance (relative)",
+                                   help_text="How far an accelerator's outputs may be from CPU's before CPU serves.")
+    output_atol = forms.FloatField(required=False, min_value=0, max_value=1e6, initial=1e-5,
+                                   label="Answer tolerance (absolute)")
+    finite_inputs = forms.BooleanField(required=False, label="Inputs are never NaN or infinite",
+                                       help_text="Nodes then check accelerators without NaN or infinite inputs.")
     allow_quantized = forms.BooleanField(required=False, label="Make an int8 variant for small devices")
     max_batch_size = forms.IntegerField(min_value=1, max_value=1024, initial=8)
     max_queue_delay_ms = forms.FloatField(min_value=0, max_value=1000, initial=0.0, label="Max queue delay (ms)")
+
+    def clean_provider_options(self) -> dict[str, Any]:
+        text = self.cleaned_data["provider_options"].strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise forms.ValidationError(f"not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError("must be a JSON object of provider names to their options")
+        return value
 
     def requirements(self) -> dict[str, Any]:
         data = self.cleaned_data
@@ -43,4 +67,9 @@ class VersionUploadForm(forms.Form):
             "allow_quantized": data["allow_quantized"],
             "max_batch_size": data["max_batch_size"],
             "max_queue_delay_ms": data["max_queue_delay_ms"],
+            "forbidden_providers": _split(data["forbidden_providers"]),
+            "provider_options": data["provider_options"],
+            "output_rtol": data["output_rtol"] if data["output_rtol"] is not None else 1e-4,
+            "output_atol": data["output_atol"] if data["output_atol"] is not None else 1e-5,
+            "finite_inputs": data["finite_inputs"],
         }

@@ -76,6 +76,15 @@ class ModelVersion(models.Model):
     node_roles = models.JSONField(default=list, blank=True)  # empty: any role
     required_providers = models.JSONField(default=list, blank=True)
     preferred_providers = models.JSONField(default=list, blank=True)
+    # Providers the version must never run on (not CPU), and options per provider
+    # ({"OpenVINOExecutionProvider": {"device_type": "GPU", "precision": "FP16"}}).
+    forbidden_providers = models.JSONField(default=list, blank=True)
+    provider_options = models.JSONField(default=dict, blank=True)
+    # How far an accelerator's outputs may be from CPU's on the node's probe inputs (past it, CPU serves),
+    # and whether the inputs are always finite (the probes then send no NaN or infinity).
+    output_rtol = models.FloatField(default=1e-4, validators=[MinValueValidator(0), MaxValueValidator(1)])
+    output_atol = models.FloatField(default=1e-5, validators=[MinValueValidator(0), MaxValueValidator(1e6)])
+    finite_inputs = models.BooleanField(default=False)
     allow_quantized = models.BooleanField(default=False)
     max_batch_size = models.PositiveIntegerField(default=8, validators=[MinValueValidator(1), MaxValueValidator(1024)])
     max_queue_delay_ms = models.FloatField(default=0.0, validators=[MinValueValidator(0), MaxValueValidator(1000)])

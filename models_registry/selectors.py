@@ -34,9 +34,9 @@ from edge_runtime.policy import placement as placement_policy
 from models_registry.models import Deployment, Model, ModelVariant, ModelVersion, VersionStatus
 from policies.selectors import placement_policy_current, site_facts
 from sites.models import Node, Site
+from sites.selectors import ProviderFlag, provider_flag
 
 SMALL_NODE_MEMORY_MB = 4096
-CPU_PROVIDER = "CPUExecutionProvider"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +162,11 @@ def desired_model(placement: Placement) -> protocol.DesiredModel:
         classification=version.model.classification,
         providers=list(version.preferred_providers),
         required_providers=list(version.required_providers),
+        forbidden_providers=list(version.forbidden_providers),
+        provider_options=dict(version.provider_options),
+        rtol=version.output_rtol,
+        atol=version.output_atol,
+        finite_inputs=version.finite_inputs,
         max_batch_size=version.max_batch_size,
         max_queue_delay_ms=version.max_queue_delay_ms,
     )
@@ -214,10 +219,14 @@ class PlacementRow:
         return self.placement.node
 
     @property
+    def provider_flag(self) -> ProviderFlag | None:
+        """Served partly or wholly on CPU although an accelerator was meant: it works, slowly."""
+        return provider_flag(self.reported, list(self.placement.version.preferred_providers))
+
+    @property
     def cpu_fallback(self) -> bool:
-        # Served on CPU although the version prefers another provider: it works, slowly.
-        preferred = [p for p in self.placement.version.preferred_providers if p != CPU_PROVIDER]
-        return bool(self.reported and self.reported.get("provider") == CPU_PROVIDER and preferred)
+        flag = self.provider_flag
+        return flag is not None and flag.label == "CPU fallback"
 
 
 def _reported(node: Node, model_slug: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime import protocol, signing
+from edge_runtime.protocol.providers import ProviderNameError, check_forbidden, check_names, check_options
 from models_registry import storage, validation
 from models_registry.models import (
     VERSION_PATTERN,
@@ -45,7 +46,6 @@ from sites.models import Clearance, Node, NodeRole, Site
 
 # A worker that holds a version this long without finishing is presumed lost.
 MAX_VALIDATION_ATTEMPTS = 3
-_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,59}$")
 
 # The validation task (models_registry.tasks.model_version_validate_task).
 VALIDATE_TASK = "models_registry.model_version_validate"
@@ -106,20 +106,38 @@ def model_create(*, actor: Actor, slug: str, name: str, description: str = "",
     return model
 
 
-def _providers(values: Iterable[str], field: str) -> list[str]:
+def _providers(values: Iterable[str], field: str, *, forbidden: bool = False) -> list[str]:
+    """Provider names as onnxruntime spells them; a misspelling is refused naming it (and the closest name)."""
     cleaned = [v.strip() for v in values if v and v.strip()]
-    for value in cleaned:
-        if not _PROVIDER.match(value):
-            raise RegistryError(f"{field}: {value!r} is not an execution provider name "
-                                "(for example CUDAExecutionProvider)", field=field)
-    if len(cleaned) > 16:
-        raise RegistryError(f"{field}: at most 16 providers", field=field)
-    return list(dict.fromkeys(cleaned))
+    try:
+        return check_forbidden(cleaned) if forbidden else check_names(cleaned, field)
+    except ProviderNameError as exc:
+        raise RegistryError(str(exc), field=field) from None
+
+
+def _provider_settings(*, required: list[str], forbidden: Iterable[str], options: Mapping[str, Any] | None,
+                       rtol: float, atol: float, finite_inputs: bool) -> dict[str, Any]:
+    barred = _providers(forbidden, "forbidden_providers", forbidden=True)
+    both = [p for p in required if p in barred]
+    if both:
+        raise RegistryError(f"forbidden_providers: {both[0]} is also required", field="forbidden_providers")
+    try:
+        checked = check_options(options)
+    except ProviderNameError as exc:
+        raise RegistryError(str(exc), field="provider_options") from None
+    if not (isinstance(rtol, int | float) and 0 <= rtol <= 1):
+        raise RegistryError("output_rtol: must be between 0 and 1", field="output_rtol")
+    if not (isinstance(atol, int | float) and 0 <= atol <= 1e6):
+        raise RegistryError("output_atol: must be between 0 and 1000000", field="output_atol")
+    return {"forbidden_providers": barred, "provider_options": checked, "output_rtol": float(rtol),
+            "output_atol": float(atol), "finite_inputs": bool(finite_inputs)}
 
 
 def _requirements(*, min_memory_mb: int, node_roles: Iterable[str], required_providers: Iterable[str],
                   preferred_providers: Iterable[str], allow_quantized: bool, max_batch_size: int,
-                  max_queue_delay_ms: float) -> dict[str, Any]:
+                  max_queue_delay_ms: float, forbidden_providers: Iterable[str] = (),
+                  provider_options: Mapping[str, Any] | None = None, output_rtol: float = 1e-4,
+                  output_atol: float = 1e-5, finite_inputs: bool = False) -> dict[str, Any]:
     roles = list(dict.fromkeys(node_roles))
     unknown = [r for r in roles if r not in NodeRole.values]
     if unknown:
@@ -131,14 +149,17 @@ def _requirements(*, min_memory_mb: int, node_roles: Iterable[str], required_pro
         raise RegistryError("max_batch_size: must be between 1 and 1024", field="max_batch_size")
     if not 0 <= max_queue_delay_ms <= 1000:
         raise RegistryError("max_queue_delay_ms: must be between 0 and 1000", field="max_queue_delay_ms")
+    required = _providers(required_providers, "required_providers")
     return {
         "min_memory_mb": int(min_memory_mb),
         "node_roles": roles,
-        "required_providers": _providers(required_providers, "required_providers"),
+        "required_providers": required,
         "preferred_providers": _providers(preferred_providers, "preferred_providers"),
         "allow_quantized": bool(allow_quantized),
         "max_batch_size": int(max_batch_size),
         "max_queue_delay_ms": float(max_queue_delay_ms),
+        **_provider_settings(required=required, forbidden=forbidden_providers, options=provider_options,
+                             rtol=output_rtol, atol=output_atol, finite_inputs=finite_inputs),
     }
 
 
@@ -163,7 +184,9 @@ def model_version_upload(*, actor: Actor, model: Model, version: str, file: Bina
                          min_memory_mb: int = 0, node_roles: Sequence[str] = (),
                          required_providers: Sequence[str] = (), preferred_providers: Sequence[str] = (),
                          allow_quantized: bool = False, max_batch_size: int = 8,
-                         max_queue_delay_ms: float = 0.0) -> ModelVersion:
+                         max_queue_delay_ms: float = 0.0, forbidden_providers: Sequence[str] = (),
+                         provider_options: Mapping[str, Any] | None = None, output_rtol: float = 1e-4,
+                         output_atol: float = 1e-5, finite_inputs: bool = False) -> ModelVersion:
     """Store the artifact and create the version (``uploaded``); validation is queued on commit.
 
     Everything that can be checked without the file is checked before a byte
@@ -175,7 +198,9 @@ def model_version_upload(*, actor: Actor, model: Model, version: str, file: Bina
     requirements = _requirements(
         min_memory_mb=min_memory_mb, node_roles=node_roles, required_providers=required_providers,
         preferred_providers=preferred_providers, allow_quantized=allow_quantized, max_batch_size=max_batch_size,
-        max_queue_delay_ms=max_queue_delay_ms,
+        max_queue_delay_ms=max_queue_delay_ms, forbidden_providers=forbidden_providers,
+        provider_options=provider_options, output_rtol=output_rtol, output_atol=output_atol,
+        finite_inputs=finite_inputs,
     )
     if ModelVersion.objects.filter(model=model, version=version).exists():
         raise RegistryError(f"version: model {model.slug} already has a version {version}", field="version")

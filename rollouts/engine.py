@@ -46,7 +46,7 @@ from rollouts.models import (
     RolloutState,
     WavePhase,
 )
-from rollouts.reports import desired_versions, publish_row, publish_rows, reports_new, reports_previous
+from rollouts.reports import desired_versions, placements_new, publish_row, publish_rows, reports_new, reports_previous
 from rollouts.selectors import by_bundle, offline_share, unreachable
 from sites.models import Node
 
@@ -213,7 +213,8 @@ def judge(rollout: Rollout, rows: list[RolloutNode], gate: GateSpec, *, now: dt.
             by_previous.setdefault(row.previous_version, []).append(row.node)
     previous = window_sum(model_health(group, model, prev, until=rollout.wave_started_at)
                           for prev, group in by_previous.items())
-    return evaluate_gate(gate, new=new, previous=previous, has_previous=bool(by_previous))
+    return evaluate_gate(gate, new=new, previous=previous, has_previous=bool(by_previous),
+                         placements=placements_new(rows, model, version))
 
 
 def _confirm(rollout: Rollout, rows: list[RolloutNode], actor: Actor) -> list[RolloutNode]:

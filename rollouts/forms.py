@@ -26,6 +26,9 @@ class RolloutForm(forms.Form):
     max_error_rate = forms.FloatField(min_value=0, max_value=1)
     max_error_rate_increase = forms.FloatField(min_value=0, max_value=1)
     max_p95_ratio = forms.FloatField(min_value=0.01)
+    fail_on_cpu_fallback = forms.BooleanField(required=False, label="Fail a wave where a node falls back to CPU",
+                                              help_text="Its accelerator failed on the version or changed its answers.")
+    fail_on_partial = forms.BooleanField(required=False, label="… or runs part of the graph on CPU")
     offline_timeout_s = forms.FloatField(min_value=0, label="Wait for offline nodes (s)")
     on_offline = forms.ChoiceField(choices=[("skip", "skip them and report"), ("pause", "pause the rollout")])
     max_offline_fraction = forms.FloatField(min_value=0.01, max_value=1,
@@ -43,7 +46,8 @@ class RolloutForm(forms.Form):
         }
         if gate is not None:
             initial.update(min_requests=gate.min_requests, max_error_rate=gate.max_error_rate,
-                           max_error_rate_increase=gate.max_error_rate_increase, max_p95_ratio=gate.max_p95_ratio)
+                           max_error_rate_increase=gate.max_error_rate_increase, max_p95_ratio=gate.max_p95_ratio,
+                           fail_on_cpu_fallback=gate.fail_on_cpu_fallback, fail_on_partial=gate.fail_on_partial)
         else:
             initial.update(min_requests=20, max_error_rate=0.05, max_error_rate_increase=0.01, max_p95_ratio=1.5)
         kwargs.setdefault("initial", initial)
@@ -76,7 +80,8 @@ class RolloutForm(forms.Form):
 
     def strategy(self) -> dict[str, Any]:
         data = self.cleaned_data
-        gate = {k: data[k] for k in ("min_requests", "max_error_rate", "max_error_rate_increase", "max_p95_ratio")}
+        gate = {k: data[k] for k in ("min_requests", "max_error_rate", "max_error_rate_increase", "max_p95_ratio",
+                                     "fail_on_cpu_fallback", "fail_on_partial")}
         return {
             "canary_nodes": data["canary_nodes"], "percentages": data["percentages"], "bake_s": data["bake_s"],
             "gate": gate if data["gate"] else None, "offline_timeout_s": data["offline_timeout_s"],

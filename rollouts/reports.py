@@ -40,6 +40,16 @@ def reports_new(node: Node, row: RolloutNode, model: str, version: str) -> tuple
     return "", ""
 
 
+def placements_new(rows: Iterable[RolloutNode], model: str, version: str) -> list[tuple[str, str, str]]:
+    """(node, placement, why) for each node serving the new version: where its graph runs, as it reports."""
+    found = []
+    for row in rows:
+        for status in _statuses(row.node, model):
+            if status.get("version") == version and status.get("state") == "serving":
+                found.append((row.node.name, str(status.get("placement") or ""), str(status.get("fallback") or "")))
+    return found
+
+
 def reports_previous(node: Node, row: RolloutNode, model: str, version: str) -> bool:
     """Is the node back on its previous version (or without the model, if it had none)?"""
     if not _caught_up(node, row):

@@ -151,6 +151,36 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 
 @dataclasses.dataclass(frozen=True)
+class ProviderFlag:
+    """A model that does not run where it should: the badge's words, and why (the node's own account)."""
+
+    label: str
+    detail: str
+
+
+def provider_flag(reported: dict[str, Any] | None, preferred: list[str]) -> ProviderFlag | None:
+    """The warning a reported ModelStatus earns: part or all of the graph on CPU although an accelerator was meant.
+
+    A node reports its placement (``partial``, ``cpu_fallback``) and why each
+    provider was given up; an older node only its provider, which is a fallback
+    when the model preferred another.
+    """
+    if not reported or reported.get("state") != "serving":
+        return None
+    placement = reported.get("placement") or ""
+    why = str(reported.get("fallback") or "")
+    if placement == "partial":
+        label = f"Partial: {reported.get('cpu_nodes', 0)} of {reported.get('graph_nodes', 0)} nodes on CPU"
+        return ProviderFlag(label, why or f"{reported.get('provider')} runs the rest of the graph")
+    if placement == "cpu_fallback":
+        return ProviderFlag("CPU fallback", why or "no accelerator of this node could run it")
+    wanted = [p for p in preferred if p != CPU_PROVIDER]
+    if not placement and wanted and reported.get("provider") == CPU_PROVIDER:
+        return ProviderFlag("CPU fallback", f"The model prefers {', '.join(wanted)}, which this node cannot use")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeModelRow:
     """One model on a node: what the control plane asked for joined with what the node says.
 
@@ -190,10 +220,14 @@ class NodeModelRow:
         return [str(p) for p in (self.desired or {}).get("providers") or []]
 
     @property
+    def provider_flag(self) -> ProviderFlag | None:
+        """Runs, but partly or wholly on CPU although an accelerator was meant: slower than planned."""
+        return provider_flag(self.reported, self.preferred_providers)
+
+    @property
     def cpu_fallback(self) -> bool:
-        # Runs, but on CPU although the model asked for another provider first: slower than planned.
-        preferred = [p for p in self.preferred_providers if p != CPU_PROVIDER]
-        return bool(preferred and self.reported and self.reported.get("provider") == CPU_PROVIDER)
+        flag = self.provider_flag
+        return flag is not None and flag.label == "CPU fallback"
 
     @property
     def in_sync(self) -> bool:

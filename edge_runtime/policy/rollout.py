@@ -59,6 +59,10 @@ class GateSpec(PolicyDocument):
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     max_error_rate_increase: float = Field(default=0.01, ge=0, le=1)
     max_p95_ratio: float = Field(default=1.5, gt=0, le=1000)
+    # Fail the wave when a node serves the new version wholly on CPU although an accelerator was meant
+    # (it fell back: failed there, or gave other answers than CPU), or, stricter, partly on CPU.
+    fail_on_cpu_fallback: bool = False
+    fail_on_partial: bool = False
 
 
 class Strategy(PolicyDocument):
@@ -282,10 +286,34 @@ def _usable(window: HealthWindow | None, gate: GateSpec, what: str) -> str:
     return ""
 
 
+def _fallback_check(gate: GateSpec, placements: Sequence[tuple[str, str, str]]) -> Check | None:
+    """The nodes that serve the new version on CPU where the gate forbids it (None: the gate does not look)."""
+    barred = {"cpu_fallback"} if gate.fail_on_cpu_fallback else set()
+    if gate.fail_on_partial:
+        barred |= {"cpu_fallback", "partial"}
+    if not barred:
+        return None
+    found = [(node, where, why) for node, where, why in placements if where in barred]
+    detail = "; ".join(f"{node}: {where.replace('_', ' ')}" + (f" ({why[:300]})" if why else "")
+                       for node, where, why in found)
+    return Check("provider_fallback", float(len(found)), 0, not found,
+                 detail or f"{len(placements)} node(s) serve it where it was meant to run")
+
+
 def evaluate_gate(gate: GateSpec, *, new: HealthWindow | None, previous: HealthWindow | None,
-                  has_previous: bool) -> GateResult:
-    """Judge a wave: passed, failed or inconclusive, with every value against its threshold."""
+                  has_previous: bool, placements: Sequence[tuple[str, str, str]] = ()) -> GateResult:
+    """Judge a wave: passed, failed or inconclusive, with every value against its threshold.
+
+    ``placements``: (node, placement, why) of each node serving the new version;
+    a fallback the gate forbids fails the wave at once, however few requests came.
+    """
     checks: list[Check] = []
+    fallback = _fallback_check(gate, placements)
+    if fallback is not None:
+        if fallback.passed is False:
+            return GateResult("failed", f"{fallback.value:g} node(s) fell back to CPU: {fallback.detail}",
+                              (fallback,), new, previous)
+        checks.append(fallback)
     new_problem = _usable(new, gate, "new")
     if new_problem or new is None:
         checks.append(Check("requests", new.requests if new else None, gate.min_requests, None, new_problem))

@@ -287,6 +287,11 @@ class ModelRegistry:
                         inline_below_ms=inline_below_ms, forbidden_providers=tuple(forbidden_providers),
                         provider_options=dict(provider_options or {}), rtol=rtol, atol=atol,
                         finite_inputs=finite_inputs)
+        return await self.load_spec(spec, retire_others=retire_others)
+
+    async def load_spec(self, spec: LoadSpec, *, retire_others: bool = True) -> ModelStatus:
+        """:meth:`load` of what ``spec`` says (a load asked for before, say: :meth:`requested`)."""
+        name, version, sha256, path = spec.name, spec.version, spec.sha256, Path(spec.path)
         self._requested[name] = spec
         served = self._models.setdefault(name, ServedModel())
         async with served.lock:
@@ -377,3 +382,14 @@ class ModelRegistry:
         for name in list(self._models):
             await self.unload(name)
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # reads for the repository extension (see .extensions) -----------------------
+
+    def requested_names(self) -> list[str]:
+        """Every name a load was asked for (see :meth:`requested`), sorted."""
+        return sorted(self._requested)
+
+    def loading(self, name: str) -> bool:
+        """A load or unload of ``name`` is under way."""
+        served = self._models.get(name)
+        return served is not None and served.lock.locked()

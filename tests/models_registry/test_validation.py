@@ -21,7 +21,7 @@ from sites.models import Site
 from tests.fixtures.processes import wait_until
 from tests.fixtures.workers import Worker
 from tests.models_registry import onnx_factory
-from tests.models_registry.helpers import ACTOR, make_model, make_node, upload
+from tests.models_registry.helpers import ACTOR, make_model, make_node, upload, valid_version
 
 
 def _statuses(version: ModelVersion) -> list[str]:
@@ -198,3 +198,43 @@ def test_it_leaves_a_fresh_validation_alone(settings: Any) -> None:
     services.model_version_reconcile()
     version.refresh_from_db()
     assert version.status == VersionStatus.VALIDATING
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("settings_", "message"), [
+    ({"preferred_providers": ["OpenVinoExecutionProvider"]},
+     "preferred_providers: 'OpenVinoExecutionProvider' is not an execution provider onnxruntime knows "
+     "(did you mean OpenVINOExecutionProvider?)"),
+    ({"required_providers": ["cuda"]}, "required_providers: 'cuda' is not an execution provider onnxruntime knows"),
+    ({"forbidden_providers": ["CPUExecutionProvider"]}, "CPUExecutionProvider cannot be forbidden"),
+    ({"required_providers": ["CUDAExecutionProvider"], "forbidden_providers": ["CUDAExecutionProvider"]},
+     "forbidden_providers: CUDAExecutionProvider is also required"),
+    ({"provider_options": {"OpenVINO": {"device_type": "GPU"}}}, "provider_options: 'OpenVINO' is not"),
+    ({"provider_options": {"OpenVINOExecutionProvider": {"device_type": ["GPU"]}}},
+     "provider_options: OpenVINOExecutionProvider: device_type: must be a string, number or boolean"),
+    ({"preferred_providers": ["AzureExecutionProvider"]}, "calls a remote endpoint"),
+    ({"output_rtol": 2.0}, "output_rtol: must be between 0 and 1"),
+])
+def test_it_refuses_misspelled_or_unusable_provider_settings_naming_them(
+        settings: Any, tmp_path: Path, settings_: dict[str, Any], message: str) -> None:
+    settings.ARTIFACT_DIR = tmp_path / "artifacts"
+    with pytest.raises(services.RegistryError) as caught:
+        upload(make_model(), version="1.0", **settings_)
+    assert message in caught.value.message
+    assert not ModelVersion.objects.exists() and not (tmp_path / "artifacts" / "sha256").exists()
+
+
+@pytest.mark.django_db
+def test_provider_settings_reach_the_nodes_desired_model(site_berlin: Site) -> None:
+    node, _ = make_node(site_berlin, "gw-1")
+    version = valid_version(
+        make_model("detector"), preferred_providers=["OpenVINOExecutionProvider"],
+        forbidden_providers=["TensorrtExecutionProvider"],
+        provider_options={"OpenVINOExecutionProvider": {"device_type": "GPU", "num_streams": 2}},
+        output_rtol=1e-3, output_atol=0.01, finite_inputs=True)
+    services.deployment_create(actor=ACTOR, version=version, sites=[site_berlin])
+    (desired,) = desired_models_for_node(node)
+    assert desired.providers == ["OpenVINOExecutionProvider"]
+    assert desired.forbidden_providers == ["TensorrtExecutionProvider"]
+    assert desired.provider_options == {"OpenVINOExecutionProvider": {"device_type": "GPU", "num_streams": "2"}}
+    assert (desired.rtol, desired.atol, desired.finite_inputs) == (1e-3, 0.01, True)

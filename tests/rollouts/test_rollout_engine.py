@@ -342,3 +342,32 @@ def test_it_restarts_the_tick_chain_of_a_rollout_whose_worker_was_lost(site_berl
     rollout.refresh_from_db()
     assert rollout.tick != tick_before
     assert rollout.events.filter(kind="reconcile").exists()
+
+
+@pytest.mark.parametrize(("gate", "placement", "fails"), [
+    ({"fail_on_cpu_fallback": True}, "cpu_fallback", True),
+    ({"fail_on_cpu_fallback": True}, "partial", False),
+    ({"fail_on_partial": True}, "partial", True),
+    ({}, "cpu_fallback", False),
+])
+def test_a_gate_can_fail_the_canary_that_fell_back_to_cpu(site_berlin: Site, gate: dict[str, bool], placement: str,
+                                                          fails: bool) -> None:
+    nodes, _, v2 = established(site_berlin, 3)
+    rollout = tick(start(v2, site_berlin, gate={**GATE, **gate}, bake_s=600))
+    why = "OpenVINOExecutionProvider: changes the results on the range probe inputs: output 'y' differs"
+    status = serving("defects", "2.0.0", requests=5).model_copy(update={
+        "provider": "CPUExecutionProvider", "placement": placement, "cpu_nodes": 2, "graph_nodes": 5,
+        "fallback": why if placement == "cpu_fallback" else ""})
+    report(nodes[0], status)
+    rollout = tick(tick(rollout))
+    if fails:
+        assert rollout.state == RolloutState.ROLLING_BACK
+        assert "1 node(s) fell back to CPU: n0: " + placement.replace("_", " ") in rollout.reason
+        if placement == "cpu_fallback":
+            assert why in rollout.reason
+        assert rollout.last_gate["checks"][0]["name"] == "provider_fallback"
+        assert desired_versions(nodes[0], "defects") == ["1.0.0"]
+    else:
+        # Five requests are too few to judge: the wave waits, it is not failed for the placement.
+        assert rollout.state == RolloutState.PROGRESSING and rollout.wave_phase == WavePhase.BAKING
+        assert rollout.last_gate is None or rollout.last_gate["outcome"] != "failed"

@@ -105,8 +105,9 @@ def test_it_shows_serving_failed_and_refused_models_with_their_errors(world: dic
     found = rows(page_for(admin_client, node))
 
     assert set(found) == {"defects", "wear", "vision", "audio"}
-    assert found["defects"] == f"defects {versions['defects'].version} original {versions['defects'].version} " \
-                               f"original {CPU} CPU fallback serving"
+    assert found["defects"] == (f"defects {versions['defects'].version} original {versions['defects'].version} "
+                                f"original {CPU} CPU fallback The model prefers {CUDA}, which this node cannot use "
+                                "serving")
     assert "failed smoke test failed: Got invalid dimensions for input: x" in found["wear"]
     # The version that keeps answering while the new one failed.
     assert f"wear {versions['wear'].version} original 0.9 " in found["wear"]
@@ -139,6 +140,27 @@ def test_it_flags_a_cpu_fallback_only_when_the_model_preferred_another_provider(
     report(node, protocol.ModelStatus(name="defects", version=versions["defects"].version, provider=CPU,
                                       state="serving"))
     assert "CPU fallback" in rows(page_for(admin_client, node))["defects"]
+
+
+def test_it_flags_partial_placement_and_a_fallback_with_the_nodes_reason(
+    world: dict[str, Any], admin_client: Client
+) -> None:
+    node, versions = world["node"], world["versions"]
+    ov = "OpenVINOExecutionProvider"
+    why = f"{ov}: changes the results on the range probe inputs: output 'y' has 0 NaN where CPU has 3"
+    report(
+        node,
+        protocol.ModelStatus(name="defects", version=versions["defects"].version, provider=ov, state="serving",
+                             placement="partial", cpu_nodes=1, graph_nodes=4),
+        protocol.ModelStatus(name="wear", version=versions["wear"].version, provider=CPU, state="serving",
+                             placement="cpu_fallback", cpu_nodes=5, graph_nodes=5, fallback=why),
+        protocol.ModelStatus(name="vision", version=versions["vision"].version, provider=ov, state="serving",
+                             placement="full", graph_nodes=7),
+    )
+    found = rows(page_for(admin_client, node))
+    assert f"{ov} Partial: 1 of 4 nodes on CPU {ov} runs the rest of the graph serving" in found["defects"]
+    assert f"{CPU} CPU fallback {why} serving" in html.unescape(found["wear"])
+    assert "CPU" not in found["vision"].replace(ov, "") and "fallback" not in found["vision"]
 
 
 def test_it_shows_a_model_the_node_still_reports_after_its_deployment_was_removed(

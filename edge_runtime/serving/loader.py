@@ -408,5 +408,8 @@ def _smoke_test(model: LoadedModel, after_first: Callable[[LoadedModel], None] |
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error on one line; a long one keeps its start and its end (where onnxruntime's providers say why)."""
     text = " ".join(str(exc).split())
-    return text[:800] if text else type(exc).__name__
+    if len(text) > 800:
+        text = f"{text[:250]} … {text[-540:]}"
+    return text or type(exc).__name__

@@ -391,12 +391,15 @@ def deployment_remove(*, actor: Actor, deployment: Deployment) -> Deployment:
 
 
 def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus], actor: Actor | None = None) -> int:
-    """Audit what a node refused or failed to serve, once per (node, artifact, error).
+    """Audit what a node refused or failed to serve, or serves on CPU instead of its accelerator.
 
-    Called from every sync; a node repeating the same error on every sync
-    leaves one record. Returns how many new reports were recorded.
+    Once per (node, artifact, error): a node repeating the same error on every
+    sync leaves one record. A fallback to CPU is recorded with the node's
+    reasons (state ``cpu_fallback``, action ``model.cpu_fallback``). Returns
+    how many new reports were recorded.
     """
-    troubled = [s for s in statuses if s.state == "refused" or (s.state == "failed" and s.error)]
+    troubled = [s for s in statuses if s.state == "refused" or (s.state == "failed" and s.error)
+                or (s.state == "serving" and s.placement == "cpu_fallback" and s.fallback)]
     if not troubled:
         return 0  # the common case: nothing to record, no transaction opened
     actor = actor or Actor.node(node)
@@ -404,15 +407,17 @@ def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus],
     with transaction.atomic():
         for status in troubled:
             artifact = status.sha256 or f"{status.name}@{status.version}/{status.variant}"
+            state, error = (status.placement, status.fallback) if status.state == "serving" else (status.state,
+                                                                                                    status.error)
             _, created = NodeModelReport.objects.get_or_create(
-                node=node, artifact=artifact, error_digest=hashlib.sha256(status.error.encode()).hexdigest(),
+                node=node, artifact=artifact, error_digest=hashlib.sha256(f"{state}:{error}".encode()).hexdigest(),
                 defaults={"name": status.name, "version": status.version, "variant": status.variant,
-                          "state": status.state, "error": status.error},
+                          "state": state, "error": error},
             )
             if created:
-                audit_record(actor=actor, action=f"model.{status.state}", obj=node, site_uuid=node.site.uuid,
+                audit_record(actor=actor, action=f"model.{state}", obj=node, site_uuid=node.site.uuid,
                              after={"model": status.name, "version": status.version, "variant": status.variant,
-                                    "sha256": status.sha256, "error": status.error})
+                                    "sha256": status.sha256, "error": error, "provider": status.provider})
                 recorded += 1
     return recorded
 

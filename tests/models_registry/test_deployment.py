@@ -182,3 +182,20 @@ def test_it_records_a_refusal_once(client: Client, site_berlin: Site) -> None:
     serving = {"name": "detector", "version": "1.0", "state": "serving"}
     assert _sync(client, node, credential, [serving]).status_code == 200
     assert AuditEvent.objects.filter(action__startswith="model.", object_id=str(node.uuid)).count() == 2
+
+
+def test_it_records_a_fallback_to_cpu_once_with_the_nodes_reasons(client: Client, site_berlin: Site) -> None:
+    node, credential = make_node(site_berlin, "gw-1", providers=("OpenVINOExecutionProvider", "CPUExecutionProvider"))
+    why = "OpenVINOExecutionProvider: changes the results on the range probe inputs: output 'c' differs: 14"
+    fallen = {"name": "detector", "version": "1.0", "sha256": "cd" * 32, "state": "serving",
+              "provider": "CPUExecutionProvider", "placement": "cpu_fallback", "cpu_nodes": 1, "graph_nodes": 1,
+              "fallback": why}
+    for _ in range(3):
+        assert _sync(client, node, credential, [fallen]).status_code == 200
+    events = AuditEvent.objects.filter(action="model.cpu_fallback", object_id=str(node.uuid))
+    assert events.count() == 1
+    assert events.get().after["error"] == why and events.get().after["provider"] == "CPUExecutionProvider"
+    # Serving on the accelerator, or partly on it, is not a fallback to record.
+    partial = {**fallen, "provider": "OpenVINOExecutionProvider", "placement": "partial", "fallback": ""}
+    assert _sync(client, node, credential, [partial]).status_code == 200
+    assert AuditEvent.objects.filter(action__startswith="model.", object_id=str(node.uuid)).count() == 1

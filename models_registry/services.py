@@ -390,6 +390,11 @@ def deployment_remove(*, actor: Actor, deployment: Deployment) -> Deployment:
     return deployment
 
 
+def _digest(state: str, error: str) -> str:
+    # A refusal's or failure's digest is of its error alone, as recorded before fallbacks were.
+    return hashlib.sha256((error if state in ("refused", "failed") else f"{state}:{error}").encode()).hexdigest()
+
+
 def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus], actor: Actor | None = None) -> int:
     """Audit what a node refused or failed to serve, or serves on CPU instead of its accelerator.
 
@@ -410,7 +415,7 @@ def model_status_report(*, node: Node, statuses: Iterable[protocol.ModelStatus],
             state, error = (status.placement, status.fallback) if status.state == "serving" else (status.state,
                                                                                                     status.error)
             _, created = NodeModelReport.objects.get_or_create(
-                node=node, artifact=artifact, error_digest=hashlib.sha256(f"{state}:{error}".encode()).hexdigest(),
+                node=node, artifact=artifact, error_digest=_digest(state, error),
                 defaults={"name": status.name, "version": status.version, "variant": status.variant,
                           "state": state, "error": error},
             )

@@ -208,6 +208,8 @@ class ModelStore:
                     max_batch_size=model.max_batch_size, max_queue_delay_ms=model.max_queue_delay_ms,
                     retire_others=False,
                 ))
+                if statuses[-1].state != "serving":
+                    self.registry.metrics.load_failed(model.name)
             await self._unload_undesired(desired, statuses, forbidden)
             self._collect_garbage(desired)
             self._statuses = statuses

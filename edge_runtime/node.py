@@ -70,6 +70,8 @@ class NodeConfig:
     offline: bool = False
     # Bundles copied here are imported by the agent itself.
     drop_folder: Path | None = None
+    # "explicit": clients may unload and load again what the node was asked to serve (the repository API).
+    model_control: str = "none"
 
 
 @dataclass
@@ -149,7 +151,8 @@ async def _start_server(registry: ModelRegistry, config: NodeConfig, processes: 
     from edge_runtime.serving.server import run_server
 
     limits: dict[str, Any] = {"max_connections": config.max_connections} if config.max_connections else {}
-    handle = await run_server(registry, config.serve_host, config.serve_port, processes=processes, **limits)
+    handle = await run_server(registry, config.serve_host, config.serve_port, processes=processes,
+                              model_control=config.model_control, **limits)
     logger.info("model server listening on %s (%d serving process%s)", handle.url,
                 processes, "" if processes == 1 else "es")
     return handle

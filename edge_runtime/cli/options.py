@@ -110,6 +110,14 @@ def instances_option(p: argparse.ArgumentParser) -> None:
                         "gets 503 (default 1024; keep it under the open-file limit)")
 
 
+def model_control_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-control", choices=["none", "explicit"],
+                   default=os.environ.get("EDGEWISE_MODEL_CONTROL", "none"),
+                   help="explicit: clients may unload, and load again, the models this node was asked to serve "
+                        "through the repository API (POST /v2/repository/models/NAME/load|unload; never another "
+                        "file); none (the default): those calls are refused with 503")
+
+
 def parse_providers(value: str) -> list[str]:
     """A comma separated provider list, each name one onnxruntime knows (a misspelling is named)."""
     from edge_runtime.protocol.providers import ProviderNameError, check_names
@@ -167,6 +175,7 @@ def add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="import every bundle copied into this folder (moved to imported/ or refused/ after)")
     providers_option(run)
     instances_option(run)
+    model_control_option(run)
     state_dir_option(run)
     run.set_defaults(func=cmd_run)
 
@@ -181,6 +190,7 @@ def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     log_level_option(serve)
     providers_option(serve)
     instances_option(serve)
+    model_control_option(serve)
     serve.set_defaults(func=cmd_serve)
 
 

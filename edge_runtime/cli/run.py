@@ -16,6 +16,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
         instances=args.instances, max_connections=args.max_connections, providers=tuple(args.providers),
         telemetry_interval_s=args.telemetry_interval, telemetry_budget_bytes=args.telemetry_budget,
         datasets=args.datasets, query_workers=args.query_workers, offline=args.offline, drop_folder=args.drop_folder,
+        model_control=args.model_control,
     )
 
 
@@ -35,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     kwargs: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-                              "instances": args.instances, "processes": args.serving_processes}
+                              "instances": args.instances, "processes": args.serving_processes,
+                              "model_control": args.model_control}
     if args.max_connections:
         kwargs["max_connections"] = args.max_connections
     if args.providers:

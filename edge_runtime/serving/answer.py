@@ -2,20 +2,29 @@
 
 Every answer is what the Open Inference Protocol says, byte for byte the same
 whichever path wrote it: the cached heads (per request id and shape) and the
-JSON plans' fixed parts give the same bytes as the full writer. NaN and
-Infinity are kept as Python's json writes them, as this server always has.
+JSON plans' fixed parts give the same bytes as the full writer. JSON has no
+NaN or Infinity: a float output's non-finite elements are written as the
+strings "NaN", "Infinity" and "-Infinity" (as protobuf's JSON mapping does),
+so that every answer is JSON a strict parser reads; numpy and tritonclient
+read them back as floats.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from edge_runtime.serving.plans import JsonOutputs, remember
 from edge_runtime.serving.registry import ServedVersion
-from edge_runtime.serving.tensors import ORJSON_ARRAY_TYPES, Array, json_bytes, to_binary, to_json_data
+from edge_runtime.serving.tensors import (
+    ORJSON_ARRAY_TYPES,
+    Array,
+    json_bytes,
+    to_binary,
+    to_json_data,
+    to_json_data_safe,
+)
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -81,12 +90,11 @@ def respond_whole(served: ServedVersion, request: dict[str, Any], outputs: list[
     response["outputs"] = tensors
     head = json_bytes(response)
     if b"null" in head and not all(_finite(t["data"]) for t in tensors if isinstance(t.get("data"), np.ndarray)):
-        # orjson wrote NaN or Infinity as null; Python's json keeps them,
-        # as this server always has, and Python clients read them back.
+        # orjson wrote NaN or Infinity as null, which reads back as neither: write them as strings.
         for t in tensors:
             if isinstance(t.get("data"), np.ndarray):
-                t["data"] = to_json_data(t["data"])
-        head = json.dumps(response, separators=(",", ":")).encode()
+                t["data"] = to_json_data_safe(t["data"])
+        head = json_bytes(response)
     if not blobs:
         return 200, JSON_TYPE, head
     return 200, [(b"content-type", b"application/octet-stream"),

@@ -2,22 +2,32 @@
 
 Endpoints::
 
-    GET  /v2/health/live                 200 while the process serves
-    GET  /v2/health/ready                200 when no first load is pending
-    GET  /v2                             server metadata (extensions incl. binary_tensor_data)
+    GET  /v2/health/live                 {"live": true}: 200 while the process serves, else 400
+    GET  /v2/health/ready                {"ready": ...}: 200 when no first load is pending, else 400
+    GET  /v2                             server metadata (the extensions below incl. binary_tensor_data)
     GET  /v2/models/{m}[/versions/{v}]          model metadata
-    GET  /v2/models/{m}[/versions/{v}]/ready    200 if that version serves
+    GET  /v2/models/{m}[/versions/{v}]/ready    {"name", "ready"}: 200 if that version serves, 400 with its
+                                                reason if it was asked for and does not, else 404
+    GET  /v2/models/{m}[/versions/{v}]/config   Triton's model configuration
     POST /v2/models/{m}[/versions/{v}]/infer    inference, JSON or binary tensors
+    GET  /v2/models[/{m}[/versions/{v}]]/stats  Triton's statistics extension
+    POST /v2/repository/index                   every model the node was asked to serve, with its state
+    POST /v2/repository/models/{m}/load|unload  only with explicit model control (else 503)
     GET  /metrics                        Prometheus text format
 
+The health bodies, readiness, repository, statistics and configuration are
+:mod:`.extensions` (where the status codes are explained).
 No web framework: the routes are few and fixed. An inference is answered
 through a callback on the batcher's future, not a coroutine; the app is also
 a plain ASGI application, for embedding it in another server. Errors are
 ``{"error": "..."}``: 400 for a request the model cannot take (naming the
 input and the problem, see :mod:`.request`), 404 for an unknown model or
 version, 405 for a wrong method, 413 for a body over the limit, 500 when the
-model itself fails. An error answers one request; the server carries on
-serving everyone. Nothing a client sends is a 500 by itself.
+model itself fails. JSON answers hold no bare NaN or Infinity: a float
+output's non-finite elements are written as the strings ``"NaN"``,
+``"Infinity"`` and ``"-Infinity"`` (:func:`~.tensors.to_json_data_safe`).
+An error answers one request; the server carries on serving everyone.
+Nothing a client sends is a 500 by itself.
 
 Binary tensor data extension: a request whose JSON header is followed by raw
 tensor bytes says so with ``Inference-Header-Content-Length``; each binary
@@ -44,6 +54,7 @@ import onnxruntime as ort
 from edge_runtime import __version__
 from edge_runtime.serving.answer import JSON_TYPE, error_body, respond
 from edge_runtime.serving.batcher import ModelUnavailable
+from edge_runtime.serving.extensions import Extensions, config_answer, health_answer
 from edge_runtime.serving.registry import ModelNotFound, ModelRegistry, ServedVersion
 from edge_runtime.serving.request import BadRequest, HTTPError, decode_body, parse_request
 from edge_runtime.serving.tensors import Array, json_bytes
@@ -61,7 +72,8 @@ Reply = Callable[[Answer], object]
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVER_NAME = "edgewise-edge-runtime"
-EXTENSIONS = ["binary_tensor_data", "health", "metadata", "metrics"]
+EXTENSIONS = ["binary_tensor_data", "health", "metadata", "metrics", "model_configuration", "model_repository",
+              "statistics"]
 PLATFORM = "onnxruntime_onnx"
 METRICS_TYPE = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 # Tasks answering a request later, held until done (the loop keeps only weak references).
@@ -70,10 +82,13 @@ _PENDING: set[asyncio.Task[None]] = set()
 
 class OIPApp:
     def __init__(self, registry: ModelRegistry, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 server_name: str = SERVER_NAME) -> None:
+                 server_name: str = SERVER_NAME, model_control: str = "none") -> None:
+        """``model_control``: "explicit" lets clients load and unload through the repository
+        extension (only what the node was asked to serve, see :mod:`.extensions`); "none" refuses it."""
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
         self.registry = registry
+        self.extensions = Extensions(registry, model_control=model_control)
         self.max_body_bytes = max_body_bytes
         self.server_name = server_name
         self.live = True
@@ -129,31 +144,22 @@ class OIPApp:
         parts = path.strip("/").split("/")
         if parts[0] == "v2":
             n = len(parts)
+            if n == 3 and parts[1] == "models" and parts[2] == "stats":
+                _allow(method, "GET")
+                self.extensions.stats(None, None, path, reply)
+                return None
             if n >= 3 and parts[1] == "models":
-                name = parts[2]
-                version: str | None = None
-                rest = parts[3:]
-                if len(rest) >= 2 and rest[0] == "versions":
-                    version, rest = rest[1], rest[2:]
-                if not rest:
-                    _allow(method, "GET")
-                    return self.model_metadata(name, version)
-                if rest == ["ready"]:
-                    _allow(method, "GET")
-                    self._resolve(name, version)
-                    return 200, JSON_TYPE, b""
-                if rest == ["infer"]:
-                    _allow(method, "POST")
-                    self.infer(name, version, headers, body, reply)
-                    return None
-            elif n == 1:
+                return self.model_route(method, path, parts[2], parts[3:], headers, body, reply)
+            if n == 1:
                 _allow(method, "GET")
                 return 200, JSON_TYPE, json_bytes({"name": self.server_name, "version": __version__,
-                                              "extensions": EXTENSIONS})
-            elif n == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
+                                                   "extensions": EXTENSIONS})
+            if n == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
                 _allow(method, "GET")
                 ok = self.live if parts[2] == "live" else self.live and self.registry.ready
-                return (200 if ok else 503), JSON_TYPE, b""
+                return health_answer(parts[2], ok)
+            if n >= 3 and parts[1] == "repository":
+                return self.extensions.repository(method, parts[2:], path, body, reply)
         elif parts == ["metrics"]:
             _allow(method, "GET")
             if self.node_metrics is None:
@@ -161,6 +167,37 @@ class OIPApp:
             self._reply_metrics(self.node_metrics, reply)
             return None
         raise HTTPError(404, f"no such endpoint: {path}")
+
+    def model_route(self, method: str, path: str, name: str, rest: list[str], headers: dict[bytes, bytes],
+                    body: bytes, reply: Reply) -> Answer | None:
+        """``/v2/models/{name}/...``, ``rest`` the parts after the name."""
+        version: str | None = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        if rest == ["infer"]:
+            _allow(method, "POST")
+            self.infer(name, version, headers, body, reply)
+            return None
+        if not rest:
+            _allow(method, "GET")
+            return self.model_metadata(name, version)
+        if rest == ["ready"]:
+            _allow(method, "GET")
+            return self.extensions.model_ready(name, version, path, reply)
+        if rest == ["stats"]:
+            _allow(method, "GET")
+            self.extensions.stats(name, version, path, reply)
+            return None
+        if rest == ["config"]:
+            _allow(method, "GET")
+            return config_answer(self._resolve(name, version))
+        raise HTTPError(404, f"no such endpoint: {path}")
+
+    async def answer(self, method: str, path: str, body: bytes) -> Answer:
+        """One request's whole answer, awaited (another process's request, see :mod:`.workers`)."""
+        later: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        answer = self.dispatch(method, path, {}, body, later.set_result)
+        return answer if answer is not None else await later
 
     def _reply_metrics(self, node_metrics: Callable[[], Awaitable[str]], reply: Reply) -> None:
         async def gather() -> None:
@@ -216,7 +253,9 @@ class OIPApp:
                 raise HTTPError(503, str(exc)) from None
         except Exception:  # an HTTPError, or a bug that dispatch answers with 500: counted either way
             metrics.errors += 1
-            metrics.latency.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.latency.observe(elapsed)
+            metrics.failed_seconds += elapsed
             raise
 
     def _complete(self, outcome: list[Array] | BaseException, served: ServedVersion, request: dict[str, Any],
@@ -239,10 +278,12 @@ class OIPApp:
             return respond(served, request, outcome, wanted)
         except HTTPError as exc:
             metrics.errors += 1
+            metrics.failed_seconds += time.perf_counter() - started
             return exc.status, *self.error_answer(exc.message)
         except Exception:  # noqa: BLE001 - a bug answering one request must not lose the others
             logger.exception("unexpected error answering an inference on %s", name)
             metrics.errors += 1
+            metrics.failed_seconds += time.perf_counter() - started
             return 500, *self.error_answer("internal server error")
         finally:
             metrics.latency.observe(time.perf_counter() - started)

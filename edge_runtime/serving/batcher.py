@@ -106,6 +106,7 @@ class Batcher:
         self.model = model
         self.executor = executor
         self.metrics = metrics
+        metrics.provider = model.provider
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.inline_below_s = inline_below_ms / 1000.0
@@ -374,12 +375,17 @@ class Batcher:
         self._queued_rows -= rows
         self.metrics.queue_depth = len(self._queue)
         self.metrics.batches += 1
+        self.metrics.inferences += rows
         self.metrics.batch_size.observe(len(batch))
         return batch
 
     # running (worker thread, or the loop for cheap models) -------------------
     def _execute(self, batch: list[Pending]) -> list[Outcome]:
-        """Never raises: each request gets its outputs or its own error."""
+        """Never raises: each request gets its outputs or its own error.
+
+        Two clock reads for the batch's queue and compute time (see :mod:`.metrics`), none per request.
+        """
+        begun = time.monotonic()
         started = time.thread_time()
         try:
             if len(batch) > 1 and self.stackable:
@@ -396,7 +402,15 @@ class Batcher:
             return outcomes
         finally:
             elapsed = time.thread_time() - started
+            ended = time.monotonic()
             self.batch_seconds += COST_SMOOTHING * (elapsed - self.batch_seconds)
+            rows = 0
+            enqueued = 0.0
+            for item in batch:
+                rows += item.rows
+                enqueued += item.enqueued
+            with self._mutex:
+                self.metrics.observe_batch(rows, len(batch), len(batch) * begun - enqueued, ended - begun, ended)
 
     def _run_stacked(self, batch: list[Pending]) -> list[Outcome]:
         names = list(batch[0].feeds)

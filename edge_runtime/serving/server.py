@@ -88,7 +88,7 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, app: OIPApp | None = None,
                      keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
                      body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                     processes: int = 1, reuse_port: bool = False) -> ServerHandle:
+                     processes: int = 1, reuse_port: bool = False, model_control: str = "none") -> ServerHandle:
     """Start serving ``registry`` on the running loop; returns once the port accepts connections.
 
     ``app`` serves instead of a plain :class:`OIPApp` of ``registry`` (a
@@ -96,12 +96,14 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
     live in an importable module); ``max_body_bytes`` is then the app's own.
     ``processes`` above 1 starts a :class:`~.workers.WorkerPool` of the rest,
     which join as soon as something serves. ``reuse_port`` is for a worker's
-    own socket. ``header_timeout_s``, ``body_timeout_s`` and
+    own socket. ``model_control`` "explicit" lets clients load and unload
+    through the repository extension (see :mod:`.extensions`; the app's own
+    when ``app`` is given). ``header_timeout_s``, ``body_timeout_s`` and
     ``max_connections`` are the HTTP layer's limits (:mod:`.http`), each
     serving process with its own ``max_connections``.
     """
     if app is None:
-        app = OIPApp(registry, max_body_bytes=max_body_bytes)
+        app = OIPApp(registry, max_body_bytes=max_body_bytes, model_control=model_control)
     # The HTTP layer's limits, the same in every serving process.
     limits: dict[str, Any] = {"keep_alive_s": keep_alive_s, "header_timeout_s": header_timeout_s,
                               "body_timeout_s": body_timeout_s, "max_connections": max_connections}
@@ -124,6 +126,9 @@ async def run_server(registry: ModelRegistry, host: str = "127.0.0.1", port: int
         handle.pool = WorkerPool(registry, processes - 1, host=host, port=handle.port, app_class=app_class,
                                  max_body_bytes=app.max_body_bytes, server_name=app.server_name, **limits)
         app.node_metrics = handle.pool.node_metrics
+        # Workers send this process the requests only it can answer (the repository, statistics).
+        handle.pool.http = app.answer
+        app.extensions.refresh_peers = handle.pool.refresh_metrics
         handle.pool.start()
     return handle
 

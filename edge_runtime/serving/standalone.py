@@ -41,10 +41,13 @@ def serve_main(
     instances: int = 0,
     processes: int = 0,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    model_control: str = "none",
     out: TextIO | None = None,
 ) -> int:
     """Serve every ``.onnx`` file in ``model_dir`` until SIGINT/SIGTERM; the process exit code.
 
+    ``model_control`` "explicit" lets clients unload these models and load them
+    again through the repository API (see :mod:`.extensions`).
     0 after a clean stop; 1 if no model could be loaded or the port cannot be
     used; 2 if ``model_dir`` is not a folder or holds no ``.onnx`` file.
     """
@@ -63,7 +66,7 @@ def serve_main(
         return 2
     main = _serve(files, host, port, stream, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                   max_body_bytes=max_body_bytes, provider_priority=provider_priority, instances=instances,
-                  processes=processes, max_connections=max_connections)
+                  processes=processes, max_connections=max_connections, model_control=model_control)
     try:
         import uvloop  # not on every platform: the faster loop where it is
     except ImportError:
@@ -73,7 +76,7 @@ def serve_main(
 
 async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max_batch_size: int,
                  max_queue_delay_ms: float, max_body_bytes: int, provider_priority: Sequence[str],
-                 instances: int, processes: int, max_connections: int) -> int:
+                 instances: int, processes: int, max_connections: int, model_control: str) -> int:
     only = list(provider_priority) if tuple(provider_priority) != DEFAULT_PROVIDER_PRIORITY else None
     registry = ModelRegistry(provider_priority=provider_priority, instances=instances, cpus=cpu_share(processes),
                              providers_only=only)
@@ -90,6 +93,7 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
             served += 1
             print(f"loaded {name} on {status.provider} ({status.placement_text()})", file=stream, flush=True)
         else:
+            registry.metrics.load_failed(name)
             print(f"skipped {path.name}: {status.error}", file=stream, flush=True)
     if not served:
         print("error: no model could be loaded", file=stream, flush=True)
@@ -97,7 +101,7 @@ async def _serve(files: list[Path], host: str, port: int, stream: TextIO, *, max
         return 1
     try:
         handle = await run_server(registry, host, port, max_body_bytes=max_body_bytes, processes=processes,
-                                  max_connections=max_connections)
+                                  max_connections=max_connections, model_control=model_control)
     except ServerError as exc:
         print(f"error: {exc}", file=stream, flush=True)
         await registry.close()

@@ -215,6 +215,26 @@ def to_json_data(array: Array) -> list[Any]:
     return list(array.ravel().tolist())
 
 
+# How a float output's non-finite elements are written in JSON, which has no NaN or Infinity: the strings
+# of protobuf's JSON mapping (which KServe's gRPC and REST share), which numpy and tritonclient read back.
+NON_FINITE_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def to_json_data_safe(array: Array) -> list[Any]:
+    """:func:`to_json_data`, with a float array's NaN and Infinity as strings (see ``NON_FINITE_JSON``).
+
+    The finite elements keep their shortest exact form (a float32's as float32), as orjson writes them.
+    """
+    if array.dtype.kind != "f":
+        return to_json_data(array)
+    flat = array.ravel()
+    # str() of a float32 or float16 element is its shortest exact form; float() of it writes the same.
+    values: list[Any] = flat.tolist() if flat.dtype == np.float64 else [float(str(v)) for v in flat]
+    for i in np.flatnonzero(~np.isfinite(flat)).tolist():
+        values[i] = NON_FINITE_JSON[str(float(values[i]))]
+    return values
+
+
 def to_binary(array: Array) -> bytes:
     """The raw little-endian bytes of an output tensor (binary tensor extension)."""
     if array.dtype == object or array.dtype.kind in "SU":

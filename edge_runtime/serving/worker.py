@@ -108,7 +108,15 @@ class Worker:
             answer = await channel.call("node_metrics", timeout=10.0)
             return str(answer["text"])
 
+        async def first_process(method: str, path: str, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+            answer = await channel.call("http", method=method, path=path, body=body.decode("latin-1"))
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer["headers"]]
+            return int(answer["status"]), headers, str(answer["body"]).encode("latin-1")
+
         app.node_metrics = node_metrics
+        extensions = getattr(app, "extensions", None)
+        if extensions is not None:
+            extensions.forward = first_process
         limits = {name: self.config[name] for name in ("keep_alive_s", "header_timeout_s", "body_timeout_s",
                                                       "max_connections")}
         self.handle = await run_server(registry, host, port, app=app, reuse_port=True, **limits)

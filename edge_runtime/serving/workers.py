@@ -18,6 +18,9 @@ mirrors it, and its own listening socket on the same port. With
   no connection reaches a process that lacks a model the node serves. While
   a swap is under way a request may still reach the old version in one
   process: it is answered by it, as in one process during a swap.
+* **One repository.** The repository extension, the statistics and the
+  readiness of a model that does not serve are answered by the first
+  process, whichever process the request reaches (the worker passes it on).
 * **One /metrics.** Whichever process a scrape reaches asks the first one,
   which adds up every process's figures (:class:`~.metrics.Metrics` peers).
   The node's telemetry and its reported per-model counters read the same sums,
@@ -256,6 +259,8 @@ class WorkerPool:
         self._refresher: asyncio.Task[None] | None = None
         self._wanted = asyncio.Event()
         self.closing = False
+        # This process's answer to a request a worker passes on (set by run_server: the app's).
+        self.http: Callable[[str, str, bytes], Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]] | None = None
         registry.mirror = self
 
     def start(self) -> None:
@@ -397,6 +402,12 @@ class WorkerPool:
     async def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
         if message.get("op") == "node_metrics":
             return {"text": await self.node_metrics()}
+        if message.get("op") == "http" and self.http is not None:
+            # Bodies travel as latin-1 text: every byte is one character, both ways.
+            status, headers, body = await self.http(str(message["method"]), str(message["path"]),
+                                                    str(message["body"]).encode("latin-1"))
+            return {"status": status, "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+                    "body": body.decode("latin-1")}
         raise WorkerError(f"unknown request {message.get('op')!r}")
 
     async def close(self) -> None:

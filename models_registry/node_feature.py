@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from edge_runtime import signing
 from models_registry import storage
 from models_registry.models import ModelVariant, ModelVersion
+from models_registry.reports import model_status_report
 from models_registry.selectors import desired_models_for_node
-from models_registry.services import model_status_report
 from orchestrator.features import NodeFeatureBase, NodeSync
 
 if TYPE_CHECKING:

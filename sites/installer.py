@@ -3,7 +3,10 @@
 A site technician runs it on a Linux box with Python 3.11+. It creates a
 virtual environment, installs the ``edge-runtime`` wheel from this control
 plane (pinned by sha256, so the code is exactly what this control plane
-serves, never a same-named package from elsewhere), enrolls the node with
+serves, never a same-named package from elsewhere) with the extra of one
+onnxruntime variant (``--onnxruntime cpu|gpu|openvino|directml|auto``; a
+re-run keeps the variant installed, and one variant is never installed over
+another), checks the result with ``pip check``, enrolls the node with
 the control plane's key fingerprint pinned (the token goes to ``edge-runtime
 enroll --token-stdin`` on a pipe from the shell's builtin ``printf``, so it is
 on no process's command line or environment), and starts it (systemd when

@@ -18,7 +18,10 @@ Guarantees:
   disk (not from the module imported when the process started), so the
   metadata always describes the code inside the same wheel. That pyproject is
   the edge runtime's own distribution, the one place its requirements are
-  written; it is read, not shipped.
+  written; it is read, not shipped. Its extras (one per onnxruntime variant)
+  become ``Provides-Extra`` and ``Requires-Dist: ...; extra == "name"``, so
+  ``pip install 'edge-runtime[openvino] @ URL'`` works with this wheel as with
+  one built by setuptools.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import ast
 import base64
 import hashlib
 import io
+import re
 import threading
 import tomllib
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import edge_runtime
@@ -51,6 +55,8 @@ _BUILD_DIRS = {"build", "dist"}
 # The earliest time a zip entry can carry; any fixed value makes builds repeatable.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _FILE_MODE = 0o100644 << 16
+# An extra's name as PEP 685 normalizes it; anything else would not match what pip asks for.
+_EXTRA = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
 class WheelError(Exception):
@@ -65,10 +71,17 @@ class Wheel:
     version: str
     requires: tuple[str, ...]
     requires_python: str
+    # extra -> what it adds (edge_runtime/pyproject.toml's optional-dependencies).
+    extras: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+    @property
+    def requires_dist(self) -> tuple[str, ...]:
+        """Every ``Requires-Dist`` line of the metadata: the requirements, then each extra's."""
+        return _requires_dist(self.requires, self.extras)
 
 
 _lock = threading.Lock()
@@ -103,6 +116,7 @@ class _Project:
     requires_python: str
     requires: tuple[str, ...]
     scripts: dict[str, str]
+    extras: dict[str, tuple[str, ...]]
 
 
 def _version_from_source(init_source: bytes) -> str:
@@ -144,12 +158,41 @@ def _project(init_source: bytes, pyproject: bytes | None) -> _Project:
         raise WheelError(f"{PROJECT_FILE}: [project] dependencies must be a list of strings")
     if not isinstance(scripts, dict) or not all(isinstance(v, str) for v in scripts.values()):
         raise WheelError(f"{PROJECT_FILE}: [project.scripts] must map names to strings")
+    extras = _extras(project.get("optional-dependencies", {}))
     fields = {key: project.get(key) for key in ("name", "description", "requires-python")}
     missing = sorted(key for key, value in fields.items() if not isinstance(value, str) or not value)
     if missing:
         raise WheelError(f"{PROJECT_FILE}: [project] needs {', '.join(missing)}")
     return _Project(name=str(fields["name"]), version=version, summary=str(fields["description"]),
-                    requires_python=str(fields["requires-python"]), requires=tuple(requires), scripts=scripts)
+                    requires_python=str(fields["requires-python"]), requires=tuple(requires), scripts=scripts,
+                    extras=extras)
+
+
+def _extras(table: object) -> dict[str, tuple[str, ...]]:
+    """``[project.optional-dependencies]``, checked: normalized names, each a list of requirement strings."""
+    if not isinstance(table, dict):
+        raise WheelError(f"{PROJECT_FILE}: [project.optional-dependencies] must be a table")
+    extras: dict[str, tuple[str, ...]] = {}
+    for name, requires in table.items():
+        if not _EXTRA.match(name):
+            raise WheelError(f"{PROJECT_FILE}: extra {name!r} is not a normalized name (lowercase, digits, '-')")
+        if not isinstance(requires, list) or not all(isinstance(r, str) and r for r in requires):
+            raise WheelError(f"{PROJECT_FILE}: extra {name!r} must be a list of requirement strings")
+        extras[name] = tuple(requires)
+    return extras
+
+
+def _requires_dist(requires: tuple[str, ...], extras: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """The requirements, then each extra's with ``extra == "name"`` added to its marker (PEP 508)."""
+    lines = list(requires)
+    for name, extra_requires in extras.items():
+        for requirement in extra_requires:
+            spec, _, marker = requirement.partition(";")
+            condition = f'extra == "{name}"'
+            if marker.strip():
+                condition = f"({marker.strip()}) and {condition}"
+            lines.append(f"{spec.strip()}; {condition}")
+    return tuple(lines)
 
 
 def _record_hash(data: bytes) -> str:
@@ -166,7 +209,8 @@ def _dist_info(project: _Project) -> list[tuple[str, bytes]]:
         f"Summary: {project.summary}",
         "License: Apache-2.0",
         f"Requires-Python: {project.requires_python}",
-        *(f"Requires-Dist: {req}" for req in project.requires),
+        *(f"Requires-Dist: {req}" for req in _requires_dist(project.requires, project.extras)),
+        *(f"Provides-Extra: {name}" for name in project.extras),
     ]
     wheel = [
         "Wheel-Version: 1.0",
@@ -215,6 +259,7 @@ def build_wheel(files: list[tuple[str, bytes]]) -> Wheel:
         version=version,
         requires=project.requires,
         requires_python=project.requires_python,
+        extras=project.extras,
     )
 
 

@@ -35,6 +35,11 @@ network (see :mod:`edge_runtime.cli.audit_verify`).
 Exit status: 0 on success, 1 when the request was refused or failed, 2 for
 bad usage. The commands parse and print; ``run`` builds the node with
 :mod:`edge_runtime.node`.
+Every command first checks that an onnxruntime variant is installed (the
+commands' modules import the model server, which imports onnxruntime) and
+stops with the edge runtime's extras to choose from when none is; ``run`` and
+``serve`` also refuse two variants installed over each other (see
+:mod:`edge_runtime.onnxruntime_variants`).
 """
 
 from __future__ import annotations
@@ -43,11 +48,19 @@ import sys
 from collections.abc import Sequence
 
 from edge_runtime.cli.common import CliError
-from edge_runtime.cli.options import build_parser
+from edge_runtime.onnxruntime_variants import OnnxRuntimeError, require_onnxruntime
 from edge_runtime.state import default_state_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        require_onnxruntime()
+    except OnnxRuntimeError as exc:
+        print(f"edge-runtime: {exc}", file=sys.stderr)
+        return 1
+    # Only now: the commands' modules import onnxruntime (through the model server) as they load.
+    from edge_runtime.cli.options import build_parser
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "state_dir", "unset") is None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from edge_runtime.cli.common import CliError, setup_logging
 from edge_runtime.node import NodeConfig, NodeError, run_node
+from edge_runtime.onnxruntime_variants import OnnxRuntimeError, check_onnxruntime
 from edge_runtime.state import StateDir, StateError
 
 
@@ -20,7 +21,16 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     )
 
 
+def checked_onnxruntime() -> str:
+    """The onnxruntime distribution the models will run on; a CliError if there is none, or several."""
+    try:
+        return check_onnxruntime()
+    except OnnxRuntimeError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    checked_onnxruntime()
     setup_logging(args.log_level)
     try:
         run_node(StateDir(args.state_dir), node_config(args))
@@ -34,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from edge_runtime.serving.standalone import serve_main
 
+    checked_onnxruntime()
     setup_logging(args.log_level)
     kwargs: dict[str, Any] = {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                               "instances": args.instances, "processes": args.serving_processes,

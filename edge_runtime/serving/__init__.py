@@ -10,9 +10,20 @@
 * :mod:`.server` runs it on an asyncio loop (:func:`run_server`);
 * :mod:`.workers` serves from several processes on one port (``python -m edge_runtime.serving.worker``);
 * :mod:`.standalone` serves a folder of ``.onnx`` files with no control plane.
+
+Importing any of them first checks that an onnxruntime variant is installed
+(:func:`~edge_runtime.onnxruntime_variants.require_onnxruntime`), so an
+environment without one gets the extras to install rather than a bare
+``ModuleNotFoundError`` from deep inside.
 """
 
+# The check has to run between the imports: E402 for this module only.
+# ruff: noqa: E402
 from __future__ import annotations
+
+from edge_runtime.onnxruntime_variants import require_onnxruntime
+
+require_onnxruntime()
 
 from edge_runtime.serving.app import DEFAULT_MAX_BODY_BYTES, OIPApp
 from edge_runtime.serving.loader import (

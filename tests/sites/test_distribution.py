@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from django.test import Client
 
 import edge_runtime
+from edge_runtime.onnxruntime_variants import VARIANTS
 from orchestrator import http, keys
 from sites import distribution, wheel
 
@@ -127,9 +128,19 @@ def test_it_requires_what_the_edge_runtime_distribution_requires() -> None:
     assert metadata["Version"] == edge_runtime.__version__
     assert metadata["Requires-Python"] == ">=3.11" == built.requires_python
     requires = metadata.get_all("Requires-Dist")
-    assert tuple(requires) == tuple(EDGE_PROJECT["dependencies"]) == built.requires
-    assert {"httpx>=0.27", "cryptography>=42", "pydantic>=2.6", "websockets>=12", "onnxruntime>=1.18",
-            "orjson>=3.10"} <= set(requires)
+    base = [r for r in requires if "extra ==" not in r]
+    assert tuple(base) == tuple(EDGE_PROJECT["dependencies"]) == built.requires
+    assert {"httpx>=0.27", "cryptography>=42", "pydantic>=2.6", "websockets>=12", "numpy>=1.26",
+            "orjson>=3.10"} <= set(base)
+    # onnxruntime only through one extra per variant: stock onnxruntime is never put over another build.
+    assert not [r for r in base if r.startswith("onnxruntime")]
+    assert tuple(requires) == built.requires_dist
+    assert metadata.get_all("Provides-Extra") == ["cpu", "gpu", "openvino", "directml"]
+    assert [r for r in requires if "extra ==" in r] == [
+        'onnxruntime>=1.18; extra == "cpu"', 'onnxruntime-gpu>=1.18; extra == "gpu"',
+        'onnxruntime-openvino>=1.18; extra == "openvino"', 'onnxruntime-directml>=1.18; extra == "directml"']
+    # The runtime's own table of them (what its start-up check names) is the pyproject's.
+    assert {extra: [dist + ">=1.18"] for extra, dist in VARIANTS.items()} == EDGE_PROJECT["optional-dependencies"]
     # Declared once: the control plane depends on the edge runtime by name and repeats none of its extras.
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert "edge-runtime" in pyproject["dependencies"]
@@ -154,6 +165,23 @@ def test_it_reads_the_pyproject_but_ships_no_build_leftovers(tmp_path: Path) -> 
 def test_it_refuses_a_package_without_its_pyproject(tmp_path: Path) -> None:
     (tmp_path / "__init__.py").write_text('__version__ = "1.0"\n')
     with pytest.raises(wheel.WheelError, match="pyproject.toml is missing"):
+        wheel.runtime_wheel(tmp_path)
+
+
+def test_it_puts_an_extra_into_the_marker_a_requirement_already_has() -> None:
+    assert wheel._requires_dist(("numpy>=1.26",), {"win": ("pywin32>=306; sys_platform == 'win32'",)}) == (
+        "numpy>=1.26", "pywin32>=306; (sys_platform == 'win32') and extra == \"win\"")
+
+
+@pytest.mark.parametrize(("table", "says"), [
+    ('[project.optional-dependencies]\nOpenVINO = ["onnxruntime-openvino"]\n', "not a normalized name"),
+    ('[project.optional-dependencies]\ncpu = "onnxruntime"\n', "must be a list of requirement strings"),
+])
+def test_it_refuses_an_extra_pip_could_not_ask_for(tmp_path: Path, table: str, says: str) -> None:
+    (tmp_path / "__init__.py").write_text('__version__ = "1.0"\n')
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "edge-runtime"\ndescription = "d"\n'
+                                             'requires-python = ">=3.11"\ndependencies = []\n' + table)
+    with pytest.raises(wheel.WheelError, match=says):
         wheel.runtime_wheel(tmp_path)
 
 
@@ -189,7 +217,7 @@ def test_it_installs_with_pip_into_a_fresh_venv(tmp_path: Path) -> None:
     version, location, requires = probe.stdout.splitlines()
     assert version == edge_runtime.__version__
     assert location.startswith(str(venv))
-    assert requires == str(sorted(built.requires))
+    assert requires == str(sorted(built.requires_dist))
 
 
 # -- the index ---------------------------------------------------------------

@@ -7,10 +7,13 @@ with ``EDGEWISE_OFFLINE=1``, so pip reaches nothing but the control plane.
 CI fills that cache once in its setup step with::
 
     .venv/bin/python -m pip download --only-binary=:all: --dest var/wheelhouse-cache \\
-        'httpx>=0.27' 'cryptography>=42' 'pydantic>=2.6' 'websockets>=12'
+        'httpx>=0.27' 'cryptography>=42' 'pydantic>=2.6' 'websockets>=12' ... 'onnxruntime>=1.18'
 
-(the requirements are those of ``edge_runtime/pyproject.toml``). When the cache cannot
-satisfy them, the session fixture runs that command itself, once.
+(the requirements of ``edge_runtime/pyproject.toml`` and of its ``cpu``
+extra, the variant these tests install). When the cache cannot satisfy them,
+the session fixture runs that command itself, once. The OpenVINO variant's
+wheels (``onnxruntime-openvino``, with its own requirements) go to the
+cache's ``openvino/`` folder the same way, the first time its test runs.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from tests.fixtures.processes import REPO, ControlPlane, process_env, wait_until
 
 BASE_PYTHON = getattr(sys, "_base_executable", sys.executable)
 NOT_A_FINGERPRINT = "0" * 64
-# What the edge runtime's wheel requires: its own distribution's dependencies.
-REQUIRES = wheel.runtime_wheel().requires
+# What the edge runtime's wheel requires with the cpu extra: its own distribution's dependencies, stock onnxruntime.
+REQUIRES = (*wheel.runtime_wheel().requires, *wheel.runtime_wheel().extras["cpu"])
+OPENVINO = "OpenVINOExecutionProvider"
 # The control plane's own stack, which a site must never get.
 CONTROL_PLANE_ONLY = ("django", "celery", "channels", "edgewise")
 
@@ -49,10 +53,10 @@ CONTROL_PLANE_ONLY = ("django", "celery", "channels", "edgewise")
 # -- fixtures ----------------------------------------------------------------
 
 
-def _resolves_offline(folder: Path) -> bool:
+def _resolves_offline(folder: Path, requires: tuple[str, ...] = REQUIRES) -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--find-links", str(folder), *REQUIRES],
+         "--disable-pip-version-check", "--find-links", str(folder), *requires],
         capture_output=True, text=True,
     )
     return result.returncode == 0
@@ -85,6 +89,31 @@ def wheelhouse(dependency_wheels: Path) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def openvino_wheels(dependency_wheels: Path) -> Path:
+    """Wheels of the OpenVINO variant for this Python (``openvino/`` in the cache), downloaded the first time.
+
+    A package index that cannot provide them skips the test with the reason,
+    except under ``CI=true``, where it fails: CI never drops the check silently.
+    """
+    folder = dependency_wheels / "openvino"
+    folder.mkdir(exist_ok=True)
+    requires = tuple(wheel.runtime_wheel().extras["openvino"])
+    if not _resolves_offline(folder, requires):
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--quiet", "--disable-pip-version-check",
+             "--dest", str(folder), *requires],
+            capture_output=True, text=True,
+        )
+        if fetched.returncode != 0:
+            reason = f"no wheels of {requires} for this Python from the package index:\n{fetched.stderr}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason)
+            pytest.skip(reason)
+    assert _resolves_offline(folder, requires), f"{folder} does not satisfy {requires} offline"
+    return folder
+
+
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One runtime installation for the module's tests: it is software, not state.
@@ -115,10 +144,10 @@ def started_pids() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGKILL)
 
 
-def _run(script: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def _run(script: str, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "edgewise-install.sh"
     path.write_text(script)
-    return subprocess.run(["bash", str(path)], env=process_env(**env), capture_output=True, text=True,
+    return subprocess.run(["bash", str(path), *args], env=process_env(**env), capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
 
 
@@ -129,6 +158,8 @@ def _install_env(prefix: Path, state_dir: Path, name: str) -> dict[str, str]:
         "EDGEWISE_NODE_NAME": name,
         "EDGEWISE_PYTHON": BASE_PYTHON,
         "EDGEWISE_OFFLINE": "1",
+        # Whatever GPU the test machine has: the wheelhouse holds stock onnxruntime.
+        "EDGEWISE_ONNXRUNTIME": "cpu",
         "EDGEWISE_START": "1",
         # The node started in the background picks a free port for its inference API.
         "EDGEWISE_SERVE_PORT": "0",
@@ -162,6 +193,8 @@ def test_it_installs_enrolls_and_starts_a_node_that_syncs(
     first = _run(script, tmp_path, **env)
     assert first.returncode == 0, first.stdout + first.stderr
     started_pids.append(_started_pid(first.stdout))
+    assert "pip check: No broken requirements found." in first.stdout
+    assert _onnxruntime_in(prefix)["distributions"] == ["onnxruntime"]
     node = Node.objects.get(site=site_berlin, name="line-3")
     assert node.runtime_version == edge_runtime.__version__
     _assert_runtime_alone(prefix)
@@ -287,6 +320,65 @@ def test_it_refuses_a_control_plane_with_another_key_without_spending_the_token(
     assert not (state_dir / "identity.json").exists()
 
 
+def _onnxruntime_in(prefix: Path) -> dict[str, Any]:
+    """The distributions that provide onnxruntime in ``prefix``, its providers, and what ``pip check`` says."""
+    probe = subprocess.run(
+        [str(prefix / "bin" / "python"), "-I", "-c",
+         "import importlib.metadata as m, json, subprocess, sys, onnxruntime;"
+         "check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True);"
+         "print(json.dumps({'distributions': sorted(set(m.packages_distributions()['onnxruntime'])),"
+         " 'providers': onnxruntime.get_available_providers(), 'pip_check': [check.returncode, check.stdout]}))"],
+        capture_output=True, text=True, timeout=120, env=process_env(), cwd=prefix,
+    )
+    assert probe.returncode == 0, probe.stderr
+    found: dict[str, Any] = json.loads(probe.stdout)
+    return found
+
+
+@pytest.mark.process
+def test_it_installs_the_openvino_variant_and_keeps_it_through_upgrades(
+    live_control_plane: ControlPlane, site_berlin: Site, wheelhouse: Path, openvino_wheels: Path, tmp_path: Path,
+) -> None:
+    for wheel_file in openvino_wheels.glob("*.whl"):
+        if not (wheelhouse / wheel_file.name).exists():
+            shutil.copy2(wheel_file, wheelhouse / wheel_file.name)
+    _, token = services.token_create(actor=Actor.system("test"), site=site_berlin)
+    script = render_installer(url=live_control_plane.url, token=token, fingerprint=keys.public_key_fingerprint(),
+                              site=site_berlin)
+    prefix = tmp_path / "openvino-node"
+    env = {**_install_env(prefix, tmp_path / "state", "ipc-7"), "EDGEWISE_START": "0"}
+    del env["EDGEWISE_ONNXRUNTIME"]
+    clean = [0, "No broken requirements found.\n"]
+
+    first = _run(script, tmp_path, "--onnxruntime", "openvino", **env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "installing edge-runtime[openvino] " in first.stdout
+    assert "pip check: No broken requirements found." in first.stdout
+    installed = _onnxruntime_in(prefix)
+    assert installed["distributions"] == ["onnxruntime-openvino"]
+    assert OPENVINO in installed["providers"] and installed["pip_check"] == clean
+
+    # The upgrade (no option: auto) keeps the variant; stock onnxruntime is not put back over it.
+    again = _run(script, tmp_path, **env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "keeping the onnxruntime variant installed: openvino (onnxruntime-openvino)" in again.stdout
+    assert "already enrolled" in again.stdout
+    kept = _onnxruntime_in(prefix)
+    assert kept["distributions"] == ["onnxruntime-openvino"]
+    assert OPENVINO in kept["providers"] and kept["pip_check"] == clean
+
+    # What an older runtime (which required stock onnxruntime) did to such a node: stock over the variant.
+    subprocess.run([str(prefix / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-index",
+                    "--disable-pip-version-check", "--find-links", str(wheelhouse), "onnxruntime"], check=True)
+    assert OPENVINO not in _onnxruntime_in(prefix)["providers"]
+    repaired = _run(script, tmp_path, **env)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "removing onnxruntime onnxruntime-openvino before installing onnxruntime-openvino" in repaired.stdout
+    fixed = _onnxruntime_in(prefix)
+    assert fixed["distributions"] == ["onnxruntime-openvino"]
+    assert OPENVINO in fixed["providers"] and fixed["pip_check"] == clean
+
+
 # -- checks that stop the installer early ------------------------------------
 
 
@@ -310,6 +402,8 @@ def _old_python(tmp_path: Path) -> Path:
         ({"EDGEWISE_PYTHON": "/nonexistent/python3"}, "EDGEWISE_PYTHON=/nonexistent/python3 is not an executable"),
         ({"EDGEWISE_PYTHON": "OLD"}, "is Python 3.9.18; the edge runtime needs Python 3.11 or newer"),
         ({"EDGEWISE_NODE_ROLE": "boss"}, "EDGEWISE_NODE_ROLE=boss is not a node role"),
+        ({"EDGEWISE_ONNXRUNTIME": "tpu"}, "--onnxruntime tpu is not an onnxruntime variant (use cpu, gpu, "
+                                          "openvino, directml or auto)"),
     ],
 )
 def test_it_stops_with_a_clear_message_before_installing_anything(
@@ -318,6 +412,49 @@ def test_it_stops_with_a_clear_message_before_installing_anything(
     env = _install_env(tmp_path / "prefix", tmp_path / "state", "gw-1")
     env.update({k: str(_old_python(tmp_path)) if v == "OLD" else v for k, v in overrides.items()})
     result = _run(script, tmp_path, **env)
+    assert result.returncode == 1
+    assert says in result.stderr
+    assert not (tmp_path / "prefix").exists()
+
+
+@pytest.mark.parametrize(
+    ("listing", "status", "variant", "why"),
+    [
+        ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5b1e2c4d-0000-4000-8000-000000000000)", 0, "gpu",
+         "nvidia-smi lists a GPU"),
+        ("No devices were found", 6, "cpu", "no GPU listed by nvidia-smi"),
+    ],
+)
+def test_it_picks_the_gpu_variant_where_nvidia_smi_lists_a_gpu(
+    script: str, tmp_path: Path, listing: str, status: int, variant: str, why: str
+) -> None:
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nvidia-smi").write_text(f'#!/bin/sh\n[ "$1" = -L ] && echo "{listing}"\nexit {status}\n')
+    (tools / "nvidia-smi").chmod(0o755)
+    # The prefix cannot be created (a file is in the way): the run stops right after choosing.
+    (tmp_path / "in-the-way").write_text("")
+    env = _install_env(tmp_path / "in-the-way" / "prefix", tmp_path / "state", "gw-2")
+    env.update(EDGEWISE_ONNXRUNTIME="auto", PATH=f"{tools}{os.pathsep}{os.environ['PATH']}")
+    result = _run(script, tmp_path, **env)
+    assert result.returncode == 1
+    assert f"onnxruntime variant: {variant} ({why}; choose another with --onnxruntime)" in result.stdout
+    assert "could not create a virtual environment" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--onnxruntime", "rocm"], "--onnxruntime rocm is not an onnxruntime variant"),
+        (["--onnxruntime=cuda"], "--onnxruntime cuda is not an onnxruntime variant"),
+        (["--onnxruntime"], "--onnxruntime needs a value: cpu, gpu, openvino, directml or auto"),
+        (["--gpu"], "unknown option '--gpu' (usage: sh "),
+    ],
+)
+def test_it_refuses_an_onnxruntime_option_it_cannot_use(
+    script: str, tmp_path: Path, args: list[str], says: str
+) -> None:
+    result = _run(script, tmp_path, *args, **_install_env(tmp_path / "prefix", tmp_path / "state", "gw-3"))
     assert result.returncode == 1
     assert says in result.stderr
     assert not (tmp_path / "prefix").exists()
@@ -336,7 +473,7 @@ def test_it_names_the_site_and_the_token_terms_in_the_header(site_berlin: Site) 
     assert "single-purpose" in header
     assert f"expires at {token_row.expires_at:%Y-%m-%d %H:%M} UTC" in header
     assert "CONTROL_PLANE_URL=https://edgewise.example.org\n" in text
-    assert "edge-runtime @ $DIST_URL$RUNTIME_WHEEL#sha256=$RUNTIME_SHA256" in text
+    assert "edge-runtime$extra @ $DIST_URL$RUNTIME_WHEEL#sha256=$RUNTIME_SHA256" in text
     assert f"RUNTIME_SHA256={wheel.runtime_wheel().sha256}\n" in text
     for shell in ("sh", "bash"):
         check = subprocess.run([shell, "-n"], input=text, capture_output=True, text=True)

@@ -120,7 +120,8 @@ async def build_node(state: StateDir, config: NodeConfig) -> Node:
     options: dict[str, Any] = ({"provider_priority": list(config.providers), "providers_only": list(config.providers)}
                                if config.providers else {})
     try:
-        processes = resolve_processes(config.serving_processes) if config.serve_port >= 0 else 1
+        processes = (resolve_processes(config.serving_processes, providers=config.providers)
+                     if config.serve_port >= 0 else 1)
     except ValueError as exc:
         raise NodeError(str(exc)) from exc
     try:

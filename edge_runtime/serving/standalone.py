@@ -59,8 +59,10 @@ def serve_main(
     if not files:
         print(f"error: no .onnx files in {model_dir}", file=stream, flush=True)
         return 2
+    # A list of its own (not the default priority) is the only providers this server uses, as in _serve.
+    only = list(provider_priority) if tuple(provider_priority) != DEFAULT_PROVIDER_PRIORITY else None
     try:
-        processes = resolve_processes(processes)
+        processes = resolve_processes(processes, providers=only)
     except ValueError as exc:
         print(f"error: {exc}", file=stream, flush=True)
         return 2

@@ -46,7 +46,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,17 +83,21 @@ def reuse_port_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def auto_processes() -> int:
+def auto_processes(providers: Sequence[str] | None = None) -> int:
     """How many processes serve models when the node does not say.
 
     One where the kernel cannot share a port out, where an accelerator is
     present (a model on it is best loaded once: each process would hold its
     own copy in device memory), or where memory is short; otherwise one per
-    usable CPU, at most ``MAX_AUTO_PROCESSES``.
+    usable CPU, at most ``MAX_AUTO_PROCESSES``. ``providers``: the list a node
+    was given (``--providers``), which it uses and no other; only an
+    accelerator on it counts, so a node told to use ``CPUExecutionProvider``
+    alone gets the CPU count even where onnxruntime has a GPU.
     """
     if not reuse_port_supported():
         return 1
-    if any(p not in _NOT_ACCELERATORS for p in available_providers()):
+    usable = [p for p in available_providers() if not providers or p in providers]
+    if any(p not in _NOT_ACCELERATORS for p in usable):
         return 1
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -104,12 +108,15 @@ def auto_processes() -> int:
     return max(1, min(usable_cpus(), MAX_AUTO_PROCESSES))
 
 
-def resolve_processes(requested: int) -> int:
-    """``requested`` (0: :func:`auto_processes`) checked against what this system can do. Raises ValueError."""
+def resolve_processes(requested: int, *, providers: Sequence[str] | None = None) -> int:
+    """``requested`` (0: :func:`auto_processes` for ``providers``) checked against what this system can do.
+
+    Raises ValueError.
+    """
     if requested < 0:
         raise ValueError("the number of serving processes must not be negative")
     if requested == 0:
-        return auto_processes()
+        return auto_processes(providers)
     if requested > 1 and not reuse_port_supported():
         raise ValueError(f"serving from {requested} processes needs SO_REUSEPORT port sharing (Linux); "
                          "use 1 on this system")

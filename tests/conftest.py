@@ -10,6 +10,8 @@ committed and visible to those processes.
 from __future__ import annotations
 
 pytest_plugins = ["tests.fixtures.personas", "tests.fixtures.processes", "tests.fixtures.workers"]
+# Tests of the OpenVINO environment: they run in .venv-openvino with their own configuration (.ci/openvino).
+collect_ignore = ["openvino"]
 
 
 import pytest  # noqa: E402

@@ -26,10 +26,13 @@ from django.urls import path, re_path  # noqa: E402
 from orchestrator import keys  # noqa: E402
 from orchestrator.asgi_limits import BodyLimits  # noqa: E402
 from orchestrator.routing import agent_websocket_urlpatterns, browser_websocket_urlpatterns  # noqa: E402
+from sites.heartbeats import flusher_start  # noqa: E402
 
 # A missing or foreign signing key stops the server here, naming the file,
 # rather than at the first node that syncs.
 keys.check_at_startup()
+# Quiet syncs' heartbeats reach PostgreSQL from every serving process (one flush at a time across them).
+flusher_start()
 
 application = ProtocolTypeRouter(
     {

@@ -29,7 +29,7 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime import protocol, signing
-from orchestrator import features, keys
+from orchestrator import features, keys, quiet
 from orchestrator.models import DesiredState
 from orchestrator.realtime import broadcast_many, node_group
 
@@ -75,6 +75,7 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
     """
     published: dict[int, DesiredState] = {}
     nudges: list[tuple[str, str, dict[str, Any]]] = []
+    moved_pks: set[int] = set()
     trust = keys.current()
     floors = above or {}
     with transaction.atomic():
@@ -88,10 +89,12 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
             state, moved = _publish_one(node, content, current_by_node.get(node.pk), floors.get(node.pk, 0),
                                         trust, now, actor)
             if moved:
+                moved_pks.add(node.pk)
                 nudges.append((node_group(node.uuid), "node.nudge", {"generation": state.generation}))
             if state is not None:
                 published[node.pk] = state
         broadcast_many(nudges)
+        quiet.attention(n.uuid for n in nodes if n.pk in moved_pks)
     return published
 
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime import signing
-from orchestrator import features, keys
+from orchestrator import features, keys, quiet
 from orchestrator.desired_state import desired_state_republish_all
 from orchestrator.models import SigningKey
 
@@ -40,6 +40,7 @@ def epoch_start(*, actor: Actor, reason: str) -> str:
         audit_record(actor=actor, action="epoch.start", object_repr=f"epoch {epoch.uuid}",
                      after={"epoch": str(epoch.uuid), "reason": reason.strip(), "key": trust.fingerprint})
     keys.forget()
+    quiet.forget_all()
     desired_state_republish_all(actor=actor)
     return str(epoch.uuid)
 
@@ -85,6 +86,7 @@ def signing_key_rotate(*, actor: Actor) -> str:
         keys.trust_lock()
         keys.finish_rotation(path, SigningKey.objects.get(fingerprint=new_fp))
     keys.forget()
+    quiet.forget_all()
     logger.warning("rotated the signing key: %s -> %s", old_trust.fingerprint[:16], new_fp[:16])
     desired_state_republish_all(actor=actor)
     return new_fp

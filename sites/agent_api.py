@@ -33,7 +33,7 @@ from edge_runtime import protocol
 from orchestrator import keys
 from orchestrator.desired_state import signed_desired_state
 from orchestrator.models import DesiredState
-from sites import services
+from sites import quiet_sync, services
 from sites.models import Node
 from sites.sync import node_sync
 
@@ -163,23 +163,35 @@ def parse_body(request: HttpRequest, model: type[W]) -> W:
         raise validation_error(exc) from exc
 
 
+def _bearer(request: HttpRequest) -> str | None:
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
+
+
+def _node_for(credential: str, node_id: Any) -> Node | JsonResponse:
+    """The node holding ``credential`` if it is the path's node and not revoked; else the answer refusing it."""
+    node = services.node_authenticate(credential)
+    if node is None:
+        return error("unknown node credential", 401)
+    if str(node.uuid) != str(node_id):
+        # Another node's resource: indistinguishable from one that does not exist.
+        return error("no such node", 404)
+    if node.revoked_at is not None:
+        return error("this node's credential was revoked", 403)
+    return node
+
+
 def node_view(view: View) -> View:
     """Authenticate the bearer credential and bind the path's node to it."""
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, node_id: Any, *args: Any, **kwargs: Any) -> HttpResponse:
-        header = request.headers.get("Authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential:
+        credential = _bearer(request)
+        if credential is None:
             return error("missing bearer credential", 401)
-        node = services.node_authenticate(credential.strip())
-        if node is None:
-            return error("unknown node credential", 401)
-        if str(node.uuid) != str(node_id):
-            # Another node's resource: indistinguishable from one that does not exist.
-            return error("no such node", 404)
-        if node.revoked_at is not None:
-            return error("this node's credential was revoked", 403)
+        node = _node_for(credential, node_id)
+        if isinstance(node, JsonResponse):
+            return node
         return view(request, node, *args, **kwargs)
 
     return wrapper
@@ -220,12 +232,32 @@ def enroll(request: HttpRequest) -> HttpResponse:
 
 @csrf_exempt
 @require_POST
-@node_view
-def sync(request: HttpRequest, node: Node) -> HttpResponse:
+def sync(request: HttpRequest, node_id: Any) -> HttpResponse:
+    """A node's sync: answered from Redis when it reports nothing new (``sites.quiet_sync``), else in full.
+
+    The credential is checked before anything the body says is used, as on every node route: in the quiet
+    answer's one Redis script (against the credential hash its last full sync left), or in the database.
+    """
+    credential = _bearer(request)
+    if credential is None:
+        return error("missing bearer credential", 401)
+
     def run() -> HttpResponse:
-        body = parse_body(request, protocol.SyncRequest)
-        response = node_sync(node=node, request=body, ip=client_ip(request))
-        return JsonResponse(response.model_dump(mode="json"))
+        try:
+            body = parse_body(request, protocol.SyncRequest)
+        except BadRequest as exc:
+            node = _node_for(credential, node_id)
+            return node if isinstance(node, JsonResponse) else exc.response
+        ip = client_ip(request)
+        answer = quiet_sync.answer(node_id=str(node_id), credential=credential, request=body, ip=ip)
+        if answer is not None:
+            return JsonResponse(answer)
+        node = _node_for(credential, node_id)
+        if isinstance(node, JsonResponse):
+            return node
+        if body.brief:
+            return JsonResponse(quiet_sync.report_wanted(node))
+        return JsonResponse(node_sync(node=node, request=body, ip=ip).model_dump(mode="json"))
 
     return _handle(run)
 

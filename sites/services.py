@@ -16,8 +16,10 @@ from django.utils import timezone
 
 from audit.services import Actor, audit_record
 from edge_runtime import protocol
+from orchestrator import quiet
 from orchestrator.desired_state import desired_state_publish, desired_state_publish_many
 from orchestrator.realtime import FLEET_GROUP, broadcast
+from sites.heartbeats import heartbeats_flush
 from sites.liveness import node_status
 from sites.models import (
     IDENTITY_KEY_UNIQUE,
@@ -281,6 +283,8 @@ def node_revoke(*, actor: Actor, node: Node) -> Node:
         revoked_key = {"identity_key_revoked": node.identity_fingerprint} if node.identity_key else {}
         audit_record(actor=actor, action="node.revoke", obj=node, site_uuid=node.site.uuid, before=before,
                      after={"status": node.status, **revoked_key})
+        # Its next sync is refused by the database, not answered from a snapshot (orchestrator.quiet).
+        quiet.attention([node.uuid])
     broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
     return node
 
@@ -291,6 +295,8 @@ def node_liveness_sweep(*, now: dt.datetime | None = None) -> int:
     Safe to run twice: it only writes when a node's stored status differs from
     the one derived now. Returns how many nodes changed.
     """
+    # What quiet syncs heard first, so that a node heard from in time is not counted silent.
+    heartbeats_flush()
     now = now or timezone.now()
     changed = 0
     stale_cut = now - dt.timedelta(seconds=settings.NODE_STALE_AFTER_S)
@@ -316,6 +322,8 @@ def node_liveness_sweep(*, now: dt.datetime | None = None) -> int:
                 before={"status": before}, after={"status": status},
             )
             broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
+            # Heard from again, the node takes the whole path, which records its return.
+            quiet.attention([node.uuid])
             changed += 1
     return changed
 

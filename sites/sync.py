@@ -12,6 +12,7 @@ The features (models, queries, ...) take part through the one seam
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from typing import Any
 
@@ -23,7 +24,7 @@ from django.utils import timezone
 from audit.services import Actor, audit_record
 from audit.witness import node_log_ingest
 from edge_runtime import protocol
-from orchestrator import features, keys
+from orchestrator import features, keys, quiet
 from orchestrator.desired_state import desired_state_publish, signed_desired_state
 from orchestrator.models import DesiredState, Epoch
 from orchestrator.realtime import FLEET_GROUP, broadcast
@@ -44,6 +45,8 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
     """Record a node's report and answer with its desired state if it moved."""
     now = timezone.now()
     actor = Actor("node", str(node.uuid), ip)
+    # Before the database is read: a change that commits from here on retires the snapshot taken below.
+    begun = quiet.begin(node.uuid)
     with transaction.atomic():
         # of=("self",): lock the node row only; the desired state is an outer
         # join that PostgreSQL will not lock (and need not).
@@ -51,6 +54,7 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
                 .get(pk=node.pk))
         if node.revoked_at is not None:
             raise TokenRefused("this node's credential was revoked")
+        _heard_quietly(node, begun)
         sync = features.NodeSync(node=node, actual=request.actual, actor=actor)
         changes = _record_report(sync, request, ip, now)
         desired = _settle_desired(sync, changes)
@@ -63,15 +67,32 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
                 cursor.execute("SET LOCAL synchronous_commit = off")
     if "status" in changes:
         broadcast(FLEET_GROUP, "fleet.changed", {"site": str(node.site.uuid)})
-    applied = request.actual.applied_generation
+    # A generation counts within its epoch: the same number in another epoch is another state.
+    settled = (request.actual.applied_generation == desired.generation
+               and request.actual.applied_epoch == desired.epoch)
+    digest = protocol.report_digest(request)
+    if begun is not None and settled and not sync.answer.get("queries"):
+        # The next sync that reports the same is answered from this (orchestrator.quiet).
+        snapshot = quiet.Snapshot(credential_hash=node.credential_hash, digest=digest,
+                                  generation=desired.generation, epoch=desired.epoch)
+        transaction.on_commit(functools.partial(quiet.remember, node_uuid=node.uuid, begun=begun,
+                                                heard_at=now.timestamp(), snapshot=snapshot))
     return protocol.SyncResponse(
         generation=desired.generation,
-        # A generation counts within its epoch: the same number in another epoch is another state.
-        desired=(signed_desired_state(desired)
-                 if applied != desired.generation or request.actual.applied_epoch != desired.epoch else None),
+        desired=None if settled else signed_desired_state(desired),
         sync_interval_s=settings.SYNC_INTERVAL_S,
+        report_digest=digest if begun is not None else None,
         **sync.answer,
     )
+
+
+def _heard_quietly(node: Node, begun: quiet.Begun | None) -> None:
+    """Take the node's last quiet heartbeat as its last sync when PostgreSQL has not been told of it yet."""
+    if begun is None or begun.heard_at is None:
+        return
+    heard = dt.datetime.fromtimestamp(begun.heard_at, tz=dt.UTC)
+    if node.last_seen_at is None or node.last_seen_at < heard:
+        node.last_seen_at = heard
 
 
 def _take_audit_log(sync: features.NodeSync, request: protocol.SyncRequest) -> None:
@@ -118,6 +139,10 @@ def _node_changes(node: Node, request: protocol.SyncRequest, now: dt.datetime,
         changes["applied_generation"] = (node.applied_generation, applied)
         node.applied_generation = applied
     previous_status = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now)
+    if previous_status == NodeStatus.ONLINE and node.status in (NodeStatus.STALE, NodeStatus.OFFLINE):
+        # The liveness sweep recorded the node as silent (its heartbeats never reached PostgreSQL): its return
+        # is a change of what the audit trail last said.
+        previous_status = node.status
     if previous_status != status:
         changes["status"] = (previous_status, status)
     return changes

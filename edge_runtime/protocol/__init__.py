@@ -32,6 +32,11 @@ Endpoints (all JSON, all under ``/agent/v1/``):
 ``POST nodes/<node_id>/sync``
     :class:`SyncRequest` -> :class:`SyncResponse`. Reports actual state and
     health; carries the signed desired state only when the generation moved.
+    A node whose report is unchanged since the control plane last said it
+    holds it (``SyncResponse.report_digest``) may send a brief sync: the
+    digest (:func:`report_digest`), its applied generation and health. It is
+    answered without the control plane's database, or with
+    ``report_wanted`` when the control plane does not hold that report.
 ``GET nodes/<node_id>/desired-state``
     -> :class:`SignedDesiredState`. The current signed desired state.
 ``GET nodes/<node_id>/artifacts/<sha256>``
@@ -112,6 +117,7 @@ from edge_runtime.protocol.node import (
     ModelStatus,
     Refusal,
     SyncRequest,
+    report_digest,
 )
 from edge_runtime.protocol.stream import (
     MAX_TELEMETRY_FRAME_BYTES,
@@ -173,6 +179,7 @@ __all__ = [
     "StreamError",
     "StreamMessage",
     "SyncRequest",
+    "report_digest",
     "SyncResponse",
     "TIME_MAX",
     "TIME_MIN",

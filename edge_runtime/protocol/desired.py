@@ -123,6 +123,12 @@ class SyncResponse(Received):
     queries: list[QueryRequest] = Field(default_factory=list, max_length=100)
     # What the control plane made of the node's audit upload (absent when the sync carried none).
     audit: AuditAck | None = None
+    # The digest of the node's report that the control plane holds (``SyncRequest.digest``): while the node's
+    # report has this digest it may send brief syncs. Absent from control planes that take none.
+    report_digest: str | None = None
+    # The answer to a brief sync whose digest (or applied generation) the control plane does not hold: nothing
+    # was recorded, and the node syncs again at once with its whole report.
+    report_wanted: bool = False
 
 
 class Nudge(Received):

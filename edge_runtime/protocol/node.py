@@ -6,13 +6,18 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge_runtime.canonical import canonical_json
 from edge_runtime.protocol.audit import AuditUpload
 from edge_runtime.protocol.base import INT32_MAX, INT64_MAX, NO_NUL, PROTOCOL_VERSION, NodeRole, Received, WireModel
+
+# A report digest: sha256, hex ("" for none).
+DIGEST_PATTERN = r"^([0-9a-f]{64})?$"
 
 
 class Hardware(WireModel):
@@ -201,4 +206,39 @@ class SyncRequest(WireModel):
     audit: AuditUpload | None = None
     # The node's identity key, on every sync: how a node enrolled before identity keys registers one.
     identity_key: IdentityKey | None = None
+    # The sha256 (hex) of this report (:func:`report_digest`). With ``brief`` the request carries only the
+    # digest, the applied generation and epoch, and health: "the report you hold for me is unchanged".
+    digest: str = Field(default="", pattern=DIGEST_PATTERN)
+    brief: bool = False
+
+    @model_validator(mode="after")
+    def _brief_carries_no_report(self) -> SyncRequest:
+        if not self.brief:
+            return self
+        if not self.digest:
+            raise ValueError("a brief sync names the digest of the report it repeats")
+        actual = self.actual
+        carried = [name for name, present in (
+            ("hardware", self.hardware is not None), ("refusals", bool(self.refusals)),
+            ("audit", self.audit is not None), ("identity_key", self.identity_key is not None),
+            ("runtime_version", bool(self.runtime_version)), ("actual.refusing", actual.refusing is not None),
+            ("actual.models", bool(actual.models)), ("actual.detail", bool(actual.detail))) if present]
+        if carried:
+            raise ValueError(f"a brief sync carries no report, only its digest; this one carries {', '.join(carried)}")
+        return self
+
+
+# Fields of a sync request that are not part of the report its digest covers: health and the audit upload go
+# with every sync, the rest describe the request itself.
+_NOT_DIGESTED = frozenset({"health", "audit", "digest", "brief"})
+
+
+def report_digest(request: SyncRequest) -> str:
+    """The sha256 (hex) of what ``request`` reports: everything but health and the audit upload, canonical JSON.
+
+    The node and the control plane compute it alike; the control plane answers a sync whose digest (and applied
+    generation) it holds without reading or writing its database (``sites.quiet``).
+    """
+    data = request.model_dump(mode="json", exclude=set(_NOT_DIGESTED))
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 

@@ -20,6 +20,7 @@ from edge_runtime.data.catalog import DatasetSchema as WireSchema
 from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, parse_spec
 from edge_runtime.protocol import QueryRequest
 from edge_runtime.signing import canonical_json
+from orchestrator import quiet
 from orchestrator.realtime import broadcast, node_group
 from queries.models import (
     OPEN_SITE_STATES,
@@ -137,6 +138,7 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
             if state == SiteState.PENDING:
                 # Wakes the node's sync at once (over its stream); polling would find the query too.
                 broadcast(node_group(node.uuid), "node.nudge", {"generation": 0})
+                quiet.attention([node.uuid])
         audit_record(actor=actor, action="query.create", obj=query, object_repr=str(query),
                      after={"dataset": query.dataset, "spec": document, "sites": targets,
                             "offline_behaviour": offline_behaviour, "deadline": deadline.isoformat(),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from audit.models import AuditEvent
-from edge_runtime import protocol
+from edge_runtime import protocol, signing
 from edge_runtime.data.catalog import Catalog
 from edge_runtime.data.engine import run_query
 from edge_runtime.data.wire import QueryResult
 from edge_runtime.policy.data import DataPolicy, DatasetRule, SiteFacts
+from orchestrator import keys
 from queries.models import QuerySite
 from tests.queries.conftest import Estate
 from tests.queries.helpers import create
@@ -94,3 +97,34 @@ def test_it_does_not_merge_an_answer_to_another_document(client: Client, estate:
     row = QuerySite.objects.get(query=query)
     query.refresh_from_db()
     assert (row.state, query.state) == ("error", "failed") and "spec digest" in row.reason
+
+
+def test_a_node_whose_syncs_are_quiet_gets_a_new_query_at_its_next_sync(
+    client: Client, estate: Estate, admin_user: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    node, credential = estate.berlin_node, estate.berlin_credential
+    detail = node.actual_state.get("detail", {})
+    applied = {"applied_generation": 0, "applied_epoch": ""}
+
+    def sync() -> dict[str, Any]:
+        body = protocol.SyncRequest(actual=protocol.ActualState(**applied, detail=detail))
+        with django_capture_on_commit_callbacks(execute=True):
+            response = client.post(f"/agent/v1/nodes/{node.uuid}/sync", body.model_dump_json(),
+                                   content_type="application/json", headers={"Authorization": f"Bearer {credential}"})
+        assert response.status_code == 200, response.content
+        answer = response.json()
+        if answer["desired"]:
+            signed = protocol.SignedDesiredState.model_validate(answer["desired"])
+            state = signing.verify_desired_state(signed, signing.public_key_from_b64(keys.public_key_b64()))
+            applied.update(applied_generation=state.generation, applied_epoch=state.epoch)
+        return answer
+
+    sync()
+    sync()  # reports the state applied: the snapshot is taken
+    with CaptureQueriesContext(connection) as quiet_sync:
+        assert sync()["queries"] == []
+    assert quiet_sync.captured_queries == []  # answered from Redis
+    with django_capture_on_commit_callbacks(execute=True):
+        query = create(admin_user, [estate.berlin])
+    assert [q["query_id"] for q in sync()["queries"]] == [str(query.uuid)]
+    assert [q["query_id"] for q in sync()["queries"]] == [str(query.uuid)]  # and every sync until answered

@@ -106,6 +106,11 @@ def counter_families() -> list[Family]:
                    "Node syncs (POST /agent/v1/nodes/<id>/sync), by outcome: ok, refused (4xx), error (5xx).")
     for outcome in counters.SYNC_OUTCOMES:
         syncs.add(sync.get(f"outcome:{outcome}", 0), outcome=outcome)
+    paths = Family("edgewise_node_syncs_by_path_total", "counter",
+                   "Node syncs answered, by the path they took: quiet (from Redis, no database), full, "
+                   "report-wanted (a brief sync whose report the control plane does not hold).")
+    for path in counters.SYNC_PATHS:
+        paths.add(sync.get(f"path:{path}", 0), path=path)
     duration = Family("edgewise_node_sync_duration_seconds", "histogram",
                       "Time the control plane took to answer a node's sync, whatever the outcome.")
     total = 0.0
@@ -114,7 +119,7 @@ def counter_families() -> list[Family]:
         duration.add(total, "_bucket", le=bound)
     duration.add(sync.get("sum", 0.0), "_sum")
     duration.add(total, "_count")
-    return [requests, syncs, duration]
+    return [requests, syncs, paths, duration]
 
 
 def metric_families(*, now: dt.datetime) -> list[Family]:

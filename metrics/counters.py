@@ -137,13 +137,20 @@ def sync_bucket(seconds: float) -> str:
     return f"le:{SYNC_BUCKETS[i]}" if i < len(SYNC_BUCKETS) else f"le:{INF}"
 
 
-def request_count(*, route: str, status: int, seconds: float) -> None:
+# The header a sync's answer names the path it took with (sites.agent_api): quiet, full or report-wanted.
+SYNC_PATH_HEADER = "Edgewise-Sync"
+SYNC_PATHS = ("quiet", "full", "report-wanted")
+
+
+def request_count(*, route: str, status: int, seconds: float, sync_path: str = "") -> None:
     """Count one request answered ``status`` by ``route`` (a URL name), and, for a node's sync, its outcome and
     duration. Never raises for Redis: a lost increment is logged, the request goes on."""
     increments: list[Increment] = [(HTTP, f"{route}|{status_class(status)}", 1)]
     if route == SYNC_ROUTE:
         increments += [(SYNC, f"outcome:{sync_outcome(status)}", 1), (SYNC, sync_bucket(seconds), 1),
                        (SYNC, "sum", float(seconds))]
+        if sync_path in SYNC_PATHS:
+            increments.append((SYNC, f"path:{sync_path}", 1))
     try:
         store().add(increments)
     except redis.RedisError as exc:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from metrics.counters import UNMATCHED, request_count
+from metrics.counters import SYNC_PATH_HEADER, UNMATCHED, request_count
 
 Handler = Callable[[HttpRequest], HttpResponse]
 
@@ -21,7 +21,8 @@ def request_metrics_middleware(get_response: Handler) -> Handler:
         # The URL name ("agent:node-sync"), never the path: paths carry node ids and anything a client
         # makes up, and each label value is a series of its own in Prometheus.
         match = getattr(request, "resolver_match", None)
-        request_count(route=match.view_name if match else UNMATCHED, status=response.status_code, seconds=seconds)
+        request_count(route=match.view_name if match else UNMATCHED, status=response.status_code, seconds=seconds,
+                      sync_path=response.headers.get(SYNC_PATH_HEADER, ""))
         return response
 
     return middleware

@@ -74,6 +74,10 @@ class AgentBase:
         self.stream_url = stream_url(self.base_url, self.identity.node_id)
         self.started = time.monotonic()
         self.synced_once = False
+        # The digest of this node's report that the control plane said it holds (None: send the whole report).
+        self.held_digest: str | None = None
+        # Set by a nudge (something changed for this node): the next sync carries the whole report.
+        self.full_next = False
         self.wake = asyncio.Event()
         # A sync's answer and a bundle's are applied one at a time.
         self.applying = asyncio.Lock()

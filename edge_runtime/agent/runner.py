@@ -91,6 +91,7 @@ class Agent(BundleIntake):
                 continue
             if isinstance(parsed, Nudge):
                 logger.info("nudge generation=%d", parsed.generation)
+                self.full_next = True
                 self.wake.set()
             elif isinstance(parsed, TelemetryAck):
                 if self.telemetry is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import sqlite3
 import time
 
 import httpx
@@ -25,6 +26,7 @@ from edge_runtime.protocol import (
     ModelStatus,
     SyncRequest,
     SyncResponse,
+    report_digest,
 )
 from edge_runtime.replies import refusal
 
@@ -48,8 +50,29 @@ class Syncing(DesiredStates):
     """One sync, and the loop that repeats it with back-off."""
 
     def sync_request(self) -> SyncRequest:
+        """A brief sync when the control plane holds this very report and nothing else waits; else the whole."""
+        full, self.full_next = self.full_next, False
+        if not full and self.held_digest is not None and not self.status.pending_refusals and self._audit_quiet():
+            report = self.report_request()
+            digest = report_digest(report)
+            if digest == self.held_digest:
+                applied = report.actual
+                return SyncRequest(brief=True, digest=digest, health=report.health,
+                                   actual=ActualState(applied_generation=applied.applied_generation,
+                                                      applied_epoch=applied.applied_epoch))
         # The upload first: a log that cannot upload shows in this request's health.
-        return self.report_request(self.audit_upload())
+        report = self.report_request(self.audit_upload())
+        return report.model_copy(update={"digest": report_digest(report)})
+
+    def _audit_quiet(self) -> bool:
+        """Nothing in the audit log the control plane lacks or has not cosigned (no upload needed)."""
+        if self.audit is None:
+            return True
+        try:
+            witness, size = self.audit.witness(), self.audit.size()
+        except (AuditError, sqlite3.Error):
+            return False
+        return witness.stored == size and witness.cosigned_size == size
 
     def report_request(self, audit: AuditUpload | None = None) -> SyncRequest:
         """What this node reports (a sync's request; a bundle out's report, without ``audit``)."""
@@ -128,10 +151,10 @@ class Syncing(DesiredStates):
         if self._client is None:
             raise RuntimeError("sync_once needs the HTTP client that run() opens")
         request = self.sync_request()
+        body = request.model_dump_json(exclude_defaults=request.brief)
         try:
-            response = await self._client.post(
-                self.sync_url, content=request.model_dump_json(), headers={"Content-Type": "application/json"}
-            )
+            response = await self._client.post(self.sync_url, content=body,
+                                               headers={"Content-Type": "application/json"})
         except httpx.TimeoutException as exc:
             raise SyncFailed(f"timed out talking to {self.base_url} ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
@@ -154,6 +177,12 @@ class Syncing(DesiredStates):
         self.status.consecutive_failures = 0
         self.status.last_sync_at = dt.datetime.now(dt.UTC)
         self.interval = answer.sync_interval_s
+        self.held_digest = answer.report_digest
+        if answer.report_wanted:
+            # The control plane does not hold this report (or something changed for this node): send it whole.
+            self.full_next = True
+            logger.info("sync: the control plane asks for this node's whole report")
+            return answer
         applied = False
         if answer.desired is not None:
             applied = await self.consider(answer.desired)
@@ -201,8 +230,9 @@ class Syncing(DesiredStates):
                 attempt += 1
             else:
                 attempt = 0
-                # A refusal found in this answer is reported at once rather than a full interval later.
-                delay = 0.0 if self.status.pending_refusals else jittered_interval(self.interval, self.rng)
+                # A refusal found in this answer is reported at once, and so is a report the control plane wants.
+                delay = (0.0 if self.status.pending_refusals or self.full_next
+                         else jittered_interval(self.interval, self.rng))
             self._save_status()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=delay)

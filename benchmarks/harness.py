@@ -93,10 +93,14 @@ class Database:
         return f"{self.server_url.rstrip('/')}/{quote(self.name)}"
 
     def _admin(self) -> psycopg.Connection[Any]:
+        return self.connect("postgres")
+
+    def connect(self, dbname: str = "postgres") -> psycopg.Connection[Any]:
+        """An autocommit connection to the server (its ``postgres`` database unless named)."""
         parsed = urlparse(self.server_url)
         return psycopg.connect(
             host=parsed.hostname or "127.0.0.1", port=parsed.port or 5432, user=parsed.username or "postgres",
-            password=parsed.password or None, dbname="postgres", autocommit=True, connect_timeout=10,
+            password=parsed.password or None, dbname=dbname, autocommit=True, connect_timeout=10,
         )
 
     def create(self) -> None:

@@ -121,6 +121,13 @@ Every variable:
                                 *stale*, default 3 sync intervals
 ``EDGEWISE_NODE_OFFLINE_AFTER`` seconds without a sync before it is
                                 *offline*, default 12 sync intervals
+``EDGEWISE_QUIET_SYNC``         answer syncs that report nothing new from
+                                Redis (``orchestrator.quiet``), default on
+``EDGEWISE_QUIET_SYNC_TTL``     seconds after a node's last full sync that it
+                                may still be answered quietly, default 3600
+``EDGEWISE_HEARTBEAT_FLUSH_INTERVAL``
+                                seconds between writes of quiet syncs'
+                                heartbeats to PostgreSQL, default 1
 ``EDGEWISE_TELEMETRY_FINE_RETENTION``
                                 seconds the 10 s telemetry history is kept,
                                 default 21600 (6 hours)

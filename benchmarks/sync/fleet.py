@@ -67,6 +67,10 @@ class SimNode:
     started: float = field(default_factory=time.monotonic)
     syncs: int = 0
     desired_received: int = 0
+    # The digest of this node's report the control plane said it holds: while it matches, syncs are brief.
+    held_digest: str | None = None
+    quiet_answers: int = 0
+    _digest: tuple[int, str] = (-1, "")
 
     @property
     def name(self) -> str:
@@ -95,17 +99,35 @@ class SimNode:
         self.node_id, self.credential = answer.node_id, answer.credential
         self.public_key, self.fingerprint = key, answer.signing_key_fingerprint
 
-    def sync_body(self) -> bytes:
-        request = protocol.SyncRequest(
+    def report(self) -> protocol.SyncRequest:
+        return protocol.SyncRequest(
             runtime_version=RUNTIME_VERSION,
             hardware=self.hardware,
             actual=protocol.ActualState(
                 applied_generation=self.applied_generation, applied_epoch=self.applied_epoch,
                 detail={"models": []},
             ),
-            health=protocol.Health(status="ok", uptime_s=round(time.monotonic() - self.started, 3)),
+            health=self.health(),
         )
-        return request.model_dump_json().encode()
+
+    def health(self) -> protocol.Health:
+        return protocol.Health(status="ok", uptime_s=round(time.monotonic() - self.started, 3))
+
+    def digest(self) -> str:
+        """The digest of this node's report (which changes only with its applied generation), as a node has it."""
+        if self._digest[0] != self.applied_generation:
+            self._digest = (self.applied_generation, protocol.report_digest(self.report()))
+        return self._digest[1]
+
+    def sync_body(self) -> bytes:
+        """A brief sync while the control plane holds this report, as the edge runtime sends; else the whole."""
+        if self.held_digest is not None and self.held_digest == self.digest():
+            brief = protocol.SyncRequest(
+                brief=True, digest=self.held_digest, health=self.health(),
+                actual=protocol.ActualState(applied_generation=self.applied_generation,
+                                            applied_epoch=self.applied_epoch))
+            return brief.model_dump_json(exclude_defaults=True).encode()
+        return self.report().model_copy(update={"digest": self.digest()}).model_dump_json().encode()
 
     async def sync(self, client: httpx.AsyncClient) -> None:
         resp = await client.post(
@@ -118,7 +140,12 @@ class SimNode:
             answer = protocol.SyncResponse.model_validate_json(resp.content)
         except ValidationError as exc:
             raise RequestFailed("sync answer invalid", str(exc)[:300]) from exc
+        self.held_digest = answer.report_digest
+        if answer.report_wanted:
+            # Not held (any more): the whole report at once, as the edge runtime does.
+            return await self.sync(client)
         self.syncs += 1
+        self.quiet_answers += resp.headers.get("Edgewise-Sync") == "quiet"
         if answer.desired is not None:
             self.adopt(answer.desired)
 
@@ -154,6 +181,9 @@ class Fleet:
             await node.sync(client)
         finally:
             self._idle.put_nowait(node)
+
+    def quiet_answers(self) -> int:
+        return sum(n.quiet_answers for n in self.nodes)
 
     def desired_received(self) -> int:
         return sum(n.desired_received for n in self.nodes)

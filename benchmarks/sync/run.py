@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ if __package__ in (None, ""):
 import httpx
 
 from benchmarks import cli
-from benchmarks.harness import BenchmarkError, ControlPlane, Environment, raise_on_sigterm, timed
+from benchmarks.harness import BenchmarkError, ControlPlane, Database, Environment, raise_on_sigterm, timed
 from benchmarks.loadgen import PhaseResult, RequestFailed, closed_loop, each_once
 from benchmarks.sync.fleet import Fleet
 from edge_runtime import protocol
@@ -45,6 +46,10 @@ from edge_runtime import protocol
 # The simulator sets the pace; a long interval keeps every node "online"
 # whatever the pace, so no liveness transition lands in the measurement.
 SYNC_INTERVAL_S = "3600"
+MAX_NODES = 100_000
+# A token allows at most this many uses: a larger fleet enrolls with several.
+TOKEN_USES = 10_000
+PG_STATS_SETTLE_S = 11.0
 
 SETUP_CODE = """
 import json
@@ -55,8 +60,9 @@ actor = Actor.system("benchmark")
 region = services.region_create(actor=actor, slug="bench", name="Benchmark")
 site = services.site_create(actor=actor, region=region, slug="bench-site", name="Benchmark site",
                             labels={"purpose": "benchmark"})
-_, token = services.token_create(actor=actor, site=site, max_uses=%(nodes)d, note="sync benchmark")
-print(json.dumps({"token": token, "site": site.slug, "fingerprint": keys.public_key_fingerprint()}))
+tokens = [services.token_create(actor=actor, site=site, max_uses=%(per_token)d, note="sync benchmark")[1]
+          for _ in range(%(tokens)d)]
+print(json.dumps({"tokens": tokens, "site": site.slug, "fingerprint": keys.public_key_fingerprint()}))
 """
 
 CHECK_CODE = """
@@ -74,7 +80,7 @@ print(json.dumps({
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sync", description=__doc__.splitlines()[0])
-    p.add_argument("--nodes", type=int, default=1000, help="simulated nodes (1..10000, default 1000)")
+    p.add_argument("--nodes", type=int, default=1000, help=f"simulated nodes (1..{MAX_NODES}, default 1000)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
     cli.add_window_options(p)
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
@@ -83,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "configurations (default: orchestrator.settings)")
     cli.add_database_options(p, "sync")
     args = p.parse_args(argv)
-    if not 1 <= args.nodes <= 10_000:
-        p.error("--nodes must be between 1 and 10000 (a token allows at most 10000 uses)")
+    if not 1 <= args.nodes <= MAX_NODES:
+        p.error(f"--nodes must be between 1 and {MAX_NODES}")
     cli.check_positive(p, args, ("concurrency", "workers", "enroll_concurrency"))
     cli.check_window(p, args)
     return args
@@ -134,14 +140,15 @@ async def health_baseline(args: argparse.Namespace, cp: ControlPlane, concurrenc
                                  duration=args.duration, server_cpu=cp.cpu_seconds)
 
 
-async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], db: Database) -> dict[str, Any]:
     fleet = Fleet(args.nodes)
     # A node never has two syncs in flight, so there can be no more in flight than nodes.
     concurrency = min(args.concurrency, args.nodes)
 
     say(f"enrolling {args.nodes} nodes ({args.enroll_concurrency} at a time)")
     async with connect(cp, args.enroll_concurrency) as client:
-        enrolled = await each_once("enroll", fleet.nodes, lambda node: node.enroll(client, token),
+        enrolled = await each_once("enroll", fleet.nodes,
+                                   lambda node: node.enroll(client, tokens[node.index // TOKEN_USES]),
                                    concurrency=args.enroll_concurrency)
     _require_clean(enrolled)
     first, applied = await settle(fleet, cp, concurrency)
@@ -151,12 +158,15 @@ async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[
     baseline = await health_baseline(args, cp, concurrency)
 
     say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight, {window}")
-    syncs_before = fleet.syncs()
+    syncs_before, quiet_before, pg_before = fleet.syncs(), fleet.quiet_answers(), pg_writes(db)
     async with connect(cp, concurrency) as client:
         sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
                                  warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
     steady_syncs = fleet.syncs() - syncs_before
+    pg = pg_per_sync(db, pg_before, steady_syncs)
     return {
+        "postgresql_per_steady_sync": pg,
+        "quiet_share": round((fleet.quiet_answers() - quiet_before) / max(steady_syncs, 1), 4),
         "concurrency": concurrency,
         "setup_phases": {p.name: p.as_dict() for p in (enrolled, first, applied)},
         "phases": {"health": baseline.as_dict(), "sync": sync.as_dict()},
@@ -172,6 +182,33 @@ async def drive(args: argparse.Namespace, cp: ControlPlane, token: str) -> dict[
     }
 
 
+def pg_writes(db: Database) -> tuple[int, int]:
+    """(commits, rows inserted + updated + deleted) of the benchmark's database so far."""
+    with db.connect() as conn:
+        row = conn.execute("SELECT xact_commit, tup_inserted + tup_updated + tup_deleted FROM pg_stat_database "
+                           "WHERE datname = %s", [db.name]).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def pg_per_sync(db: Database, before: tuple[int, int], syncs: int) -> dict[str, float]:
+    """Commits and rows written per steady-state sync (warm-up included, as the syncs counted are).
+
+    PostgreSQL's statistics reach pg_stat_database from each backend at most every second, and from an idle
+    one after up to ten: wait for them. The heartbeat flush's writes fall inside the phase too.
+    """
+    time.sleep(PG_STATS_SETTLE_S)
+    after = pg_writes(db)
+    n = max(syncs, 1)
+    return {"commits": round((after[0] - before[0]) / n, 4), "rows_written": round((after[1] - before[1]) / n, 4)}
+
+
+def cpu_ms_per_request(phase: dict[str, Any]) -> float | None:
+    """Control-plane CPU (all uvicorn processes) per answered request, in milliseconds."""
+    if not phase.get("server_cpu") or not phase["throughput_rps"]:
+        return None
+    return round(1000 * phase["server_cpu"] / phase["throughput_rps"], 3)
+
+
 def ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     sync, health = phases["sync"], phases["health"]
 
@@ -182,6 +219,9 @@ def ratios(phases: dict[str, dict[str, Any]]) -> dict[str, float | None]:
         "sync_over_health_throughput": ratio(sync["throughput_rps"], health["throughput_rps"]),
         "sync_over_health_p50": ratio(sync["latency_ms"]["p50"], health["latency_ms"]["p50"]),
         "sync_over_health_p99": ratio(sync["latency_ms"]["p99"], health["latency_ms"]["p99"]),
+        "sync_cpu_ms": cpu_ms_per_request(sync),
+        "health_cpu_ms": cpu_ms_per_request(health),
+        "sync_over_health_cpu": ratio(cpu_ms_per_request(sync) or 0, cpu_ms_per_request(health) or 0),
     }
 
 
@@ -203,7 +243,10 @@ def table(report: dict[str, Any]) -> str:
         rows,
         f"sync/health throughput: {r['sync_over_health_throughput']}   "
         f"sync p50 / health p50: {r['sync_over_health_p50']}   "
-        f"sync p99 / health p99: {r['sync_over_health_p99']}",
+        f"sync p99 / health p99: {r['sync_over_health_p99']}\n"
+        f"control-plane cpu per request: sync {r['sync_cpu_ms']} ms, health {r['health_cpu_ms']} ms "
+        f"(ratio {r['sync_over_health_cpu']})   quiet share of steady syncs: {report['quiet_share']}   "
+        f"postgresql per steady sync: {report['postgresql_per_steady_sync']}",
         "(cpu: cores in use on average; server = all uvicorn processes, PostgreSQL not included)")
 
 
@@ -217,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         with Environment(db_name=args.db_name, keep_db=args.keep_db, settings_module=args.settings,
                          extra_env={"EDGEWISE_SYNC_INTERVAL": SYNC_INTERVAL_S}) as env:
             migrate_s = cli.migrate_fresh(env, say)
-            site = env.shell_json(SETUP_CODE % {"nodes": args.nodes})
+            tokens = -(-args.nodes // TOKEN_USES)
+            site = env.shell_json(SETUP_CODE % {"per_token": min(args.nodes, TOKEN_USES), "tokens": tokens})
             with timed() as t_start:
                 cp = env.start_control_plane(workers=args.workers)
             say(f"control plane on {cp.url} with {args.workers} worker(s)")
             report["setup"] = {"migrate_s": round(migrate_s, 2), "server_start_s": round(t_start["s"], 2),
                                "site": site["site"], "signing_key_fingerprint": site["fingerprint"]}
             with cli.log_on_failure(cp, say):
-                report.update(asyncio.run(drive(args, cp, site["token"])))
+                report.update(asyncio.run(drive(args, cp, site["tokens"], env.db)))
             report["server_check"] = env.shell_json(CHECK_CODE)
             # Warnings and tracebacks of the control plane explain any errors counted above.
             report["server_log_tail"] = cp.log_tail(4000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime import signing
 from edge_runtime.agent import Agent
-from edge_runtime.protocol import DesiredState, ModelStatus, SignedDesiredState
+from edge_runtime.audit import NodeAudit
+from edge_runtime.protocol import DesiredState, ModelStatus, Refusal, SignedDesiredState, report_digest
 from edge_runtime.state import StateDir
 from tests.edge_runtime.factories import desired, identity_for
 
@@ -157,3 +159,29 @@ def test_it_reports_what_serves_from_reconcilers_that_know(state: StateDir, key:
     actual = agent.sync_request().actual
     assert [(m.name, m.version, m.state) for m in actual.models] == [("defects", "2", "serving")]
     assert actual.detail == {"models": {"generation": 2}, "recorder": {"generation": 2}}
+
+
+def test_it_sends_a_brief_sync_only_while_the_control_plane_holds_this_very_report(state: StateDir) -> None:
+    agent = Agent(state, audit=NodeAudit.in_state_dir(state.path))
+    first = agent.sync_request()
+    assert not first.brief and first.digest == report_digest(first)  # nothing held yet: the whole report
+    agent.held_digest = first.digest
+    assert agent.sync_request().brief is True  # the audit log is empty, so there is nothing to upload
+    brief = agent.sync_request()
+    assert brief.digest == first.digest and brief.hardware is None and brief.actual.models == []
+    # Something to upload (an audit entry the control plane lacks): the whole report, with the upload.
+    agent.record("model.load", {"model": "m"})
+    full = agent.sync_request()
+    assert not full.brief and full.audit is not None and full.audit.entries
+    # Its report changed: the digest no longer matches what is held.
+    fresh = Agent(state)
+    fresh.held_digest = first.digest
+    fresh.detail["extra"] = {"x": 1}
+    assert not fresh.sync_request().brief
+    # A nudge, or a refusal waiting to be reported, sends the whole report once.
+    fresh.detail.clear()
+    fresh.full_next = True
+    assert not fresh.sync_request().brief and fresh.sync_request().brief
+    refused_at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    fresh.status.pending_refusals.append(Refusal(generation=9, reason="test", at=refused_at))
+    assert not fresh.sync_request().brief

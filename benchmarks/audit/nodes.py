@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         with Environment(db_name=args.db_name, keep_db=args.keep_db,
                          extra_env={"EDGEWISE_SYNC_INTERVAL": "3600"}) as env:
             migrate_s = cli.migrate_fresh(env, say)
-            site = env.shell_json(SETUP_CODE % {"nodes": args.nodes})
+            site = env.shell_json(SETUP_CODE % {"per_token": args.nodes, "tokens": 1})
             with timed() as t_start:
                 cp = env.start_control_plane(workers=args.workers)
             report["setup"] = {"migrate_s": round(migrate_s, 2), "server_start_s": round(t_start["s"], 2)}
             with cli.log_on_failure(cp, say):
-                report.update(asyncio.run(drive(args, cp, site["token"])))
+                report.update(asyncio.run(drive(args, cp, site["tokens"][0])))
             report["plain_insert"] = plain_insert(env.db.url, max(report["entries"]["ingested"], args.entries),
                                                   args.entries)
             report["ratios"] = ratios(report)

@@ -146,11 +146,10 @@ class Syncing(DesiredStates):
             message="; ".join(f"{k}: {v}" for k, v in sorted(problems.items()))[:500],
         )
 
-    async def sync_once(self) -> SyncResponse:
-        """One sync. Raises SyncFailed or CredentialRefused; applies what the answer carries."""
+    async def _post(self, request: SyncRequest) -> SyncResponse:
+        """Send ``request``; the control plane's answer, or SyncFailed or CredentialRefused."""
         if self._client is None:
             raise RuntimeError("sync_once needs the HTTP client that run() opens")
-        request = self.sync_request()
         body = request.model_dump_json(exclude_defaults=request.brief)
         try:
             response = await self._client.post(self.sync_url, content=body,
@@ -164,10 +163,15 @@ class Syncing(DesiredStates):
         if response.status_code != 200:
             raise SyncFailed(f"HTTP {response.status_code}: {_error_message(response)}")
         try:
-            answer = SyncResponse.model_validate_json(response.content)
+            return SyncResponse.model_validate_json(response.content)
         except ValidationError as exc:
             raise SyncFailed(f"the control plane's answer is not a valid sync response: {exc.errors()[0]['msg']}"
                              ) from exc
+
+    async def sync_once(self) -> SyncResponse:
+        """One sync. Raises SyncFailed or CredentialRefused; applies what the answer carries."""
+        request = self.sync_request()
+        answer = await self._post(request)
         # The control plane has recorded everything this request carried.
         if request.audit is not None and answer.audit is not None:
             self.audit_acknowledged(request.audit, answer.audit)

@@ -137,8 +137,7 @@ def sync_bucket(seconds: float) -> str:
     return f"le:{SYNC_BUCKETS[i]}" if i < len(SYNC_BUCKETS) else f"le:{INF}"
 
 
-# The header a sync's answer names the path it took with (sites.agent_api): quiet, full or report-wanted.
-SYNC_PATH_HEADER = "Edgewise-Sync"
+# The paths a sync's answer names in its protocol.SYNC_PATH_HEADER (sites.agent_api).
 SYNC_PATHS = ("quiet", "full", "report-wanted")
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from metrics.counters import SYNC_PATH_HEADER, UNMATCHED, request_count
+from edge_runtime.protocol import SYNC_PATH_HEADER
+from metrics.counters import UNMATCHED, request_count
 
 Handler = Callable[[HttpRequest], HttpResponse]
 

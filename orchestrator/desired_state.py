@@ -75,7 +75,7 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
     """
     published: dict[int, DesiredState] = {}
     nudges: list[tuple[str, str, dict[str, Any]]] = []
-    moved_pks: set[int] = set()
+    moved: list[Any] = []
     trust = keys.current()
     floors = above or {}
     with transaction.atomic():
@@ -86,15 +86,15 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
         for node in nodes:
             content = {**desired_state_content(node, cache=cache),
                        "epoch": trust.epoch, "epoch_started_at": trust.epoch_started_at}
-            state, moved = _publish_one(node, content, current_by_node.get(node.pk), floors.get(node.pk, 0),
+            state, changed = _publish_one(node, content, current_by_node.get(node.pk), floors.get(node.pk, 0),
                                         trust, now, actor)
-            if moved:
-                moved_pks.add(node.pk)
+            if changed:
+                moved.append(node.uuid)
                 nudges.append((node_group(node.uuid), "node.nudge", {"generation": state.generation}))
             if state is not None:
                 published[node.pk] = state
         broadcast_many(nudges)
-        quiet.attention(n.uuid for n in nodes if n.pk in moved_pks)
+        quiet.attention(moved)
     return published
 
 

@@ -186,11 +186,11 @@ def forget_all() -> None:
     if not enabled():
         return
 
-    def bump() -> None:
+    def retire() -> None:
         try:
             client().incr(_all_key())
         except redis.RedisError as exc:
             logger.error("could not retire the quiet sync snapshots (%s); they expire within %ss", exc,
                          int(settings.QUIET_SYNC_TTL_S))
 
-    transaction.on_commit(bump)
+    transaction.on_commit(retire)

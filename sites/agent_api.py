@@ -38,8 +38,6 @@ from sites.models import Node
 from sites.sync import node_sync
 
 W = TypeVar("W", bound=BaseModel)
-# Names the path a sync's answer took (quiet, full, report-wanted), for operators and the metrics.
-SYNC_PATH_HEADER = "Edgewise-Sync"
 View = Callable[..., HttpResponse]
 
 logger = logging.getLogger("edgewise.agent_api")
@@ -253,14 +251,14 @@ def sync(request: HttpRequest, node_id: Any) -> HttpResponse:
         ip = client_ip(request)
         answer = quiet_sync.answer(node_id=str(node_id), credential=credential, request=body, ip=ip)
         if answer is not None:
-            return JsonResponse(answer, headers={SYNC_PATH_HEADER: "quiet"})
+            return JsonResponse(answer, headers={protocol.SYNC_PATH_HEADER: "quiet"})
         node = _node_for(credential, node_id)
         if isinstance(node, JsonResponse):
             return node
         if body.brief:
-            return JsonResponse(quiet_sync.report_wanted(node), headers={SYNC_PATH_HEADER: "report-wanted"})
+            return JsonResponse(quiet_sync.report_wanted(node), headers={protocol.SYNC_PATH_HEADER: "report-wanted"})
         return JsonResponse(node_sync(node=node, request=body, ip=ip).model_dump(mode="json"),
-                            headers={SYNC_PATH_HEADER: "full"})
+                            headers={protocol.SYNC_PATH_HEADER: "full"})
 
     return _handle(run)
 

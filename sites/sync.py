@@ -70,9 +70,11 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
     # A generation counts within its epoch: the same number in another epoch is another state.
     settled = (request.actual.applied_generation == desired.generation
                and request.actual.applied_epoch == desired.epoch)
-    digest = protocol.report_digest(request)
+    digest = None
     if begun is not None and settled and not sync.answer.get("queries"):
-        # The next sync that reports the same is answered from this (orchestrator.quiet).
+        # The next sync that reports the same is answered from this (orchestrator.quiet); the answer names the
+        # digest only then, so that a node brings a brief sync only where one can be answered.
+        digest = protocol.report_digest(request)
         snapshot = quiet.Snapshot(credential_hash=node.credential_hash, digest=digest,
                                   generation=desired.generation, epoch=desired.epoch)
         transaction.on_commit(functools.partial(quiet.remember, node_uuid=node.uuid, begun=begun,
@@ -81,7 +83,7 @@ def node_sync(*, node: Node, request: protocol.SyncRequest, ip: str | None) -> p
         generation=desired.generation,
         desired=None if settled else signed_desired_state(desired),
         sync_interval_s=settings.SYNC_INTERVAL_S,
-        report_digest=digest if begun is not None else None,
+        report_digest=digest,
         **sync.answer,
     )
 

@@ -145,7 +145,7 @@ class SimNode:
             # Not held (any more): the whole report at once, as the edge runtime does.
             return await self.sync(client)
         self.syncs += 1
-        self.quiet_answers += resp.headers.get("Edgewise-Sync") == "quiet"
+        self.quiet_answers += resp.headers.get(protocol.SYNC_PATH_HEADER) == "quiet"
         if answer.desired is not None:
             self.adopt(answer.desired)
 

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict
 
 PROTOCOL_VERSION: Final = 1
 API_PREFIX = "/agent/v1"
+# The header naming the path a sync's answer took: quiet (from Redis), full, or report-wanted.
+SYNC_PATH_HEADER = "Edgewise-Sync"
 
 # Largest body an agent endpoint accepts. Sync and enroll bodies are small
 # (hardware profile, actual state); anything larger is refused with 413.

@@ -21,7 +21,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from audit.services import Actor
 from edge_runtime import protocol, signing
-from orchestrator import quiet
+from orchestrator import keys, quiet, rotation
 from orchestrator.desired_state import desired_state_publish
 from sites import services
 from sites.heartbeats import heartbeats_flush
@@ -75,18 +75,15 @@ class SimNode:
         answer = response.json()
         if answer.get("desired"):
             state = signing.verify_desired_state(protocol.SignedDesiredState.model_validate(answer["desired"]),
-                                                 signing.public_key_from_b64(self._key()))
+                                                 signing.public_key_from_b64(keys.public_key_b64()))
             self.generation, self.epoch = state.generation, state.epoch
         return answer
 
-    def _key(self) -> str:
-        from orchestrator import keys
-
-        return keys.public_key_b64()
-
     def settle(self) -> None:
         """First sync (desired state), the sync reporting it applied: the snapshot is then taken."""
-        self.sync()
+        first = self.sync()
+        # An answer that carries a state to apply names no digest: no brief sync could be answered yet.
+        assert first["desired"] is not None and first["report_digest"] is None
         answer = self.sync()
         assert answer["desired"] is None and answer["report_digest"] == self.digest()
 
@@ -163,7 +160,9 @@ def test_a_published_desired_state_retires_the_snapshot(node: SimNode) -> None:
     assert answer["report_wanted"] is True  # the brief sync is not answered from the old snapshot
     answer = node.sync()
     assert answer["desired"] is not None and node.generation == answer["generation"]
-    node.settle()
+    # Reporting the new state applied takes the snapshot again: the next sync is quiet.
+    assert node.sync()["report_digest"] == node.digest()
+    assert node.sync(node.brief())["report_wanted"] is False
 
 
 def test_a_change_committed_while_a_full_sync_runs_is_not_covered_by_its_snapshot(node: SimNode) -> None:
@@ -238,8 +237,6 @@ def test_a_node_not_heard_for_longer_than_online_allows_takes_the_whole_path(nod
 def test_a_new_epoch_retires_every_snapshot(node: SimNode, client: Client, site_berlin: Site) -> None:
     other = SimNode(client, node.capture, site_berlin, name="gw-2")
     other.settle()
-    from orchestrator import rotation
-
     with node.capture(execute=True):
         rotation.epoch_start(actor=Actor.system("test"), reason="restored from a backup")
     for sim in (node, other):

@@ -20,15 +20,18 @@ of showing counters that went backwards.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import functools
 import logging
 import threading
 import time
+import weakref
 from collections import defaultdict
 from typing import Protocol
 
 import redis
+import redis.asyncio
 from django.conf import settings
 
 logger = logging.getLogger("edgewise.metrics")
@@ -56,12 +59,16 @@ class Store(Protocol):
     def clear(self) -> None: ...
 
 
+def counter_key(prefix: str, name: str) -> str:
+    return f"{prefix}:metrics:{name}"
+
+
 class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client, self.prefix = client, prefix
 
     def _key(self, name: str) -> str:
-        return f"{self.prefix}:metrics:{name}"
+        return counter_key(self.prefix, name)
 
     def add(self, increments: list[Increment]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -141,22 +148,64 @@ def sync_bucket(seconds: float) -> str:
 SYNC_PATHS = ("quiet", "full", "report-wanted")
 
 
-def request_count(*, route: str, status: int, seconds: float, sync_path: str = "") -> None:
-    """Count one request answered ``status`` by ``route`` (a URL name), and, for a node's sync, its outcome and
-    duration. Never raises for Redis: a lost increment is logged, the request goes on."""
+def _increments(*, route: str, status: int, seconds: float, sync_path: str) -> list[Increment]:
     increments: list[Increment] = [(HTTP, f"{route}|{status_class(status)}", 1)]
     if route == SYNC_ROUTE:
         increments += [(SYNC, f"outcome:{sync_outcome(status)}", 1), (SYNC, sync_bucket(seconds), 1),
                        (SYNC, "sum", float(seconds))]
         if sync_path in SYNC_PATHS:
             increments.append((SYNC, f"path:{sync_path}", 1))
+    return increments
+
+
+def _dropped(exc: Exception) -> None:
+    global _last_warned
+    if time.monotonic() - _last_warned > _WARN_EVERY_S:
+        _last_warned = time.monotonic()
+        logger.warning("metrics: counters not written, Redis cannot be reached (%s); dropping them", exc)
+
+
+def request_count(*, route: str, status: int, seconds: float, sync_path: str = "") -> None:
+    """Count one request answered ``status`` by ``route`` (a URL name), and, for a node's sync, its outcome and
+    duration. Never raises for Redis: a lost increment is logged, the request goes on."""
     try:
-        store().add(increments)
+        store().add(_increments(route=route, status=status, seconds=seconds, sync_path=sync_path))
     except redis.RedisError as exc:
-        global _last_warned
-        if time.monotonic() - _last_warned > _WARN_EVERY_S:
-            _last_warned = time.monotonic()
-            logger.warning("metrics: counters not written, Redis cannot be reached (%s); dropping them", exc)
+        _dropped(exc)
+
+
+# One asyncio client per event loop (its connections belong to the loop that opened them).
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, redis.asyncio.Redis]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _async_client() -> redis.asyncio.Redis:
+    loop = asyncio.get_running_loop()
+    held = _async_clients.get(loop)
+    if held is None or held[0] != settings.REDIS_URL:
+        held = (settings.REDIS_URL, redis.asyncio.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S))
+        _async_clients[loop] = held
+    return held[1]
+
+
+async def quiet_sync_count(seconds: float) -> None:
+    """:func:`request_count` for a sync answered quietly on the event loop (``sites.quiet_asgi``)."""
+    increments = _increments(route=SYNC_ROUTE, status=200, seconds=seconds, sync_path="quiet")
+    if not settings.REDIS_URL:
+        _local.add(increments)
+        return
+    try:
+        pipe = _async_client().pipeline(transaction=False)
+        for name, field, amount in increments:
+            key = counter_key(settings.CELERY_TASK_DEFAULT_QUEUE, name)
+            if isinstance(amount, int):
+                pipe.hincrby(key, field, amount)
+            else:
+                pipe.hincrbyfloat(key, field, amount)
+        await pipe.execute()
+    except (redis.RedisError, OSError) as exc:
+        _dropped(exc)
 
 
 def counters_read() -> dict[str, dict[str, float]]:

@@ -23,14 +23,17 @@ Without Redis (``REDIS_URL`` unset), or when Redis cannot be reached, every sync
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
 import logging
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import redis
+import redis.asyncio
 from django.conf import settings
 from django.db import transaction
 
@@ -120,14 +123,45 @@ def _scripts(url: str) -> tuple[Any, Any]:
     return c.register_script(_ANSWER), c.register_script(_REMEMBER)
 
 
+def _answer_call(*, node_uuid: str, snapshot: Snapshot, now: float, heartbeat: dict[str, Any]) -> dict[str, list]:
+    return {"keys": [node_key(node_uuid), heartbeats_key(), _all_key()],
+            "args": [snapshot.credential_hash, snapshot.digest, snapshot.generation, snapshot.epoch,
+                     repr(now), settings.NODE_STALE_AFTER_S, json.dumps(heartbeat), node_uuid]}
+
+
 def quiet_answer(*, node_uuid: str, snapshot: Snapshot, now: float, heartbeat: dict[str, Any]) -> int | None:
     """The generation to answer a quiet sync with (its heartbeat recorded), or None: take the whole path."""
     answer, _ = _scripts(settings.REDIS_URL)
     try:
-        result = answer(keys=[node_key(node_uuid), heartbeats_key(), _all_key()],
-                        args=[snapshot.credential_hash, snapshot.digest, snapshot.generation, snapshot.epoch,
-                              repr(now), settings.NODE_STALE_AFTER_S, json.dumps(heartbeat), node_uuid])
+        result = answer(**_answer_call(node_uuid=node_uuid, snapshot=snapshot, now=now, heartbeat=heartbeat))
     except redis.RedisError as exc:
+        logger.warning("quiet sync check failed (%s); taking the whole path", exc)
+        return None
+    return None if result is None else int(result)
+
+
+# One asyncio client per event loop (a client's connections belong to the loop that opened them).
+_async_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _async_answer_script() -> Any:
+    loop = asyncio.get_running_loop()
+    held = _async_scripts.get(loop)
+    if held is None or held[0] != settings.REDIS_URL:
+        client = redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=REDIS_TIMEOUT_S,
+                                              socket_connect_timeout=REDIS_TIMEOUT_S, decode_responses=True)
+        held = (settings.REDIS_URL, client.register_script(_ANSWER))
+        _async_scripts[loop] = held
+    return held[1]
+
+
+async def quiet_answer_async(*, node_uuid: str, snapshot: Snapshot, now: float,
+                             heartbeat: dict[str, Any]) -> int | None:
+    """:func:`quiet_answer` for an event loop: the same script, through an asyncio client."""
+    try:
+        result = await _async_answer_script()(
+            **_answer_call(node_uuid=node_uuid, snapshot=snapshot, now=now, heartbeat=heartbeat))
+    except (redis.RedisError, OSError) as exc:
         logger.warning("quiet sync check failed (%s); taking the whole path", exc)
         return None
     return None if result is None else int(result)

@@ -249,7 +249,10 @@ def sync(request: HttpRequest, node_id: Any) -> HttpResponse:
             node = _node_for(credential, node_id)
             return node if isinstance(node, JsonResponse) else exc.response
         ip = client_ip(request)
-        answer = quiet_sync.answer(node_id=str(node_id), credential=credential, request=body, ip=ip)
+        # Checked already, and not quiet, when sites.quiet_asgi stood in front of this view.
+        tried = getattr(request, "scope", {}).get(quiet_sync.TRIED, False)
+        answer = None if tried else quiet_sync.answer(node_id=str(node_id), credential=credential, request=body,
+                                                      ip=ip)
         if answer is not None:
             return JsonResponse(answer, headers={protocol.SYNC_PATH_HEADER: "quiet"})
         node = _node_for(credential, node_id)

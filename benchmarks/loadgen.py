@@ -80,7 +80,7 @@ class PhaseResult:
         return asdict(self)
 
 
-class _Recorder:
+class Recorder:
     def __init__(self) -> None:
         self.latencies: list[float] = []
         self.errors = 0
@@ -104,6 +104,18 @@ class _Recorder:
         t1 = time.perf_counter()
         if counts(t1):
             self.latencies.append(t1 - t0)
+
+    def as_parts(self) -> dict[str, Any]:
+        """What another process needs to merge this recorder into its own (:meth:`merge`)."""
+        return {"latencies": self.latencies, "errors": self.errors, "errors_total": self.errors_total,
+                "kinds": dict(self.kinds), "first_error": self.first_error}
+
+    def merge(self, parts: dict[str, Any]) -> None:
+        self.latencies.extend(parts["latencies"])
+        self.errors += parts["errors"]
+        self.errors_total += parts["errors_total"]
+        self.kinds.update(parts["kinds"])
+        self.first_error = self.first_error or parts["first_error"]
 
     def result(self, name: str, concurrency: int, *, duration_s: float, seconds: float, client_cpu: float,
                server_cpu: float | None = None) -> PhaseResult:
@@ -133,7 +145,7 @@ async def closed_loop(
     duration: float,
     server_cpu: Callable[[], float] | None = None,
 ) -> PhaseResult:
-    rec = _Recorder()
+    rec = Recorder()
     start = time.perf_counter()
     window_start = start + warmup
     window_end = window_start + duration
@@ -161,11 +173,35 @@ async def closed_loop(
     )
 
 
+async def closed_loop_between(request: Callable[[], Awaitable[None]], *, concurrency: int, window_start: float,
+                              window_end: float) -> tuple[Recorder, float]:
+    """:func:`closed_loop` between two wall-clock times (``time.time()``), so that several processes measure
+    one window: their recorder, and the process's CPU seconds inside the window."""
+    rec = Recorder()
+    cpu: dict[str, float] = {}
+
+    def in_window(t: float) -> bool:
+        return window_start <= t <= window_end
+
+    async def worker() -> None:
+        while time.time() < window_end:
+            await rec.call(request, counts=lambda _t: in_window(time.time()))
+
+    async def sample_cpu() -> None:
+        await asyncio.sleep(max(0.0, window_start - time.time()))
+        cpu["0"] = time.process_time()
+        await asyncio.sleep(max(0.0, window_end - time.time()))
+        cpu["1"] = time.process_time()
+
+    await asyncio.gather(sample_cpu(), *(worker() for _ in range(concurrency)))
+    return rec, cpu["1"] - cpu["0"]
+
+
 async def each_once(
     name: str, items: Iterable[T], request: Callable[[T], Awaitable[None]], *, concurrency: int
 ) -> PhaseResult:
     """One ``request(item)`` per item, at most ``concurrency`` at a time."""
-    rec = _Recorder()
+    rec = Recorder()
     queue: asyncio.Queue[T] = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)

@@ -19,8 +19,10 @@ import base64
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
@@ -75,6 +77,25 @@ class SimNode:
     @property
     def name(self) -> str:
         return f"bench-node-{self.index:05d}"
+
+    def identity(self) -> dict[str, Any]:
+        """What another load-generator process needs to go on syncing as this node (:meth:`from_identity`)."""
+        assert self.public_key is not None, "enroll first"
+        raw = self.public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"index": self.index, "node_id": self.node_id, "credential": self.credential,
+                "fingerprint": self.fingerprint, "public_key": base64.b64encode(raw).decode(),
+                "applied_generation": self.applied_generation, "applied_epoch": self.applied_epoch,
+                "held_digest": self.held_digest}
+
+    @classmethod
+    def from_identity(cls, held: dict[str, Any]) -> SimNode:
+        node = cls(index=held["index"], hardware=node_hardware(held["index"]), node_id=held["node_id"],
+                   credential=held["credential"], fingerprint=held["fingerprint"],
+                   public_key=signing.public_key_from_b64(held["public_key"]),
+                   applied_generation=held["applied_generation"], applied_epoch=held["applied_epoch"],
+                   held_digest=held["held_digest"])
+        node.desired_received = 1  # settled: its first desired state came before it was handed over
+        return node
 
     @property
     def role(self) -> protocol.NodeRole:
@@ -166,8 +187,9 @@ class SimNode:
 class Fleet:
     """The simulated nodes; ``sync_next`` syncs the node whose turn it is."""
 
-    def __init__(self, size: int) -> None:
-        self.nodes = [SimNode(index=i, hardware=node_hardware(i)) for i in range(size)]
+    def __init__(self, size: int = 0, nodes: list[SimNode] | None = None) -> None:
+        self.nodes = nodes if nodes is not None else [SimNode(index=i, hardware=node_hardware(i))
+                                                      for i in range(size)]
         # Idle nodes in turn order: a node goes to the back after its sync, so
         # with fewer requests in flight than nodes every node syncs in turn
         # and none ever has two syncs outstanding.

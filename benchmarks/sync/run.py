@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx
+import redis
 
 from benchmarks import cli
 from benchmarks.harness import BenchmarkError, ControlPlane, Database, Environment, raise_on_sigterm, timed
 from benchmarks.loadgen import PhaseResult, RequestFailed, closed_loop, each_once
+from benchmarks.sync.clients import spread_phase
 from benchmarks.sync.fleet import Fleet
 from edge_runtime import protocol
 
@@ -84,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
     cli.add_window_options(p)
     p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (default 2)")
+    p.add_argument("--clients", type=int, default=1, help="load-generator processes for the measured phases "
+                                                          "(default 1: the benchmark's own)")
     p.add_argument("--enroll-concurrency", type=int, default=16, help="enrollments in flight (default 16)")
     p.add_argument("--settings", default="", help="DJANGO_SETTINGS_MODULE for the control plane, to compare "
                                                   "configurations (default: orchestrator.settings)")
@@ -91,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.nodes <= MAX_NODES:
         p.error(f"--nodes must be between 1 and {MAX_NODES}")
-    cli.check_positive(p, args, ("concurrency", "workers", "enroll_concurrency"))
+    cli.check_positive(p, args, ("concurrency", "workers", "clients", "enroll_concurrency"))
     cli.check_window(p, args)
     return args
 
@@ -140,7 +145,8 @@ async def health_baseline(args: argparse.Namespace, cp: ControlPlane, concurrenc
                                  duration=args.duration, server_cpu=cp.cpu_seconds)
 
 
-async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], db: Database) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], db: Database,
+                redis_url: str) -> dict[str, Any]:
     fleet = Fleet(args.nodes)
     # A node never has two syncs in flight, so there can be no more in flight than nodes.
     concurrency = min(args.concurrency, args.nodes)
@@ -154,32 +160,62 @@ async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], d
     first, applied = await settle(fleet, cp, concurrency)
 
     window = f"{args.warmup:g}s warm-up + {args.duration:g}s"
-    say(f"baseline: GET /agent/v1/health, {concurrency} in flight, {window}")
-    baseline = await health_baseline(args, cp, concurrency)
+    by = f" from {args.clients} load-generator processes" if args.clients > 1 else ""
+    say(f"baseline: GET /agent/v1/health, {concurrency} in flight{by}, {window}")
+    if args.clients > 1:
+        baseline, _ = await asyncio.to_thread(spread, "health", args, cp, fleet, concurrency)
+    else:
+        baseline = await health_baseline(args, cp, concurrency)
 
-    say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight, {window}")
-    syncs_before, quiet_before, pg_before = fleet.syncs(), fleet.quiet_answers(), pg_writes(db)
-    async with connect(cp, concurrency) as client:
-        sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
-                                 warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
-    steady_syncs = fleet.syncs() - syncs_before
+    say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight{by}, {window}")
+    pg_before, redis_before = pg_writes(db), redis_cpu_seconds(redis_url)
+    if args.clients > 1:
+        sync, totals = await asyncio.to_thread(spread, "sync", args, cp, fleet, concurrency)
+        per_node: dict[str, Any] = {}
+    else:
+        before = {"syncs": fleet.syncs(), "quiet": fleet.quiet_answers(), "desired_received": fleet.desired_received()}
+        async with connect(cp, concurrency) as client:
+            sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
+                                     warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
+        totals = {"syncs": fleet.syncs() - before["syncs"], "quiet": fleet.quiet_answers() - before["quiet"],
+                  "desired_received": fleet.desired_received() - before["desired_received"]}
+        per_node = {"min_syncs_per_node": min(n.syncs for n in fleet.nodes),
+                    "max_syncs_per_node": max(n.syncs for n in fleet.nodes)}
+    steady_syncs = totals["syncs"]
+    redis_ms = round(1000 * (redis_cpu_seconds(redis_url) - redis_before) / max(steady_syncs, 1), 4)
     pg = pg_per_sync(db, pg_before, steady_syncs)
     return {
         "postgresql_per_steady_sync": pg,
-        "quiet_share": round((fleet.quiet_answers() - quiet_before) / max(steady_syncs, 1), 4),
+        # The Redis server's CPU (all of it: it may serve others too) per steady-state sync, warm-up included.
+        "redis_cpu_ms_per_steady_sync": redis_ms,
+        "quiet_share": round(totals["quiet"] / max(steady_syncs, 1), 4),
         "concurrency": concurrency,
         "setup_phases": {p.name: p.as_dict() for p in (enrolled, first, applied)},
         "phases": {"health": baseline.as_dict(), "sync": sync.as_dict()},
         "fleet": {
             "nodes": len(fleet.nodes),
-            # Each node got its desired state exactly once; steady-state answers carry none.
-            "desired_states_received": fleet.desired_received(),
-            "desired_states_in_steady_state": fleet.desired_received() - args.nodes,
+            # Each node got its desired state exactly once, in settling; steady-state answers carry none.
+            "desired_states_received": fleet.desired_received() + (totals["desired_received"] if args.clients > 1
+                                                                   else 0),
+            "desired_states_in_steady_state": totals["desired_received"],
             "steady_state_syncs": steady_syncs,
-            "min_syncs_per_node": min(n.syncs for n in fleet.nodes),
-            "max_syncs_per_node": max(n.syncs for n in fleet.nodes),
+            **per_node,
         },
     }
+
+
+def spread(name: str, args: argparse.Namespace, cp: ControlPlane, fleet: Fleet,
+           concurrency: int) -> tuple[PhaseResult, dict[str, int]]:
+    with tempfile.TemporaryDirectory(prefix="sync-bench-clients-") as workdir:
+        return spread_phase(name=name, url=cp.url, nodes=fleet.nodes, clients=args.clients,
+                            concurrency=concurrency, warmup=args.warmup, duration=args.duration,
+                            server_cpu=cp.cpu_seconds, workdir=Path(workdir))
+
+
+def redis_cpu_seconds(url: str) -> float:
+    """CPU seconds the Redis server has used (user and system, its main and background threads)."""
+    info = redis.Redis.from_url(url).info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def pg_writes(db: Database) -> tuple[int, int]:
@@ -246,7 +282,8 @@ def table(report: dict[str, Any]) -> str:
         f"sync p99 / health p99: {r['sync_over_health_p99']}\n"
         f"control-plane cpu per request: sync {r['sync_cpu_ms']} ms, health {r['health_cpu_ms']} ms "
         f"(ratio {r['sync_over_health_cpu']})   quiet share of steady syncs: {report['quiet_share']}   "
-        f"postgresql per steady sync: {report['postgresql_per_steady_sync']}",
+        f"postgresql per steady sync: {report['postgresql_per_steady_sync']}   "
+        f"redis cpu per steady sync: {report['redis_cpu_ms_per_steady_sync']} ms",
         "(cpu: cores in use on average; server = all uvicorn processes, PostgreSQL not included)")
 
 
@@ -254,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_on_sigterm()
     report = cli.report_header("sync", args, ("nodes", "concurrency", "duration", "warmup", "workers",
-                                              "enroll_concurrency", "settings"))
+                                              "clients", "enroll_concurrency", "settings"))
 
     def body() -> None:
         with Environment(db_name=args.db_name, keep_db=args.keep_db, settings_module=args.settings,
@@ -268,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             report["setup"] = {"migrate_s": round(migrate_s, 2), "server_start_s": round(t_start["s"], 2),
                                "site": site["site"], "signing_key_fingerprint": site["fingerprint"]}
             with cli.log_on_failure(cp, say):
-                report.update(asyncio.run(drive(args, cp, site["tokens"], env.db)))
+                report.update(asyncio.run(drive(args, cp, site["tokens"], env.db, env.redis_url)))
             report["server_check"] = env.shell_json(CHECK_CODE)
             # Warnings and tracebacks of the control plane explain any errors counted above.
             report["server_log_tail"] = cp.log_tail(4000)

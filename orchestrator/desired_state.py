@@ -10,7 +10,7 @@ Guarantees:
 * Publishing identical content is a no-op (the generation stays), so it is
   safe to call after any change that might affect a node.
 * Every publish that moves a generation is signed, audited and nudges the
-  node, the nudge sent after the commit.
+  node after the commit, the nudge carrying the new signed state.
 * Within an epoch a node's generation only rises, and it ends above
   ``above`` when given (a node that applied more than the database remembers).
 * One node out of generations does not fail the publish of the others.
@@ -31,7 +31,7 @@ from audit.services import Actor, audit_record
 from edge_runtime import protocol, signing
 from orchestrator import features, keys, quiet
 from orchestrator.models import DesiredState
-from orchestrator.realtime import broadcast_many, node_group
+from orchestrator.realtime import nudge_nodes
 
 # The largest generation the desired-state column holds (PositiveIntegerField).
 GENERATION_MAX = 2**31 - 1
@@ -74,8 +74,7 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
     A new epoch changes the content, so every node's generation moves.
     """
     published: dict[int, DesiredState] = {}
-    nudges: list[tuple[str, str, dict[str, Any]]] = []
-    moved: list[Any] = []
+    moved: dict[str, DesiredState] = {}
     trust = keys.current()
     floors = above or {}
     with transaction.atomic():
@@ -89,13 +88,20 @@ def desired_state_publish_many(*, nodes: Sequence[Any], actor: Actor,
             state, changed = _publish_one(node, content, current_by_node.get(node.pk), floors.get(node.pk, 0),
                                         trust, now, actor)
             if changed:
-                moved.append(node.uuid)
-                nudges.append((node_group(node.uuid), "node.nudge", {"generation": state.generation}))
+                moved[str(node.uuid)] = state
             if state is not None:
                 published[node.pk] = state
-        broadcast_many(nudges)
+        nudge_nodes(state_nudges(moved))
         quiet.attention(moved)
     return published
+
+
+def state_nudges(moved: dict[str, DesiredState]) -> dict[str, protocol.Nudge]:
+    """The nudges pushing each moved node its new state, their reports spread at NUDGE_REPORTS_PER_S."""
+    within = min(len(moved) / settings.NUDGE_REPORTS_PER_S, settings.SYNC_INTERVAL_S, protocol.MAX_REPORT_WITHIN_S)
+    return {node_uuid: protocol.Nudge(generation=state.generation, desired=signed_desired_state(state),
+                                      report_within_s=round(within, 3))
+            for node_uuid, state in moved.items()}
 
 
 def _publish_one(node: Any, content: dict[str, Any], current: DesiredState | None, floor: int,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from orchestrator.env import ConfigError, env_bool, env_float
 
-__all__ = ["HEARTBEAT_FLUSH_S", "NODE_OFFLINE_AFTER_S", "NODE_STALE_AFTER_S", "QUIET_SYNC", "QUIET_SYNC_TTL_S",
-           "SYNC_INTERVAL_S", "TELEMETRY_COARSE_RETENTION_S", "TELEMETRY_FINE_RETENTION_S"]
+__all__ = ["HEARTBEAT_FLUSH_S", "NODE_OFFLINE_AFTER_S", "NODE_STALE_AFTER_S", "NUDGE_REPORTS_PER_S", "QUIET_SYNC",
+           "QUIET_SYNC_TTL_S", "SYNC_INTERVAL_S", "TELEMETRY_COARSE_RETENTION_S", "TELEMETRY_FINE_RETENTION_S"]
 
 SYNC_INTERVAL_S = env_float("EDGEWISE_SYNC_INTERVAL", 10.0)
 NODE_STALE_AFTER_S = env_float("EDGEWISE_NODE_STALE_AFTER", 3 * SYNC_INTERVAL_S)
@@ -27,6 +27,13 @@ if QUIET_SYNC_TTL_S < SYNC_INTERVAL_S:
 if HEARTBEAT_FLUSH_S >= NODE_STALE_AFTER_S:
     raise ConfigError("EDGEWISE_HEARTBEAT_FLUSH_INTERVAL must be shorter than EDGEWISE_NODE_STALE_AFTER, or "
                       "quiet nodes would look stale between flushes")
+
+# A desired state pushed to many nodes at once is reported back by each of them (a whole sync): the nudges
+# spread those reports over len(nodes) / NUDGE_REPORTS_PER_S seconds (at most one interval), the rate of whole
+# syncs the control plane is sized to take on top of its steady load.
+NUDGE_REPORTS_PER_S = env_float("EDGEWISE_NUDGE_REPORTS_PER_S", 100.0)
+if NUDGE_REPORTS_PER_S <= 0:
+    raise ConfigError("EDGEWISE_NUDGE_REPORTS_PER_S must be positive")
 
 TELEMETRY_FINE_RETENTION_S = env_float("EDGEWISE_TELEMETRY_FINE_RETENTION", 6 * 3600.0)
 TELEMETRY_COARSE_RETENTION_S = env_float("EDGEWISE_TELEMETRY_COARSE_RETENTION", 30 * 86400.0)

@@ -2,7 +2,8 @@
 
 Sends happen after the surrounding transaction commits, so nobody is told of
 a change that then rolls back. Group names are ``<entity>-<uuid>`` or
-``fleet`` for the estate-wide feed.
+``fleet`` for the estate-wide feed; nodes' nudges go in batches to
+:data:`NUDGE_GROUP` (:func:`nudge_nodes`).
 
 However many messages a change sends, at most :data:`SEND_CONCURRENCY`
 ``group_send`` calls run at once in a process's event loop, so a burst shares
@@ -20,6 +21,8 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
+
+from edge_runtime import protocol
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +108,6 @@ async def broadcast_committed(group: str, event_type: str, payload: dict[str, An
     await send_messages([(group, _message(event_type, payload))])
 
 
-def node_group(node_uuid: Any) -> str:
-    return f"node-{node_uuid}"
-
-
 def site_group(site_uuid: Any) -> str:
     return f"site-{site_uuid}"
 
@@ -124,3 +123,46 @@ def broadcast_many(sends: list[tuple[str, str, dict[str, Any]]]) -> None:
     """
     if sends:
         _send_after_commit([(group, _message(kind, payload)) for group, kind, payload in sends])
+
+
+# Node nudges go to one group that every process holding node streams joins (sites.nudges), in messages of
+# many nodes each: a publish to ten thousand nodes is a few dozen messages, not ten thousand group sends.
+NUDGE_GROUP = "node-nudges"
+NUDGE_MESSAGE_TYPE = "nodes.nudge"
+# What one message carries at most: this many nudges, or about this many bytes of them.
+NUDGE_BATCH = 1000
+NUDGE_BATCH_BYTES = 512 * 1024
+
+
+def nudge_texts(nudges: dict[str, protocol.Nudge]) -> dict[str, str]:
+    """Each node's nudge as its stream sends it; one too large to push loses its desired state (the node then
+    syncs for it)."""
+    texts = {}
+    for node_uuid, nudge in nudges.items():
+        text = nudge.model_dump_json()
+        if len(text.encode()) > protocol.MAX_NUDGE_BYTES:
+            text = nudge.model_copy(update={"desired": None, "report_within_s": 0.0}).model_dump_json()
+        texts[str(node_uuid)] = text
+    return texts
+
+
+def nudge_messages(texts: dict[str, str]) -> list[Message]:
+    """The messages to :data:`NUDGE_GROUP` carrying ``texts`` (node uuid: nudge JSON), in batches."""
+    messages: list[Message] = []
+    batch: list[list[str]] = []
+    size = 0
+    for node_uuid, text in texts.items():
+        if batch and (len(batch) >= NUDGE_BATCH or size + len(text) > NUDGE_BATCH_BYTES):
+            messages.append((NUDGE_GROUP, {"type": NUDGE_MESSAGE_TYPE, "nudges": batch}))
+            batch, size = [], 0
+        batch.append([node_uuid, text])
+        size += len(text) + len(node_uuid)
+    if batch:
+        messages.append((NUDGE_GROUP, {"type": NUDGE_MESSAGE_TYPE, "nudges": batch}))
+    return messages
+
+
+def nudge_nodes(nudges: dict[str, protocol.Nudge]) -> None:
+    """Push each node its nudge through its stream, after commit (by node uuid)."""
+    if nudges:
+        _send_after_commit(nudge_messages(nudge_texts(nudges)))

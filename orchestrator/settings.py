@@ -128,6 +128,9 @@ Every variable:
 ``EDGEWISE_HEARTBEAT_FLUSH_INTERVAL``
                                 seconds between writes of quiet syncs'
                                 heartbeats to PostgreSQL, default 1
+``EDGEWISE_NUDGE_REPORTS_PER_S``
+                                whole syncs a second that the reports of a
+                                pushed desired state are spread to, default 100
 ``EDGEWISE_TELEMETRY_FINE_RETENTION``
                                 seconds the 10 s telemetry history is kept,
                                 default 21600 (6 hours)

@@ -1,9 +1,10 @@
 """Websocket consumers of the sites app.
 
 :class:`NodeStreamConsumer` is the node's always-open channel
-(``/agent/v1/nodes/<id>/stream``): the control plane pushes a "sync now"
-nudge the moment a node's desired state changes, so nodes need not poll
-fast, and the node sends its telemetry (``edge_runtime.protocol``'s
+(``/agent/v1/nodes/<id>/stream``): the control plane pushes a nudge (the
+node's new signed desired state, or "sync now") the moment something changes
+for the node, handed to the stream by its process's ``sites.nudges``
+dispatcher, so nodes need not poll fast, and the node sends its telemetry (``edge_runtime.protocol``'s
 ``TelemetryFrame``). Each frame is committed with the other streams' frames
 of this process (``sites.telemetry.committer``) and acknowledged only after
 that commit, with the highest sequence number held for the node. The node authenticates with the same
@@ -41,8 +42,8 @@ from django.utils import timezone
 from pydantic import ValidationError
 
 from edge_runtime import protocol
-from orchestrator.realtime import FLEET_GROUP, node_group, site_group
-from sites import services
+from orchestrator.realtime import FLEET_GROUP, site_group
+from sites import nudges, services
 from sites.models import Node, Site
 from sites.telemetry.committer import committer
 from sites.telemetry.services import Submission
@@ -80,8 +81,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
 
 
 class NodeStreamConsumer(LiveConsumer):
-    group: str | None = None
     node: Node | None = None
+    nudged: bool = False
 
     async def connect(self) -> None:
         headers = dict(self.scope.get("headers") or [])
@@ -92,13 +93,18 @@ class NodeStreamConsumer(LiveConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.node = node
-        self.group = node_group(node.uuid)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        # Before the accept: every nudge sent once the node is connected reaches it (sites.nudges).
+        await nudges.dispatcher().add(str(node.uuid), id(self), self._send_nudge)
+        self.nudged = True
         await self.accept()
 
+    async def _send_nudge(self, text: str) -> None:
+        await self.send(text_data=text)
+
     async def disconnect(self, code: int) -> None:
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.nudged and self.node is not None:
+            self.nudged = False
+            await nudges.dispatcher().remove(str(self.node.uuid), id(self))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
         if self.node is None:
@@ -133,10 +139,6 @@ class NodeStreamConsumer(LiveConsumer):
     async def _refuse(self, message: str) -> None:
         await self.send(protocol.StreamError(error=message[:1000]).model_dump_json())
         await self.close(code=CLOSE_BAD_FRAME)
-
-    async def node_nudge(self, message: dict[str, Any]) -> None:
-        nudge = protocol.Nudge(generation=int(message["payload"].get("generation", 0)))
-        await self.send_json(nudge.model_dump(mode="json"))
 
 
 # -- browsers ---------------------------------------------------------------------

@@ -83,6 +83,8 @@ class AgentBase:
         self.applying = asyncio.Lock()
         self.stopping = asyncio.Event()
         self._client: httpx.AsyncClient | None = None
+        # The sync that reports a state applied from a nudge, at the moment the nudge gave (agent.runner).
+        self._report_task: asyncio.Task[None] | None = None
 
 
     def record(self, action: str, detail: dict[str, Any]) -> None:

@@ -90,14 +90,31 @@ class Agent(BundleIntake):
                 logger.warning("stream message ignored: not one this node understands")
                 continue
             if isinstance(parsed, Nudge):
-                logger.info("nudge generation=%d", parsed.generation)
-                self.full_next = True
-                self.wake.set()
+                await self._nudged(parsed)
             elif isinstance(parsed, TelemetryAck):
                 if self.telemetry is not None:
                     self.telemetry.on_ack(parsed)
             else:
                 logger.error("the control plane refused this node's telemetry: %s", one_line(parsed.error))
+
+    async def _nudged(self, nudge: Nudge) -> None:
+        """Apply the state a nudge carries and report it within the time it gives; without one, sync now."""
+        logger.info("nudge generation=%d%s", nudge.generation, " with its desired state" if nudge.desired else "")
+        if nudge.desired is None or not await self.consider(nudge.desired):
+            # Nothing pushed, or refused (the refusal is reported at once): the sync answers it.
+            self.full_next = True
+            self.wake.set()
+            return
+        self._save_status()
+        delay = self.rng.uniform(0, nudge.report_within_s)
+        if self._report_task is not None:
+            self._report_task.cancel()
+        self._report_task = asyncio.create_task(self._report_after(delay), name="report-applied")
+
+    async def _report_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.full_next = True
+        self.wake.set()
 
     def stop(self, reason: str = "") -> None:
         if not self.stopping.is_set():

@@ -48,7 +48,8 @@ Endpoints (all JSON, all under ``/agent/v1/``):
     (``queries``). Idempotent: an answer posted again is stored once, and a
     query that is closed or unknown answers 404, so the node stops retrying.
 ``WS nodes/<node_id>/stream``
-    The control plane pushes :class:`Nudge` messages ("sync now"). The node
+    The control plane pushes :class:`Nudge` messages ("sync now", or the
+    node's new signed desired state with the time to report it in). The node
     sends :class:`TelemetryFrame` messages; the control plane answers each
     with a :class:`TelemetryAck` once its items are committed, carrying the
     highest sequence number it holds for the node (which may be beyond the
@@ -92,7 +93,9 @@ from edge_runtime.protocol.base import (
     WireModel,
 )
 from edge_runtime.protocol.desired import (
+    MAX_NUDGE_BYTES,
     MAX_QUERY_RESULT_BYTES,
+    MAX_REPORT_WITHIN_S,
     MODEL_NAME_PATTERN,
     QUERY_ID_PATTERN,
     SHA256_PATTERN,
@@ -158,6 +161,8 @@ __all__ = [
     "MAX_ENTRY_DETAIL",
     "MAX_AGENT_BODY_BYTES",
     "MAX_FIGURE",
+    "MAX_NUDGE_BYTES",
+    "MAX_REPORT_WITHIN_S",
     "MAX_JSON_DEPTH",
     "MAX_QUERY_RESULT_BYTES",
     "MAX_TELEMETRY_FRAME_BYTES",

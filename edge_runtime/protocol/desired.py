@@ -131,9 +131,26 @@ class SyncResponse(Received):
     report_wanted: bool = False
 
 
+# The largest nudge a control plane sends: a node's stream takes messages of at most 64 KiB
+# (``edge_runtime.agent.runner``); a desired state too large for one goes by the next sync instead.
+MAX_NUDGE_BYTES = 60 * 1024
+# The longest a control plane asks a node to spread the report of a state it applied from a nudge.
+MAX_REPORT_WITHIN_S = 3600.0
+
+
 class Nudge(Received):
+    """"Something changed for you", pushed on the node's stream.
+
+    With ``desired`` it carries the node's new signed desired state, which the node verifies and applies as it
+    would from a sync's answer, and then reports at a random moment within ``report_within_s`` (the control
+    plane spreads the reports of a change to many nodes over time it sized for them). Without, the node syncs
+    at once (a query waits for it, or the state was too large to push).
+    """
+
     type: Literal["sync"] = "sync"
     generation: int = 0
+    desired: SignedDesiredState | None = None
+    report_within_s: float = Field(default=0.0, ge=0, le=MAX_REPORT_WITHIN_S)
 
 
 class ErrorBody(WireModel):

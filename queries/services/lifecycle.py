@@ -18,10 +18,10 @@ from core.permissions import user_can
 from edge_runtime.data.binding import bind
 from edge_runtime.data.catalog import DatasetSchema as WireSchema
 from edge_runtime.data.spec import MAX_SPEC_BYTES, SpecError, parse_spec
-from edge_runtime.protocol import QueryRequest
+from edge_runtime.protocol import Nudge, QueryRequest
 from edge_runtime.signing import canonical_json
 from orchestrator import quiet
-from orchestrator.realtime import broadcast, node_group
+from orchestrator.realtime import nudge_nodes
 from queries.models import (
     OPEN_SITE_STATES,
     DatasetSchema,
@@ -124,6 +124,7 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
         QueryEvent.objects.create(query=query, to_state=QueryState.PENDING,
                                   detail={"sites": [s.slug for s in sites]})
         targets = []
+        nudges: dict[str, Nudge] = {}
         for site in sites:
             node = chosen[site.pk].node
             online = node_status(last_seen_at=node.last_seen_at, revoked=False, now=now) == NodeStatus.ONLINE
@@ -137,8 +138,9 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
             targets.append({"site": site.slug, "node": str(node.uuid), "state": state})
             if state == SiteState.PENDING:
                 # Wakes the node's sync at once (over its stream); polling would find the query too.
-                broadcast(node_group(node.uuid), "node.nudge", {"generation": 0})
-                quiet.attention([node.uuid])
+                nudges[str(node.uuid)] = Nudge()
+        nudge_nodes(nudges)
+        quiet.attention(nudges)
         audit_record(actor=actor, action="query.create", obj=query, object_repr=str(query),
                      after={"dataset": query.dataset, "spec": document, "sites": targets,
                             "offline_behaviour": offline_behaviour, "deadline": deadline.isoformat(),

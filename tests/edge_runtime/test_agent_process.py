@@ -99,9 +99,15 @@ def test_it_applies_a_site_change_at_once_when_nudged(
     assert published(node) == 2
     status = wait_applied(node, 2, timeout=5)
     assert status["desired_state"]["labels"] == {"line": "3", "shift": "night"}
-    # The stream's nudge reached the node, not only its polling.
-    wait_until(lambda: "nudge generation=2" in node.log_text(), timeout=5, what=f"the nudge\n{node.log_text()}")
-    assert "applied desired state generation=2" in node.log_text()
+    # The stream's nudge reached the node, not only its polling, carrying the state itself; the node applied it
+    # before any sync, then reported it (the control plane records it applied).
+    wait_until(lambda: "nudge generation=2 with its desired state" in node.log_text(), timeout=5,
+               what=f"the nudge\n{node.log_text()}")
+    log = node.log_text()
+    nudged = log.index("nudge generation=2 with its desired state")
+    assert log.index("applied desired state generation=2", nudged) < log.find("sync ok generation=2", nudged)
+    wait_until(lambda: Node.objects.get(name="line-3").applied_generation == 2, timeout=5,
+               what="the control plane to record generation 2 applied")
 
 
 def test_it_refuses_a_desired_state_signed_with_another_key_and_reports_it_on_every_sync(

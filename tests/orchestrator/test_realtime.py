@@ -1,4 +1,4 @@
-"""Realtime sends on the real Redis channel layer: a publish to many nodes nudges every one of them."""
+"""Realtime sends on the real Redis channel layer: a publish to many nodes nudges every one of them, in batches."""
 
 from __future__ import annotations
 
@@ -14,11 +14,21 @@ from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 
 from audit.services import Actor
+from edge_runtime import protocol, signing
+from orchestrator import keys
 from orchestrator.desired_state import desired_state_publish_many
-from orchestrator.realtime import SEND_CONCURRENCY, broadcast, broadcast_many, node_group
+from orchestrator.realtime import (
+    NUDGE_BATCH,
+    SEND_CONCURRENCY,
+    broadcast,
+    broadcast_many,
+    nudge_messages,
+    nudge_texts,
+)
 from sites.models import Node, Site
+from sites.nudges import Dispatcher
 
-NODES = 500
+NODES = 1200  # more than one batch (NUDGE_BATCH)
 # A deployment bounds its Redis connections (the pool's max_connections, the
 # server's maxclients); well above what the sends may hold at once, far below
 # one connection per node.
@@ -33,18 +43,19 @@ def _capped(config: dict[str, Any]) -> dict[str, Any]:
 
 
 class StreamProcess(threading.Thread):
-    """Another control-plane process holding every node's stream: one channel per node, in its node's group.
+    """Another control-plane process holding some nodes' streams, through the real dispatcher (sites.nudges).
 
-    It receives while the publish sends, as a running ASGI server does, and
-    keeps every message that arrives on each channel until it is told to stop.
+    It receives while the publish sends, as a running ASGI server does, and keeps every text each stream is
+    handed until it is told to stop.
     """
 
-    def __init__(self, config: dict[str, Any], groups: list[str]) -> None:
+    def __init__(self, config: dict[str, Any], node_uuids: list[str]) -> None:
         super().__init__(daemon=True)
-        self.config, self.groups = config, groups
+        self.config, self.node_uuids = config, node_uuids
         self.ready = threading.Event()
-        self.received: dict[str, list[dict[str, Any]]] = {group: [] for group in groups}
+        self.received: dict[str, list[str]] = {node_uuid: [] for node_uuid in node_uuids}
         self.error: BaseException | None = None
+        self.dispatcher: Dispatcher | None = None
         self._stop_at: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -58,23 +69,17 @@ class StreamProcess(threading.Thread):
     async def _main(self) -> None:
         self._loop, self._stop_at = asyncio.get_running_loop(), asyncio.Event()
         layer = RedisChannelLayer(**self.config["default"]["CONFIG"])
-        channels = {}
-        for group in self.groups:
-            channels[group] = await layer.new_channel()
-            await layer.group_add(group, channels[group])
+        self.dispatcher = Dispatcher(layer)
+        for key, node_uuid in enumerate(self.node_uuids):
+            async def send(text: str, node_uuid: str = node_uuid) -> None:
+                self.received[node_uuid].append(text)
+
+            await self.dispatcher.add(node_uuid, key, send)
         self.ready.set()
-
-        async def listen(group: str) -> None:
-            while True:
-                self.received[group].append(await layer.receive(channels[group]))
-
-        tasks = [asyncio.create_task(listen(group)) for group in self.groups]
         await self._stop_at.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for group in self.groups:
-            await layer.group_discard(group, channels[group])
+        for key, node_uuid in enumerate(self.node_uuids):
+            await self.dispatcher.remove(node_uuid, key)
+        assert self.dispatcher.channel is None  # the last stream gone, it left the group
         await layer.close_pools()
 
     def stop(self) -> None:
@@ -89,10 +94,10 @@ def _nodes(site: Site, count: int) -> list[Node]:
     return list(Node.objects.filter(site=site).select_related("site"))
 
 
-def _settled(stream: StreamProcess, expected: int, timeout: float = 30) -> None:
+def _settled(streams: list[StreamProcess], expected: int, timeout: float = 30) -> None:
     deadline = threading.Event()
     waited = 0.0
-    while sum(len(v) for v in stream.received.values()) < expected and waited < timeout:
+    while sum(len(v) for s in streams for v in s.received.values()) < expected and waited < timeout:
         deadline.wait(0.05)
         waited += 0.05
     # Anything sent twice would arrive right behind the first copy.
@@ -100,7 +105,7 @@ def _settled(stream: StreamProcess, expected: int, timeout: float = 30) -> None:
 
 
 @pytest.mark.django_db
-def test_it_nudges_every_node_of_a_large_publish_exactly_once(
+def test_it_nudges_every_node_of_a_large_publish_exactly_once_in_batches(
     site_berlin: Site, settings: Any, caplog: pytest.LogCaptureFixture,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
@@ -109,29 +114,57 @@ def test_it_nudges_every_node_of_a_large_publish_exactly_once(
     config = _capped(settings.CHANNEL_LAYERS)
     settings.CHANNEL_LAYERS = config
     nodes = _nodes(site_berlin, NODES)
-    stream = StreamProcess(config, [node_group(node.uuid) for node in nodes])
-    stream.start()
-    assert stream.ready.wait(60) and stream.error is None, stream.error
+    uuids = [str(node.uuid) for node in nodes]
+    # Two serving processes, each holding half the streams (and one node with a second stream of its own).
+    streams = [StreamProcess(config, uuids[0::2] + uuids[1:2]), StreamProcess(config, uuids[1::2])]
+    for stream in streams:
+        stream.start()
+        assert stream.ready.wait(60) and stream.error is None, stream.error
     caplog.set_level(logging.INFO, logger="orchestrator.realtime")
     caplog.set_level(logging.INFO, logger="channels_redis")
     try:
         with django_capture_on_commit_callbacks(execute=True):
             published = desired_state_publish_many(nodes=nodes, actor=Actor.system("test"))
-        _settled(stream, NODES)
+        _settled(streams, NODES + 1)
     finally:
-        stream.stop()
-    assert stream.error is None, stream.error
+        for stream in streams:
+            stream.stop()
+    assert all(stream.error is None for stream in streams), [s.error for s in streams]
 
-    expected = {node_group(node.uuid): [{"type": "node_nudge", "event": "node.nudge",
-                                         "payload": {"generation": published[node.pk].generation}}]
-                for node in nodes}
-    received = {group: [{k: v for k, v in m.items() if k != "__asgi_channel__"} for m in messages]
-                for group, messages in stream.received.items()}
-    missing = [group for group, messages in received.items() if not messages]
-    assert not missing, f"{len(missing)} of {NODES} nodes got no nudge"
-    assert received == expected
+    key = signing.public_key_from_b64(keys.public_key_b64())
+    for stream in streams:
+        missing = [u for u, texts in stream.received.items() if not texts]
+        assert not missing, f"{len(missing)} of {len(stream.received)} streams got no nudge"
+        for node_uuid, texts in stream.received.items():
+            assert len(texts) == 1, f"{node_uuid} got {len(texts)} nudges"
+            nudge = protocol.Nudge.model_validate_json(texts[0])
+            assert nudge.desired is not None
+            state = signing.verify_desired_state(nudge.desired, key)
+            assert state.node_id == node_uuid and nudge.generation == state.generation
+            # Their reports spread at the rate set, within one interval.
+            assert nudge.report_within_s == pytest.approx(min(NODES / settings.NUDGE_REPORTS_PER_S,
+                                                              settings.SYNC_INTERVAL_S))
+    # Every process got every batch, not a message per node: a few messages for the whole publish.
+    texts = {u: t[0] for stream in reversed(streams) for u, t in stream.received.items()}
+    batches = len(nudge_messages({u: texts[u] for u in uuids}))
+    assert -(-NODES // NUDGE_BATCH) <= batches <= 5
+    assert all(stream.dispatcher is not None and stream.dispatcher.messages == batches for stream in streams)
+    assert {n.pk: n for n in nodes}.keys() == published.keys()
     sends = [r.getMessage() for r in caplog.records if r.name.startswith(("orchestrator.realtime", "channels_redis"))]
     assert sends == []
+
+
+def test_a_nudge_too_large_to_push_goes_without_its_state() -> None:
+    big = protocol.SignedDesiredState(payload="x" * protocol.MAX_NUDGE_BYTES, signature="s", key_fingerprint="f")
+    texts = nudge_texts({"a": protocol.Nudge(generation=3, desired=big, report_within_s=4.0),
+                         "b": protocol.Nudge(generation=5)})
+    a = protocol.Nudge.model_validate_json(texts["a"])
+    assert a.generation == 3 and a.desired is None and a.report_within_s == 0  # the node syncs for it at once
+    assert len(nudge_messages(texts)) == 1
+    many = {f"n{i}": protocol.Nudge(generation=i).model_dump_json() for i in range(2 * NUDGE_BATCH + 1)}
+    batches = [m["nudges"] for _, m in nudge_messages(many)]
+    assert [len(b) for b in batches] == [NUDGE_BATCH, NUDGE_BATCH, 1]
+    assert [pair for b in batches for pair in b] == [[k, v] for k, v in many.items()]
 
 
 class FlakyLayer(InMemoryChannelLayer):

@@ -14,6 +14,8 @@ from django.conf import settings
 from django.db import connection
 
 from audit.services import Actor
+from edge_runtime import protocol, signing
+from orchestrator import keys
 from sites import services
 from sites.models import Node, Site
 from tests.fixtures.processes import ControlPlane
@@ -57,7 +59,13 @@ def test_it_nudges_a_connected_node_when_its_desired_state_changes(
             await asyncio.to_thread(change_site)
             return json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
 
-    assert asyncio.run(scenario()) == {"type": "sync", "generation": 2}
+    nudge = asyncio.run(scenario())
+    assert nudge["type"] == "sync" and nudge["generation"] == 2
+    # It carries the new state itself, signed for this node, and the time to report it in (one node: at once).
+    signed = protocol.SignedDesiredState.model_validate(nudge["desired"])
+    state = signing.verify_desired_state(signed, signing.public_key_from_b64(keys.public_key_b64()))
+    assert state.node_id == node["node_id"] and state.generation == 2 and state.labels == {"line": "7"}
+    assert nudge["report_within_s"] == pytest.approx(1 / settings.NUDGE_REPORTS_PER_S)
 
 
 @pytest.mark.process

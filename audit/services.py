@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from celery import signature
@@ -83,28 +84,69 @@ def audit_record(
     the change and its record commit or roll back together. Takes no lock
     that another append waits for; numbers increase within a transaction.
     """
+    return audit_record_many(actor=actor, action=action, entries=[
+        AuditEntry(obj=obj, site_uuid=site_uuid, before=before, after=after, object_repr=object_repr)])[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    """One event of :func:`audit_record_many`: what :func:`audit_record` takes besides the actor and action."""
+
+    obj: models.Model | None = None
+    site_uuid: Any = None
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    object_repr: str = ""
+
+
+def audit_record_many(*, actor: Actor, action: str, entries: Sequence[AuditEntry]) -> list[AuditEvent]:
+    """:func:`audit_record` for many events of one actor and action (a sweep's transitions), in a few
+    statements whatever their number; numbered in the order given."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("audit_record must run inside the transaction of the change it records")
-    event = AuditEvent(
-        seq=_next_seq(),
-        created_at=timezone.now(),
-        actor_type=actor.type,
-        actor=actor.label[:150],
-        action=action,
-        object_type=obj._meta.label_lower if obj is not None else "",
-        object_id=str(getattr(obj, "uuid", getattr(obj, "pk", ""))) if obj is not None else "",
-        object_repr=(object_repr or (str(obj) if obj is not None else ""))[:200],
-        site_uuid=site_uuid,
-        before=before,
-        after=after,
-        source_ip=actor.ip,
-        prev_hash="",
-    )
-    event.hash = event.compute_hash()
-    event.save(force_insert=True)
-    AuditPending.objects.create(event=event)
-    transaction.on_commit(_appended)
-    return event
+    if not entries:
+        return []
+    now = timezone.now()
+    events = []
+    for seq, entry in zip(_next_seqs(len(entries)), entries, strict=True):
+        obj = entry.obj
+        event = AuditEvent(
+            seq=seq,
+            created_at=now,
+            actor_type=actor.type,
+            actor=actor.label[:150],
+            action=action,
+            object_type=obj._meta.label_lower if obj is not None else "",
+            object_id=str(getattr(obj, "uuid", getattr(obj, "pk", ""))) if obj is not None else "",
+            object_repr=(entry.object_repr or (str(obj) if obj is not None else ""))[:200],
+            site_uuid=entry.site_uuid,
+            before=entry.before,
+            after=entry.after,
+            source_ip=actor.ip,
+            prev_hash="",
+        )
+        event.hash = event.compute_hash()
+        events.append(event)
+    if len(events) == 1:
+        events[0].save(force_insert=True)
+        AuditPending.objects.create(event=events[0])
+    else:
+        AuditEvent.objects.bulk_create(events, batch_size=1000)
+        AuditPending.objects.bulk_create([AuditPending(event=e) for e in events], batch_size=1000)
+    for _ in events:
+        transaction.on_commit(_appended)
+    return events
+
+
+def _next_seqs(count: int) -> list[int]:
+    if count == 1:
+        return [_next_seq()]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT nextval(%s) FROM generate_series(1, %s)", [SEQ_SEQUENCE, count])
+            return sorted(int(row[0]) for row in cursor.fetchall())
+    first = _next_seq()
+    return list(range(first, first + count))
 
 
 def _next_seq() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -85,3 +87,29 @@ def test_it_leaves_revoked_nodes_alone(site_berlin: Site) -> None:
     later = timezone.now() + dt.timedelta(hours=1)
     assert services.node_liveness_sweep(now=later) == 0
     assert Node.objects.get(pk=node.pk).status == "revoked"
+
+
+@pytest.mark.django_db
+def test_a_sweep_of_many_nodes_takes_the_same_statements_as_a_sweep_of_few(site_berlin: Site) -> None:
+    def silent(count: int, prefix: str) -> list[Node]:
+        Node.objects.bulk_create(Node(site=site_berlin, name=f"{prefix}-{i}", credential_hash=f"{prefix}{i:060d}",
+                                      status="online", last_seen_at=timezone.now() - dt.timedelta(seconds=6))
+                                 for i in range(count))
+        return list(Node.objects.filter(name__startswith=f"{prefix}-"))
+
+    def sweep() -> tuple[int, int]:
+        with CaptureQueriesContext(connection) as captured:
+            changed = services.node_liveness_sweep()
+        return changed, len(captured.captured_queries)
+
+    few = silent(2, "few")
+    assert sweep()[0] == 2
+    many = silent(40, "many")
+    changed, statements = sweep()
+    Node.objects.filter(pk__in=[n.pk for n in few]).update(status="online")
+    assert changed == 40
+    assert (2, statements) == sweep()  # the two again: as many statements as the forty took
+    # Each transition is still audited on its own, in the order of the nodes.
+    events = AuditEvent.objects.filter(action="node.status", object_id__in=[str(n.uuid) for n in many])
+    assert events.count() == 40 and {e.after["status"] for e in events} == {"stale"}
+    assert set(Node.objects.filter(pk__in=[n.pk for n in many]).values_list("status", flat=True)) == {"stale"}

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.django_db
 
 PERSONAS = ["admin_user", "viewer", "operator", "approver", "stranger", "anonymous"]
 HTMX = {"HX-Request": "true"}
+MAP_DATA_URL = "/map/sites.json"
 
 
 def enroll(site: Site, name: str, *, synced: bool = True, role: str = "gateway") -> Node:
@@ -451,3 +452,21 @@ def test_it_tells_a_viewer_why_an_operation_is_refused(client: Client, viewer: A
     response = client.post(f"/sites/{world.berlin.slug}/tokens", {"max_uses": "1", "lifetime_hours": "1"})
     assert response.status_code == 403
     assert "you may see site plant-berlin but not operate it" in response.content.decode()
+
+
+def test_the_site_page_and_the_map_read_in_a_constant_number_of_queries(client: Client, admin_user: Any,
+                                                                         world: World) -> None:
+    client.force_login(admin_user)
+    site_url = f"/sites/{world.berlin.slug}/"
+
+    def queries(url: str, **headers: str) -> int:
+        with CaptureQueriesContext(connection) as ctx:
+            assert client.get(url, headers=headers).status_code == 200
+        return len(ctx.captured_queries)
+
+    urls = [(site_url, {}), (site_url, HTMX), (MAP_DATA_URL, {})]
+    few = [queries(url, **headers) for url, headers in urls]
+    for i in range(5):
+        enroll(world.berlin, f"line-{i}")
+        enroll(make_site(world.berlin.region, f"more-{i}"), f"n-{i}")
+    assert [queries(url, **headers) for url, headers in urls] == few

@@ -169,18 +169,7 @@ async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], d
 
     say(f"sync: {args.nodes} nodes in turn, {concurrency} in flight{by}, {window}")
     pg_before, redis_before = pg_writes(db), redis_cpu_seconds(redis_url)
-    if args.clients > 1:
-        sync, totals = await asyncio.to_thread(spread, "sync", args, cp, fleet, concurrency)
-        per_node: dict[str, Any] = {}
-    else:
-        before = {"syncs": fleet.syncs(), "quiet": fleet.quiet_answers(), "desired_received": fleet.desired_received()}
-        async with connect(cp, concurrency) as client:
-            sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
-                                     warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
-        totals = {"syncs": fleet.syncs() - before["syncs"], "quiet": fleet.quiet_answers() - before["quiet"],
-                  "desired_received": fleet.desired_received() - before["desired_received"]}
-        per_node = {"min_syncs_per_node": min(n.syncs for n in fleet.nodes),
-                    "max_syncs_per_node": max(n.syncs for n in fleet.nodes)}
+    sync, totals, per_node = await steady_syncs_phase(args, cp, fleet, concurrency)
     steady_syncs = totals["syncs"]
     redis_ms = round(1000 * (redis_cpu_seconds(redis_url) - redis_before) / max(steady_syncs, 1), 4)
     pg = pg_per_sync(db, pg_before, steady_syncs)
@@ -202,6 +191,22 @@ async def drive(args: argparse.Namespace, cp: ControlPlane, tokens: list[str], d
             **per_node,
         },
     }
+
+
+async def steady_syncs_phase(args: argparse.Namespace, cp: ControlPlane, fleet: Fleet, concurrency: int
+                             ) -> tuple[PhaseResult, dict[str, int], dict[str, Any]]:
+    """The measured syncs: the phase, what the nodes received in it, and the spread of syncs per node."""
+    if args.clients > 1:
+        sync, totals = await asyncio.to_thread(spread, "sync", args, cp, fleet, concurrency)
+        return sync, totals, {}
+    before = {"syncs": fleet.syncs(), "quiet": fleet.quiet_answers(), "desired_received": fleet.desired_received()}
+    async with connect(cp, concurrency) as client:
+        sync = await closed_loop("sync", lambda: fleet.sync_next(client), concurrency=concurrency,
+                                 warmup=args.warmup, duration=args.duration, server_cpu=cp.cpu_seconds)
+    totals = {"syncs": fleet.syncs() - before["syncs"], "quiet": fleet.quiet_answers() - before["quiet"],
+              "desired_received": fleet.desired_received() - before["desired_received"]}
+    return sync, totals, {"min_syncs_per_node": min(n.syncs for n in fleet.nodes),
+                          "max_syncs_per_node": max(n.syncs for n in fleet.nodes)}
 
 
 def spread(name: str, args: argparse.Namespace, cp: ControlPlane, fleet: Fleet,

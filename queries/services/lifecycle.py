@@ -94,6 +94,12 @@ def query_validate(*, spec: Any, sites: Sequence[Site]) -> tuple[dict[str, Any],
     return parsed.model_dump(mode="json"), chosen
 
 
+def _wake(nudges: dict[str, Nudge]) -> None:
+    """Wake these nodes' syncs at once (over their streams), after commit; polling would find the query too."""
+    nudge_nodes(nudges)
+    quiet.attention(nudges)
+
+
 def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
                  offline_behaviour: str = OfflineBehaviour.WAIT, deadline_s: float = 60.0,
                  wait_s: float = 86_400.0) -> FederatedQuery:
@@ -137,10 +143,8 @@ def query_create(*, actor: Actor, user: Any, spec: Any, sites: Sequence[Site],
                                       detail={"node": str(node.uuid), "deadline": site_deadline.isoformat()})
             targets.append({"site": site.slug, "node": str(node.uuid), "state": state})
             if state == SiteState.PENDING:
-                # Wakes the node's sync at once (over its stream); polling would find the query too.
                 nudges[str(node.uuid)] = Nudge()
-        nudge_nodes(nudges)
-        quiet.attention(nudges)
+        _wake(nudges)
         audit_record(actor=actor, action="query.create", obj=query, object_repr=str(query),
                      after={"dataset": query.dataset, "spec": document, "sites": targets,
                             "offline_behaviour": offline_behaviour, "deadline": deadline.isoformat(),

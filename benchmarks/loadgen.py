@@ -75,6 +75,8 @@ class PhaseResult:
     first_error: str = ""
     client_cpu: float = 0.0
     server_cpu: float | None = None
+    # Requests tried a second time after a transport error (setup phases only).
+    retried: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

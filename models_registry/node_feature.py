@@ -23,7 +23,7 @@ class ModelsFeature(NodeFeatureBase):
     name = "models"
 
     def desired(self, node: Any, cache: dict[Any, Any]) -> Mapping[str, Any]:
-        return {"models": [m.model_dump(mode="json") for m in desired_models_for_node(node)]}
+        return {"models": [m.model_dump(mode="json") for m in desired_models_for_node(node, cache)]}
 
     def report(self, sync: NodeSync) -> None:
         sync.audited |= model_status_report(node=sync.node, statuses=sync.actual.models, actor=sync.actor) > 0

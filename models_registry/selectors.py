@@ -86,7 +86,9 @@ def choose_variant(version: ModelVersion, node: Node, variants: list[ModelVarian
 # Per model id, a version assigned to a node over its deployments: (version, assigned at, where from,
 # as "rollout <uuid>"). The rollouts app registers its assignments here; a later assignment wins over
 # deployments made before it (rule 1).
-AssignmentSource = Callable[[Node], dict[int, tuple[ModelVersion, dt.datetime, str]]]
+# ``cache`` is shared while many nodes' states are published: a source may read a whole site's
+# assignments once there.
+AssignmentSource = Callable[[Node, dict[Any, Any] | None], dict[int, tuple[ModelVersion, dt.datetime, str]]]
 _assignment_sources: list[AssignmentSource] = []
 
 
@@ -96,11 +98,11 @@ def assignment_source_register(source: AssignmentSource) -> None:
         _assignment_sources.append(source)
 
 
-def _assigned(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
+def _assigned(node: Node, cache: dict[Any, Any] | None) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
     """Every source's assignments for ``node``; the latest assignment of a model wins."""
     assigned: dict[int, tuple[ModelVersion, dt.datetime, str]] = {}
     for source in _assignment_sources:
-        for model_id, entry in source(node).items():
+        for model_id, entry in source(node, cache).items():
             if model_id not in assigned or entry[1] >= assigned[model_id][1]:
                 assigned[model_id] = entry
     return assigned
@@ -111,10 +113,21 @@ def _active_deployments() -> QuerySet[Deployment]:
         "version__model").prefetch_related("version__variants")
 
 
-def _plan(node: Node) -> dict[int, Placement]:
+def _deployments_of(node: Node, cache: dict[Any, Any] | None) -> list[Deployment]:
+    """The active deployments reaching ``node`` (its own and its site's); with ``cache``, the site's
+    are read once for all its nodes."""
+    if cache is None:
+        return list(_active_deployments().filter(Q(node=node) | Q(site_id=node.site_id)))
+    key = ("deployments", node.site_id)
+    if key not in cache:
+        cache[key] = list(_active_deployments().filter(Q(node__site_id=node.site_id) | Q(site_id=node.site_id)))
+    return [d for d in cache[key] if d.node_id in (None, node.pk) and d.site_id in (None, node.site_id)]
+
+
+def _plan(node: Node, cache: dict[Any, Any] | None = None) -> dict[int, Placement]:
     """Per model id, what ``node`` gets (newest deployed version per model wins, unless a later rollout
-    assignment does)."""
-    deployments = _active_deployments().filter(Q(node=node) | Q(site_id=node.site_id))
+    assignment does). ``cache``: shared while many nodes are planned together."""
+    deployments = _deployments_of(node, cache)
     newest: dict[int, ModelVersion] = {}
     decided: dict[int, Any] = {}
     for deployment in deployments:
@@ -127,7 +140,7 @@ def _plan(node: Node) -> dict[int, Placement]:
             at = decided.get(deployment.version.model_id)
             decided[deployment.version.model_id] = max(at, deployment.created_at) if at else deployment.created_at
     sources: dict[int, str] = {}
-    for model_id, (version, assigned_at, source) in _assigned(node).items():
+    for model_id, (version, assigned_at, source) in _assigned(node, cache).items():
         if model_id not in newest or assigned_at >= decided[model_id]:
             newest[model_id] = version
             sources[model_id] = source
@@ -135,7 +148,7 @@ def _plan(node: Node) -> dict[int, Placement]:
     policy = None
     for model_id, version in newest.items():
         if policy is None:
-            policy = placement_policy_current()[1]
+            policy = _placement_policy(cache)
         source = sources.get(model_id, "deployment")
         reason = exclusion_reason(version, node, policy)
         if reason:
@@ -145,6 +158,15 @@ def _plan(node: Node) -> dict[int, Placement]:
         plan[model_id] = Placement(node=node, version=version, variant=variant.kind if variant else "original",
                                    source=source)
     return plan
+
+
+def _placement_policy(cache: dict[Any, Any] | None) -> placement_policy.PlacementPolicy:
+    if cache is None:
+        return placement_policy_current()[1]
+    if "placement_policy" not in cache:
+        cache["placement_policy"] = placement_policy_current()[1]
+    policy: placement_policy.PlacementPolicy = cache["placement_policy"]
+    return policy
 
 
 def desired_model(placement: Placement) -> protocol.DesiredModel:
@@ -172,11 +194,15 @@ def desired_model(placement: Placement) -> protocol.DesiredModel:
     )
 
 
-def desired_models_for_node(node: Node) -> list[protocol.DesiredModel]:
-    """The models ``node`` should serve, sorted by name (part of its signed desired state)."""
+def desired_models_for_node(node: Node, cache: dict[Any, Any] | None = None) -> list[protocol.DesiredModel]:
+    """The models ``node`` should serve, sorted by name (part of its signed desired state).
+
+    ``cache``: shared while many nodes' states are published, so a site's deployments and
+    assignments are read once for all its nodes.
+    """
     if node.revoked_at is not None:
         return []
-    placements = [p for p in _plan(node).values() if p.placed]
+    placements = [p for p in _plan(node, cache).values() if p.placed]
     return sorted((desired_model(p) for p in placements), key=lambda m: m.name)
 
 

@@ -18,30 +18,57 @@ from sites.models import Connectivity, Node, NodeStatus
 UNREACHABLE = (NodeStatus.PENDING, NodeStatus.STALE, NodeStatus.OFFLINE, NodeStatus.REVOKED)
 
 
-def rollout_assignments(node: Node) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
+def rollout_assignments(node: Node, cache: dict[Any, Any] | None = None
+                        ) -> dict[int, tuple[ModelVersion, dt.datetime, str]]:
     """Per model id, the version the latest rollout assigned to ``node``: (version, assigned at, "rollout <uuid>").
 
     A node carries a rollout's version while it is being updated, serves it,
     or reported it failed (until the rollback takes it off); a rollout that
-    rolled back or was rejected assigns nothing.
+    rolled back or was rejected assigns nothing. ``cache``: shared while many
+    nodes' states are published, so a site's assignments are read once.
     """
-    # Two steps on purpose: this runs for every node whose desired state is published, and most
-    # nodes have no assignment, which the (node, state) index answers without touching any other table.
-    rows = list(RolloutNode.objects.filter(node_id=node.pk, state__in=ASSIGNED_NODE_STATES,
-                                           assigned_at__isnull=False)
-                .order_by("assigned_at", "pk").values_list("rollout_id", "assigned_at"))
+    if cache is None:
+        rows = _assignment_rows(RolloutNode.objects.filter(node_id=node.pk)).get(node.pk, [])
+    else:
+        key = ("rollout_assignments", node.site_id)
+        if key not in cache:
+            cache[key] = _assignment_rows(RolloutNode.objects.filter(node__site_id=node.site_id))
+        rows = cache[key].get(node.pk, [])
     if not rows:
         return {}
-    rollouts = {r.pk: r for r in Rollout.objects.filter(pk__in=[r for r, _ in rows],
-                                                         version__status=VersionStatus.VALID)
-                .exclude(state__in=[RolloutState.FAILED, RolloutState.ABORTED, RolloutState.REJECTED])
-                .select_related("version__model").prefetch_related("version__variants")}
+    rollouts = _assigning_rollouts({r for r, _ in rows}, cache)
     assigned: dict[int, tuple[ModelVersion, dt.datetime, str]] = {}
     for rollout_id, assigned_at in rows:
         rollout = rollouts.get(rollout_id)
-        if rollout is not None and assigned_at is not None:  # not null: filtered above
+        if rollout is not None:
             assigned[rollout.version.model_id] = (rollout.version, assigned_at, f"rollout {rollout.uuid}")
     return assigned
+
+
+def _assignment_rows(rows: QuerySet[RolloutNode]) -> dict[int, list[tuple[int, dt.datetime]]]:
+    """Per node pk, its (rollout id, assigned at) in the order assigned."""
+    # Two steps on purpose (this, then the rollouts): this runs for every node whose desired state is
+    # published, and most nodes have no assignment, which the (node, state) index answers without
+    # touching any other table.
+    by_node: dict[int, list[tuple[int, dt.datetime]]] = {}
+    for node_id, rollout_id, assigned_at in (
+            rows.filter(state__in=ASSIGNED_NODE_STATES, assigned_at__isnull=False)
+            .order_by("assigned_at", "pk").values_list("node_id", "rollout_id", "assigned_at")):
+        if assigned_at is not None:  # not null: filtered above
+            by_node.setdefault(node_id, []).append((rollout_id, assigned_at))
+    return by_node
+
+
+def _assigning_rollouts(ids: set[int], cache: dict[Any, Any] | None) -> dict[int, Rollout]:
+    """The rollouts among ``ids`` that still assign their version, by pk (each read once per ``cache``)."""
+    known: dict[int, Rollout | None] = {} if cache is None else cache.setdefault("assigning_rollouts", {})
+    missing = ids - known.keys()
+    if missing:
+        found = {r.pk: r for r in Rollout.objects.filter(pk__in=missing, version__status=VersionStatus.VALID)
+                 .exclude(state__in=[RolloutState.FAILED, RolloutState.ABORTED, RolloutState.REJECTED])
+                 .select_related("version__model").prefetch_related("version__variants")}
+        known.update({pk: found.get(pk) for pk in missing})
+    return {pk: rollout for pk in ids if (rollout := known[pk]) is not None}
 
 
 def unreachable(node: Node, now: dt.datetime | None = None) -> bool:

@@ -95,6 +95,10 @@ class ModelVersion(models.Model):
     # tell a slow validation from a lost one, and give up on a model that kills workers.
     claimed_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Set when a rollout of this version failed or was aborted (its nodes were put back), cleared when one
+    # succeeds: version pickers mark it and never choose it by default.
+    rolled_back_at = models.DateTimeField(null=True, blank=True)
+    rolled_back_note = models.CharField(max_length=300, blank=True)
 
     objects = RestrictedQuerySet.as_manager()
     scope = Scope.estate()

@@ -388,6 +388,13 @@ def deployment_remove(*, actor: Actor, deployment: Deployment) -> Deployment:
     return deployment
 
 
+def version_outcome_record(*, version: ModelVersion, rolled_back: bool, note: str = "") -> None:
+    """Mark ``version`` rolled back (a rollout of it failed or was aborted) or clear the mark (one succeeded)."""
+    at = timezone.now() if rolled_back else None
+    ModelVersion.objects.filter(pk=version.pk).update(rolled_back_at=at, rolled_back_note=note[:300])
+    version.rolled_back_at, version.rolled_back_note = at, note[:300]
+
+
 MODEL_UPDATABLE = ("name", "description", "classification")
 
 

@@ -11,6 +11,5 @@ urlpatterns = [
     path("new", views.model_create, name="model-create"),
     path("<str:slug>/", views.model_detail, name="model-detail"),
     path("<str:slug>/versions", views.version_upload, name="version-upload"),
-    path("<str:slug>/deployments", views.deployment_create, name="deployment-create"),
     path("<str:slug>/deployments/<uuid:deployment_id>/remove", views.deployment_remove, name="deployment-remove"),
 ]

@@ -25,8 +25,8 @@ from core.htmx import render_page, wants_partial
 from core.permissions import may_anywhere, may_everywhere, user_can
 from models_registry import selectors, services
 from models_registry.forms import ModelCreateForm, VersionUploadForm
-from models_registry.models import Deployment, Model, ModelVersion, VersionStatus
-from sites.models import Node, Site
+from models_registry.models import Deployment, Model, VersionStatus
+from sites.models import Site
 
 PENDING = (VersionStatus.UPLOADED, VersionStatus.VALIDATING)
 
@@ -88,7 +88,8 @@ def model_create(request: HttpRequest) -> HttpResponseBase:
     return render(request, "models_registry/model_form.html", {"form": form}, status=status)
 
 
-def _detail_context(request: HttpRequest, model: Model, **extra: Any) -> dict[str, Any]:
+def model_detail_context(request: HttpRequest, model: Model, **extra: Any) -> dict[str, Any]:
+    """The model page's context (the deploy panel's too, which the rollouts app answers)."""
     versions = list(model.versions.prefetch_related("events", "variants").order_by("-created_at", "-pk"))
     sites, nodes = selectors.operable_targets(request.user)
     operable = set(sites.values_list("pk", flat=True))
@@ -101,7 +102,9 @@ def _detail_context(request: HttpRequest, model: Model, **extra: Any) -> dict[st
             "placements": selectors.model_placements(v, user=request.user) if v.status == VersionStatus.VALID else [],
         } for v in versions],
         "pending": any(v.status in PENDING for v in versions),
-        "valid_versions": [v for v in versions if v.status == VersionStatus.VALID],
+        # Newest first, those rolled back last: the picker's first choice is never one of them.
+        "valid_versions": sorted((v for v in versions if v.status == VersionStatus.VALID),
+                                 key=lambda v: v.rolled_back_at is not None),
         "can_manage": can_manage_registry(request.user),
         "deploy_sites": sites,
         "deploy_nodes": nodes,
@@ -117,7 +120,7 @@ def _detail_context(request: HttpRequest, model: Model, **extra: Any) -> dict[st
 def model_detail(request: HttpRequest, slug: str) -> HttpResponseBase:
     _viewer(request)
     model = get_object_or_404(Model, slug=slug)
-    context = _detail_context(request, model)
+    context = model_detail_context(request, model)
     if wants_partial(request) and request.GET.get("poll") and not context["pending"]:
         # Validation finished: reload once so deploy choices and placements follow.
         return HttpResponseClientRefresh()
@@ -140,42 +143,17 @@ def version_upload(request: HttpRequest, slug: str) -> HttpResponseBase:
             form.add_error(exc.field if exc.field in form.fields else None, exc.message)
         else:
             return _done(request, model)
-    context = _detail_context(request, model, upload_form=form)
+    context = model_detail_context(request, model, upload_form=form)
     template = "models_registry/model_detail.html"
     return render_page(request, template, "upload-panel", context, status=422)
 
 
-def _target_site(request: HttpRequest, site: Site) -> None:
+def target_site_check(request: HttpRequest, site: Site) -> None:
     if not user_can(request.user, "operate", site):
         raise PermissionDenied(f"you may see site {site.slug} but not operate it")
 
 
-@login_required
-@require_POST
-def deployment_create(request: HttpRequest, slug: str) -> HttpResponseBase:
-    _viewer(request)
-    model = get_object_or_404(Model, slug=slug)
-    version = get_object_or_404(ModelVersion, model=model, uuid=_uuid(request.POST.get("version")))
-    sites: list[Site] = []
-    for site_slug in request.POST.getlist("sites"):
-        site = get_object_or_404(Site.objects.all().restrict(request.user), slug=site_slug)
-        _target_site(request, site)
-        sites.append(site)
-    nodes: list[Node] = []
-    for node_id in request.POST.getlist("nodes"):
-        node = get_object_or_404(Node.objects.select_related("site").restrict(request.user), uuid=_uuid(node_id))
-        _target_site(request, node.site)
-        nodes.append(node)
-    try:
-        services.deployment_create(actor=Actor.from_request(request), version=version, sites=sites, nodes=nodes)
-    except services.RegistryError as exc:
-        context = _detail_context(request, model, deploy_error=exc.message)
-        template = "models_registry/model_detail.html"
-        return render_page(request, template, "deploy-panel", context, status=422)
-    return _done(request, model)
-
-
-def _uuid(value: str | None) -> uuid.UUID:
+def object_uuid(value: str | None) -> uuid.UUID:
     try:
         return uuid.UUID(str(value))
     except ValueError as exc:
@@ -193,7 +171,7 @@ def deployment_remove(request: HttpRequest, slug: str, deployment_id: uuid.UUID)
     site = deployment.target_site
     if not Site.objects.filter(pk=site.pk).restrict(request.user).exists():
         raise Http404("no such deployment")
-    _target_site(request, site)
+    target_site_check(request, site)
     try:
         services.deployment_remove(actor=Actor.from_request(request), deployment=deployment)
     except services.RegistryError as exc:

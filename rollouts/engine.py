@@ -46,6 +46,7 @@ from rollouts.models import (
     RolloutState,
     WavePhase,
 )
+from rollouts.outcomes import rollout_outcome
 from rollouts.reports import desired_versions, placements_new, publish_row, publish_rows, reports_new, reports_previous
 from rollouts.selectors import by_bundle, offline_share, unreachable
 from sites.models import Node
@@ -80,6 +81,7 @@ def transition(rollout: Rollout, to: str, *, actor: Actor, message: str = "", da
                  wave=rollout.current_wave, data=data)
     audit_record(actor=actor, action=f"rollout.{to}", obj=rollout, object_repr=str(rollout),
                  before={"state": before}, after={"state": to, "reason": message[:1000], "wave": rollout.current_wave})
+    rollout_outcome(rollout, to, actor=actor, message=message)
 
 
 def schedule(rollout: Rollout, *, delay: float | None = None) -> None:

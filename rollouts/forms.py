@@ -5,14 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.db.models import F
 
 from edge_runtime.policy.rollout import Strategy
 from models_registry.models import ModelVersion, VersionStatus
 from sites.models import NodeRole
 
 
+class VersionChoiceField(forms.ModelChoiceField):
+    """Versions by model, newest first, the rolled-back ones last and marked as such."""
+
+    def label_from_instance(self, obj: Any) -> str:
+        if obj.rolled_back_at is None:
+            return str(obj)
+        return f"{obj} — rolled back {obj.rolled_back_at:%d %b %H:%M} ({obj.rolled_back_note[:80]})"
+
+
 class RolloutForm(forms.Form):
-    version = forms.ModelChoiceField(queryset=ModelVersion.objects.none(), to_field_name="uuid")
+    version = VersionChoiceField(queryset=ModelVersion.objects.none(), to_field_name="uuid")
     regions = forms.MultipleChoiceField(required=False, choices=[])
     sites = forms.MultipleChoiceField(required=False, choices=[])
     labels = forms.CharField(required=False, help_text="site labels, e.g. line=3, tier=gold")
@@ -53,7 +63,8 @@ class RolloutForm(forms.Form):
         kwargs.setdefault("initial", initial)
         super().__init__(*args, **kwargs)
         self.fields["version"].queryset = ModelVersion.objects.filter(  # type: ignore[attr-defined]
-            status=VersionStatus.VALID).select_related("model").order_by("model__slug", "-created_at")
+            status=VersionStatus.VALID).select_related("model").order_by(
+            "model__slug", F("rolled_back_at").asc(nulls_first=True), "-created_at")
         self.fields["regions"].choices = [(r, r) for r in regions]  # type: ignore[attr-defined]
         self.fields["sites"].choices = sites  # type: ignore[attr-defined]
 

@@ -50,10 +50,18 @@ class PauseKind(models.TextChoices):
     FLEET_OFFLINE = "fleet_offline", "Target offline"  # resumes by itself once enough of the target is back
 
 
+class RolloutKind(models.TextChoices):
+    ROLLOUT = "rollout", "Rollout"  # planned in waves on the rollouts page
+    # The model page's Deploy: one wave with the policy's gate, started as soon as it may be; once it
+    # succeeds its sites and nodes keep the version as deployments.
+    DEPLOY = "deploy", "Deploy"
+
+
 class Rollout(models.Model):
     uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    kind = models.CharField(max_length=10, choices=RolloutKind.choices, default=RolloutKind.ROLLOUT)
     version = models.ForeignKey("models_registry.ModelVersion", on_delete=models.PROTECT, related_name="rollouts")
-    # {"regions": [slug], "sites": [slug], "labels": {k: v}, "roles": [role]}
+    # {"regions": [slug], "sites": [slug], "nodes": [uuid], "labels": {k: v}, "roles": [role]}
     target = models.JSONField(default=dict)
     # edge_runtime.policy.rollout.Strategy as JSON.
     strategy = models.JSONField(default=dict)

@@ -18,8 +18,11 @@ import dataclasses
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
+
+from django.db.models import Q
 
 from edge_runtime.policy import placement as placement_policy
 from edge_runtime.policy.placement import PlacementPolicy, PolicyInvalid, parse_document
@@ -50,10 +53,10 @@ def _slugs(raw: Any, field: str) -> list[str]:
 
 def target_clean(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A target with every region, site and role checked to exist; PlanningError naming the first that does not."""
-    unknown = set(raw) - {"regions", "sites", "labels", "roles"}
+    unknown = set(raw) - {"regions", "sites", "nodes", "labels", "roles"}
     if unknown:
-        raise PlanningError(f"target: unknown key {sorted(unknown)[0]!r} (keys: regions, sites, labels, roles)",
-                            field="target")
+        raise PlanningError(f"target: unknown key {sorted(unknown)[0]!r} (keys: regions, sites, nodes, labels, "
+                            "roles)", field="target")
     regions = _slugs(raw.get("regions"), "regions")
     sites = _slugs(raw.get("sites"), "sites")
     roles = _slugs(raw.get("roles"), "roles")
@@ -69,6 +72,7 @@ def target_clean(raw: Mapping[str, Any]) -> dict[str, Any]:
         if role not in NodeRole.values:
             raise PlanningError(f"target.roles: unknown role {role!r}; roles are {', '.join(NodeRole.values)}",
                                 field="roles")
+    nodes = _node_uuids(raw.get("nodes"))
     labels = raw.get("labels") or {}
     if not isinstance(labels, Mapping):
         raise PlanningError("target.labels: an object of label: value", field="labels")
@@ -76,8 +80,26 @@ def target_clean(raw: Mapping[str, Any]) -> dict[str, Any]:
         if not LABEL.match(str(key)) or not isinstance(value, str | int | float) or not str(value):
             raise PlanningError(f"target.labels: {key!r}={value!r} is not a label (letters, digits, '_.-')",
                                 field="labels")
-    return {"regions": regions, "sites": sites, "labels": {str(k): str(v) for k, v in sorted(labels.items())},
-            "roles": roles}
+    cleaned = {"regions": regions, "sites": sites, "labels": {str(k): str(v) for k, v in sorted(labels.items())},
+               "roles": roles}
+    # Only when given, so that a plan's target (and its hash) without nodes stays as it was.
+    return {**cleaned, "nodes": nodes} if nodes else cleaned
+
+
+def _node_uuids(raw: Any) -> list[str]:
+    """Node uuids, each an active node's; PlanningError naming the first that is not."""
+    values = _slugs(raw, "nodes")
+    for value in values:
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise PlanningError(f"target.nodes: {value!r} is not a node id", field="nodes") from None
+    active = {str(u) for u in Node.objects.filter(uuid__in=values, revoked_at__isnull=True)
+              .values_list("uuid", flat=True)}
+    for value in values:
+        if str(uuid.UUID(value)) not in active:
+            raise PlanningError(f"target.nodes: no active node {value}", field="nodes")
+    return sorted(str(uuid.UUID(v)) for v in values)
 
 
 def target_describe(target: Mapping[str, Any]) -> str:
@@ -86,6 +108,8 @@ def target_describe(target: Mapping[str, Any]) -> str:
         parts.append("regions " + ", ".join(target["regions"]))
     if target.get("sites"):
         parts.append("sites " + ", ".join(target["sites"]))
+    if target.get("nodes"):
+        parts.append(f"{len(target['nodes'])} chosen node(s)")
     where = " and ".join(parts) if parts else "every site"
     if target.get("labels"):
         where += " labelled " + ", ".join(f"{k}={v}" for k, v in target["labels"].items())
@@ -110,11 +134,9 @@ def target_nodes(target: Mapping[str, Any]) -> list[Node]:
     # Site and region only: placement needs no desired state, and loading every node's signed payload
     # would cost more than the planning itself.
     nodes = Node.objects.filter(revoked_at__isnull=True).select_related("site__region")
-    regions, sites = target.get("regions") or [], target.get("sites") or []
-    if regions or sites:
-        from django.db.models import Q
-
-        nodes = nodes.filter(Q(site__region__slug__in=regions) | Q(site__slug__in=sites))
+    regions, sites, chosen = target.get("regions") or [], target.get("sites") or [], target.get("nodes") or []
+    if regions or sites or chosen:
+        nodes = nodes.filter(Q(site__region__slug__in=regions) | Q(site__slug__in=sites) | Q(uuid__in=chosen))
     if target.get("roles"):
         nodes = nodes.filter(role__in=target["roles"])
     labels = target.get("labels") or {}

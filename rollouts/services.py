@@ -17,7 +17,7 @@ count when given by the requester.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.db import transaction
@@ -36,6 +36,7 @@ from rollouts.models import (
     NodeState,
     PauseKind,
     Rollout,
+    RolloutKind,
     RolloutNode,
     RolloutState,
     WavePhase,
@@ -93,7 +94,7 @@ def _apply_plan(rollout: Rollout, plan: Plan, policy: RolloutPolicy) -> None:
 
 
 def rollout_create(*, actor: Actor, user: Any, version: ModelVersion, target: Mapping[str, Any],
-                   strategy: Mapping[str, Any] | None = None) -> Rollout:
+                   strategy: Mapping[str, Any] | None = None, kind: str = RolloutKind.ROLLOUT) -> Rollout:
     """Plan a rollout of ``version`` to ``target``; it waits for approval or is ready to start."""
     if version.status != VersionStatus.VALID:
         raise RolloutError(f"version: {version} is {version.status}; only a valid version can be rolled out",
@@ -111,12 +112,13 @@ def rollout_create(*, actor: Actor, user: Any, version: ModelVersion, target: Ma
                                "first", field="version")
         plan, policy = _plan(version, cleaned_target, cleaned_strategy)
         rollout = Rollout(version=version, requested_by=user if getattr(user, "pk", None) else None,
-                          state=RolloutState.PENDING_APPROVAL)
+                          state=RolloutState.PENDING_APPROVAL, kind=kind)
         _apply_plan(rollout, plan, policy)
         state = RolloutState.PENDING_APPROVAL if rollout.approvals_required else RolloutState.READY
         rollout.state = state
         rollout.save(update_fields=["state"])
-        message = (f"planned {sum(len(w) for w in plan.waves)} node(s) in {len(plan.waves)} wave(s), "
+        message = ("deploy: " if kind == RolloutKind.DEPLOY else "") + (
+                   f"planned {sum(len(w) for w in plan.waves)} node(s) in {len(plan.waves)} wave(s), "
                    f"{len(plan.excluded)} excluded; " + (
                        f"needs {rollout.approvals_required} approval(s) from the {rollout.approval_role} role "
                        f"(rules {', '.join(rollout.approval_rules)})" if rollout.approvals_required
@@ -124,9 +126,34 @@ def rollout_create(*, actor: Actor, user: Any, version: ModelVersion, target: Ma
         engine.record_event(rollout, kind="state", actor=actor, to_state=state, message=message,
                             data={"plan_hash": rollout.plan_hash})
         audit_record(actor=actor, action="rollout.create", obj=rollout, object_repr=str(rollout),
-                     after={"version": str(version), "target": rollout.target, "strategy": rollout.strategy,
+                     after={"kind": kind, "version": str(version), "target": rollout.target,
+                            "strategy": rollout.strategy,
                             "plan_hash": rollout.plan_hash, "state": state, "nodes": len(plan.nodes),
                             "excluded": len(plan.excluded)})
+    return rollout
+
+
+# A deploy's strategy over the policy's defaults: one wave (up to the largest canary a strategy allows; past
+# it, the rest is a second wave), baked and gated as the policy says.
+DEPLOY_WAVES = {"canary_nodes": 10_000, "percentages": [100.0]}
+
+
+def deploy_create(*, actor: Actor, user: Any, version: ModelVersion, sites: Sequence[Any] = (),
+                  nodes: Sequence[Any] = ()) -> Rollout:
+    """The model page's Deploy: a one-wave rollout of ``version`` to ``sites`` and ``nodes``.
+
+    It is planned and approved as any rollout (the rollout policy decides whether it needs approvals) and
+    starts at once when it needs none, else as soon as it has them. Its wave is judged by the policy's gate
+    and rolled back if it fails; once it succeeds, its sites and nodes keep the version as deployments.
+    """
+    if not sites and not nodes:
+        raise RolloutError("choose at least one site or node to deploy to", field="targets", status=422)
+    target = {"sites": [s.slug for s in sites], "nodes": [str(n.uuid) for n in nodes]}
+    with transaction.atomic():
+        rollout = rollout_create(actor=actor, user=user, version=version, target=target, strategy=DEPLOY_WAVES,
+                                 kind=RolloutKind.DEPLOY)
+        if rollout.state == RolloutState.READY:
+            rollout = rollout_start(actor=actor, rollout=rollout)
     return rollout
 
 
@@ -209,6 +236,9 @@ def rollout_approve(*, actor: Actor, user: Any, rollout: Rollout, plan_hash: str
         if count >= rollout.approvals_required:
             engine.transition(rollout, RolloutState.READY, actor=actor,
                               message=f"{count} approval(s) of plan {plan_hash[:12]}; ready to start")
+            if rollout.kind == RolloutKind.DEPLOY:
+                # A deploy was asked to happen now: it starts once it may.
+                rollout = rollout_start(actor=actor, rollout=rollout)
     return rollout
 
 

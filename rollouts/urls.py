@@ -13,4 +13,5 @@ urlpatterns = [
     path("rollouts/<uuid:rollout_id>/<str:decision>/decide", views.rollout_decide, name="rollout-decide"),
     path("rollouts/<uuid:rollout_id>/<str:action>", views.rollout_action, name="rollout-action"),
     path("approvals/", views.approval_list, name="approval-list"),
+    path("rollouts/deploy/<str:slug>", views.deploy, name="deploy"),
 ]

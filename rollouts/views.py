@@ -17,7 +17,7 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
@@ -25,12 +25,14 @@ from django_htmx.http import HttpResponseClientRedirect
 from audit.services import Actor
 from core.htmx import render_page, wants_partial
 from core.permissions import may_anywhere, may_everywhere, user_can
+from models_registry.models import Model, ModelVersion
+from models_registry.views import can_view_registry, model_detail_context, object_uuid, target_site_check
 from policies.models import Approval
 from policies.selectors import approvals_for, rollout_policy_current
 from rollouts import selectors, services
 from rollouts.forms import RolloutForm
 from rollouts.models import TERMINAL_STATES, Rollout, RolloutState
-from sites.models import Region, Site
+from sites.models import Node, Region, Site
 
 ACTIONS = {
     "start": services.rollout_start,
@@ -77,11 +79,12 @@ def _form(request: HttpRequest, data: Any = None) -> RolloutForm:
 
 
 def _check_target(request: HttpRequest, target: dict[str, Any]) -> None:
-    if not target["regions"] and not target["sites"]:
+    if not target["regions"] and not target["sites"] and not target.get("nodes"):
         if not may_everywhere(request.user, "operate"):
             raise PermissionDenied("an estate-wide rollout needs the estate-wide Operator role")
         return
-    sites = Site.objects.filter(slug__in=target["sites"]) | Site.objects.filter(region__slug__in=target["regions"])
+    sites = (Site.objects.filter(slug__in=target["sites"]) | Site.objects.filter(region__slug__in=target["regions"])
+             | Site.objects.filter(nodes__uuid__in=target.get("nodes") or []))
     for site in sites.distinct():
         if not user_can(request.user, "operate", site):
             raise PermissionDenied(f"you may not operate site {site.slug}")
@@ -109,6 +112,33 @@ def rollout_create(request: HttpRequest) -> HttpResponseBase:
             else:
                 return redirect(_detail_url(rollout))
     return render(request, "rollouts/rollout_form.html", {"form": form}, status=status)
+
+
+@login_required
+@require_POST
+def deploy(request: HttpRequest, slug: str) -> HttpResponseBase:
+    """The model page's Deploy: a one-wave rollout under the rollout policy (``services.deploy_create``)."""
+    if not can_view_registry(request.user):
+        raise PermissionDenied("the model registry needs a role on at least one site")
+    model = get_object_or_404(Model, slug=slug)
+    version = get_object_or_404(ModelVersion, model=model, uuid=object_uuid(request.POST.get("version")))
+    sites = []
+    for site_slug in request.POST.getlist("sites"):
+        site = get_object_or_404(Site.objects.all().restrict(request.user), slug=site_slug)
+        target_site_check(request, site)
+        sites.append(site)
+    nodes = []
+    for node_id in request.POST.getlist("nodes"):
+        node = get_object_or_404(Node.objects.select_related("site").restrict(request.user), uuid=object_uuid(node_id))
+        target_site_check(request, node.site)
+        nodes.append(node)
+    try:
+        rollout = services.deploy_create(actor=Actor.from_request(request), user=request.user, version=version,
+                                         sites=sites, nodes=nodes)
+    except services.RolloutError as exc:
+        context = model_detail_context(request, model, deploy_error=exc.message)
+        return render_page(request, "models_registry/model_detail.html", "deploy-panel", context, status=422)
+    return _done(request, rollout)
 
 
 def _detail_context(request: HttpRequest, rollout: Rollout, **extra: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 An admin creates a model, uploads an ONNX file through the form and watches
 the upload's progress bar, then the version's validation in a real Celery
-worker until it is valid, deploys it to a site, and follows it to the node
+worker until it is valid, deploys it to a site (a one-wave rollout), and follows it to the node
 page, where a real edge runtime reports it serving.
 """
 
@@ -16,7 +16,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from audit.models import AuditEvent
+from audit.services import Actor
 from models_registry.models import Deployment, ModelVersion
+from policies.services import policy_update
+from rollouts.models import Rollout
 from tests.browser.support import log_in, snap
 from tests.fixtures.personas import make_region, make_site, make_user
 from tests.fixtures.processes import ControlPlane
@@ -45,6 +48,7 @@ def test_it_takes_an_admin_from_a_new_model_to_a_node_that_serves_it(
     berlin = make_site(make_region("eu", "Europe"), "plant-berlin", name="Plant Berlin", jurisdiction="DE")
     make_user("ada", superuser=True)
     edge_node(berlin, "gw-1", role="gateway")
+    policy_update(actor=Actor.system("test"), kind="rollout", document={"defaults": {"bake_s": 0, "gate": None}})
     # A file big enough that the upload is not a single instant.
     artifact = tmp_path / "defects.onnx"
     artifact.write_bytes(onnx_factory.linear(in_features=512, out_features=256, seed=11))
@@ -98,15 +102,25 @@ def test_it_takes_an_admin_from_a_new_model_to_a_node_that_serves_it(
     expect(article).to_contain_text("int8")
     snap(page, "model-detail")
 
-    # Deploy it to the site: its node receives it.
+    # Deploy it to the site: a one-wave rollout under the rollout policy (here: no approval, no gate, no bake),
+    # followed on its page until it succeeds; the site then keeps the version as a deployment.
     deploy = page.locator("#deploy-panel")
     deploy.get_by_label("Plant Berlin").check()
     deploy.get_by_role("button", name="Deploy").click()
+    expect(page.locator("h1")).to_contain_text("Deploy of defects")
+    expect(page.locator("#deploy-note")).to_contain_text("one wave under the rollout policy")
+    expect(page.locator("#rollout-live .rollout-head .badge")).to_have_attribute("data-state", "succeeded",
+                                                                                 timeout=60_000)
+    rollout = Rollout.objects.get(version=version)
+    assert rollout.kind == "deploy" and rollout.requested_by.username == "ada" and len(rollout.waves) == 1
+    page.locator("h1").get_by_role("link", name="defects").click()
+    article = page.locator("#versions-panel article.version")
     deployments = article.locator("table", has=page.get_by_role("columnheader", name="Since"))
     expect(deployments).to_contain_text("site Plant Berlin")
     deployment = Deployment.objects.get(version=version, removed_at__isnull=True)
-    assert deployment.site_id == berlin.pk and deployment.created_by.username == "ada"
-    assert AuditEvent.objects.filter(action="deployment.create", actor="ada").count() == 1
+    assert deployment.site_id == berlin.pk
+    assert AuditEvent.objects.filter(action="rollout.create", actor="ada").count() == 1
+    assert AuditEvent.objects.filter(action="deployment.create").count() == 1
 
     # Where it runs → the node page, whose Models panel refreshes until the node serves it.
     article.get_by_role("link", name="plant-berlin/gw-1").click()

@@ -9,6 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from models_registry.models import Deployment, Model, ModelVersion, VersionStatus
+from rollouts.models import Rollout, RolloutKind
 from sites.models import Site
 from tests.fixtures.personas import PASSWORD, make_user
 from tests.models_registry import onnx_factory
@@ -144,22 +145,25 @@ def test_it_polls_while_validating_and_reloads_when_done(as_persona: Any) -> Non
 def test_it_deploys_only_to_sites_the_user_operates(request: pytest.FixtureRequest, as_persona: Any, persona: str,
                                                     site_fixture: str, status: int) -> None:
     site: Site = request.getfixturevalue(site_fixture)
+    make_node(site, "gw-1")
     version = valid_version(make_model("detector"))
-    response = as_persona(persona).post("/models/detector/deployments",
+    response = as_persona(persona).post("/rollouts/deploy/detector",
                                         {"version": str(version.uuid), "sites": [site.slug]})
     assert response.status_code == status
-    created = Deployment.objects.filter(version=version, site=site).exists()
+    # A deploy is a one-wave rollout (tests/rollouts/test_deploy.py follows it to its deployments).
+    created = Rollout.objects.filter(version=version, kind=RolloutKind.DEPLOY, target__sites=[site.slug]).exists()
     assert created == (status == 302 and persona != "anonymous")
 
 
 def test_it_refuses_to_deploy_a_version_that_is_not_valid(as_persona: Any, site_berlin: Site) -> None:
+    make_node(site_berlin, "gw-1")
     version = upload(make_model("detector"), version="1.0")
-    response = as_persona("operator").post("/models/detector/deployments",
+    response = as_persona("operator").post("/rollouts/deploy/detector",
                                            {"version": str(version.uuid), "sites": [site_berlin.slug]},
                                            headers={"HX-Request": "true"})
     assert response.status_code == 422
-    assert "only valid versions can be deployed" in response.content.decode()
-    assert not Deployment.objects.exists()
+    assert "is uploaded; only a valid version can be rolled out" in response.content.decode()
+    assert not Deployment.objects.exists() and not Rollout.objects.exists()
 
 
 @pytest.mark.parametrize(("persona", "status"), [

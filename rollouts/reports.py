@@ -46,7 +46,8 @@ def placements_new(rows: Iterable[RolloutNode], model: str, version: str) -> lis
     for row in rows:
         for status in _statuses(row.node, model):
             if status.get("version") == version and status.get("state") == "serving":
-                found.append((row.node.name, str(status.get("placement") or ""), str(status.get("fallback") or "")))
+                found.append((f"{row.node.site.slug}/{row.node.name}", str(status.get("placement") or ""),
+                              str(status.get("fallback") or "")))
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from django.db.models import QuerySet
@@ -104,8 +105,10 @@ def rollout_get(*, user: Any, rollout_uuid: Any) -> Rollout | None:
     return rollout_list(user=user).filter(uuid=rollout_uuid).first()
 
 
-def rollout_sites(rollout: Rollout) -> list[Any]:
-    return list(rollout.sites.select_related("region").order_by("name"))
+def rollout_sites(rollout: Rollout, site_ids: Collection[int] | None = None) -> list[Any]:
+    """The sites the rollout touches (``site_ids``: only those)."""
+    sites = rollout.sites.select_related("region").order_by("name")
+    return list(sites if site_ids is None else sites.filter(pk__in=site_ids))
 
 
 def user_may(user: Any, action: str, rollout: Rollout) -> bool:
@@ -129,9 +132,12 @@ def approval_inbox(*, user: Any) -> list[Rollout]:
     return [r for r in waiting if approval_role_held(user, r.approval_role or "Approver", r)]
 
 
-def rollout_progress(rollout: Rollout) -> dict[str, Any]:
-    """Counts of node states and the share of planned nodes that finished their part."""
-    counts = Counter(rollout.nodes.values_list("state", flat=True))
+def rollout_progress(rollout: Rollout, site_ids: Collection[int] | None = None) -> dict[str, Any]:
+    """Counts of node states and the share of planned nodes that finished their part (``site_ids``: of the
+    nodes at those sites only, with how many others there are)."""
+    rows = rollout.nodes.all() if site_ids is None else rollout.nodes.filter(node__site_id__in=site_ids)
+    counts = Counter(rows.values_list("state", flat=True))
+    hidden = 0 if site_ids is None else rollout.nodes.exclude(node__site_id__in=site_ids).count()
     total = sum(counts.values())
     done = counts[NodeState.UPDATED] + counts[NodeState.SKIPPED]
     if rollout.state in (RolloutState.ROLLING_BACK, RolloutState.FAILED, RolloutState.ABORTED):
@@ -141,12 +147,16 @@ def rollout_progress(rollout: Rollout) -> dict[str, Any]:
     else:
         percent = round(100 * done / total) if total else 0
     return {"total": total, "counts": {state: counts.get(state, 0) for state in NodeState.values},
-            "percent": percent, "excluded": len(rollout.plan.get("excluded") or [])}
+            "percent": percent, "hidden": hidden, "excluded": len(rollout.plan.get("excluded") or [])}
 
 
-def rollout_waves(rollout: Rollout) -> list[dict[str, Any]]:
-    """Per wave: its nodes with their state and what they report, for the rollout page."""
+def rollout_waves(rollout: Rollout, site_ids: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """Per wave: its nodes with their state and what they report, for the rollout page (``site_ids``: only
+    the nodes at those sites, with how many others the wave has)."""
     rows = list(rollout.nodes.select_related("node__site").order_by("wave", "position"))
+    sizes = Counter(r.wave for r in rows)
+    if site_ids is not None:
+        rows = [r for r in rows if r.node.site_id in site_ids]
     now = timezone.now()
     waves: list[dict[str, Any]] = []
     for index, _ in enumerate(rollout.waves):
@@ -154,6 +164,7 @@ def rollout_waves(rollout: Rollout) -> list[dict[str, Any]]:
         waves.append({
             "index": index,
             "label": "canary" if index == 0 else f"wave {index}",
+            "hidden": sizes[index] - len(members),
             "current": index == rollout.current_wave and rollout.state in (RolloutState.PROGRESSING,
                                                                             RolloutState.PAUSED),
             "nodes": [{"row": r, "status": shown_status(node_status(last_seen_at=r.node.last_seen_at,

@@ -16,6 +16,7 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.db.models import Q
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -32,6 +33,7 @@ from policies.selectors import approvals_for, rollout_policy_current
 from rollouts import selectors, services
 from rollouts.forms import RolloutForm
 from rollouts.models import TERMINAL_STATES, Rollout, RolloutState
+from rollouts.visibility import rollout_view
 from sites.models import Node, Region, Site
 
 ACTIONS = {
@@ -64,7 +66,10 @@ def _done(request: HttpRequest, rollout: Rollout) -> HttpResponseBase:
 @require_GET
 def rollout_list(request: HttpRequest) -> HttpResponse:
     rollouts = list(selectors.rollout_list(user=request.user)[:200])
-    rows = [{"rollout": r, "progress": selectors.rollout_progress(r)} for r in rollouts]
+    # Progress counts the nodes the user may see (every node for an estate-wide role).
+    site_ids = None if may_everywhere(request.user, "view") else set(
+        Site.objects.restrict(request.user).values_list("pk", flat=True))
+    rows = [{"rollout": r, "progress": selectors.rollout_progress(r, site_ids)} for r in rollouts]
     context = {"rows": rows, "can_create": may_anywhere(request.user, "operate"),
                "live": any(r.state not in TERMINAL_STATES for r in rollouts)}
     return render_page(request, "rollouts/rollout_list.html", "rollout-table", context)
@@ -147,13 +152,26 @@ def _detail_context(request: HttpRequest, rollout: Rollout, **extra: Any) -> dic
     decidable = (rollout.state == RolloutState.PENDING_APPROVAL and rollout.requested_by_id != user.pk
                  and selectors.approval_role_held(user, rollout.approval_role or "Approver", rollout))
     decisions = list(approvals_for("rollout", rollout.uuid))
+    view = rollout_view(user, rollout)
+    site_ids = None if view.sees_all else view.visible_ids
+    events = rollout.events.select_related("node").order_by("-at", "-pk")
+    if site_ids is not None:
+        events = events.filter(Q(node__isnull=True) | Q(node__site_id__in=site_ids))
+    events_shown = list(events[:200])
+    for event in events_shown:
+        event.message = view.text(event.message)
     context = {
         "rollout": rollout,
-        "progress": selectors.rollout_progress(rollout),
-        "waves": selectors.rollout_waves(rollout),
-        "events": list(rollout.events.select_related("node").order_by("-at", "-pk")[:200]),
+        "view": view,
+        "reason": view.text(rollout.reason),
+        "gate": view.gate(rollout.last_gate),
+        "excluded": view.excluded(rollout.plan.get("excluded") or []),
+        "target_sites": [s for s in rollout.target.get("sites") or [] if view.shows_site(s)],
+        "progress": selectors.rollout_progress(rollout, site_ids),
+        "waves": selectors.rollout_waves(rollout, site_ids),
+        "events": events_shown,
         "decisions": [{"approval": a, "current": a.plan_hash == rollout.plan_hash} for a in decisions],
-        "sites": selectors.rollout_sites(rollout),
+        "sites": selectors.rollout_sites(rollout, site_ids),
         "can_operate": can_operate,
         "can_decide": decidable,
         "live": rollout.state not in TERMINAL_STATES,

@@ -362,7 +362,7 @@ def test_a_gate_can_fail_the_canary_that_fell_back_to_cpu(site_berlin: Site, gat
     rollout = tick(tick(rollout))
     if fails:
         assert rollout.state == RolloutState.ROLLING_BACK
-        assert "1 node(s) fell back to CPU: n0: " + placement.replace("_", " ") in rollout.reason
+        assert "1 node(s) fell back to CPU: plant-berlin/n0: " + placement.replace("_", " ") in rollout.reason
         if placement == "cpu_fallback":
             assert why in rollout.reason
         assert rollout.last_gate["checks"][0]["name"] == "provider_fallback"

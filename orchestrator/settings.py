@@ -148,6 +148,9 @@ Every variable:
 ``EDGEWISE_MAP_TILE_ATTRIBUTION``
                                 the attribution those tiles require (HTML
                                 shown on the map), default empty
+``EDGEWISE_LOGIN_MAX_FAILURES`` failed logins for one username, or from one
+                                address, before it must wait, default 5
+``EDGEWISE_LOGIN_WINDOW_S``     seconds those failures count for, default 900
 ``EDGEWISE_METRICS_TOKEN``      bearer token (32+ characters) a Prometheus
                                 scraper sends to ``/metrics`` (or
                                 ``EDGEWISE_METRICS_TOKEN_FILE``); default none:
@@ -218,20 +221,13 @@ for _origin in CSRF_TRUSTED_ORIGINS:
         raise ConfigError(f"EDGEWISE_CSRF_TRUSTED_ORIGINS: {_origin!r} is not an origin "
                           "(scheme and host, e.g. https://edgewise.example.org)")
 
-# HTTPS. An install whose public URL is https:// is served over TLS, so by
-# default it redirects plain HTTP and marks its cookies Secure; one whose URL
-# is http:// (or unset) changes nothing until the operator says so. HSTS stays
-# off unless asked for: browsers remember it for its whole max-age (for every
-# subdomain, with include-subdomains), which only the operator can promise.
+# HTTPS. An https:// public URL redirects plain HTTP and marks cookies Secure by default; http:// (or unset)
+# changes nothing unless asked. HSTS stays off unless asked: browsers remember it for its whole max-age.
 _https = _public.scheme == "https"
 SECURE_SSL_REDIRECT = env_bool("EDGEWISE_SECURE_SSL_REDIRECT", _https)
 if PUBLIC_URL and not _https:
-    # Nodes were told to dial this plain-HTTP URL (typically a closed site
-    # network without TLS, while browsers use HTTPS): a redirect would break
-    # every one of them, and it would protect nothing, since a node's
-    # credential has already crossed the wire by the time it is redirected.
-    # Pointing EDGEWISE_PUBLIC_URL at https:// is how an operator asks for
-    # the agent endpoints to be redirected too.
+    # Nodes dial this plain-HTTP URL (a closed site network): a redirect would break them all and protect
+    # nothing (the credential has crossed already). An https:// public URL redirects the agent endpoints too.
     SECURE_REDIRECT_EXEMPT = [r"^agent/"]
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("EDGEWISE_SECURE_COOKIES", _https)
 SECURE_HSTS_SECONDS = env_int("EDGEWISE_HSTS_SECONDS", 0)
@@ -253,6 +249,8 @@ MAX_MODEL_BYTES = int(env_float("EDGEWISE_MAX_MODEL_BYTES", 512 * 1024 * 1024))
 MODEL_VALIDATION_TIMEOUT_S = env_float("EDGEWISE_MODEL_VALIDATION_TIMEOUT", 600.0)
 # Seconds a request body may make no progress before 408 (orchestrator.asgi_limits).
 BODY_TIMEOUT_S = env_float("EDGEWISE_BODY_TIMEOUT_S", 30.0)
+LOGIN_MAX_FAILURES = env_int("EDGEWISE_LOGIN_MAX_FAILURES", 5, minimum=1)
+LOGIN_WINDOW_S = env_float("EDGEWISE_LOGIN_WINDOW_S", 900.0)
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -16,8 +16,14 @@ class PoliciesConfig(AppConfig):
         # post_migrate, so this runs for every app's signal (it is idempotent)
         # and the last run sees them all.
         post_migrate.connect(_roles_sync_after_migrate, dispatch_uid="policies-roles-sync")
+        from django.contrib import admin
+
         from orchestrator import features
+        from policies import auth
         from policies.node_feature import PolicyFeature
+
+        auth.connect()
+        admin.site.login_form = auth.ThrottledAdminAuthenticationForm
 
         features.register(PolicyFeature())
 

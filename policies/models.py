@@ -100,3 +100,20 @@ class Approval(models.Model):
 
     def __str__(self) -> str:
         return f"{self.decision} {self.subject_type} {self.subject_uuid} by {self.user_id}"
+
+
+class LoginFailure(models.Model):
+    """A failed console login, kept while it counts towards throttling (``policies.auth``)."""
+
+    username = models.CharField(max_length=150)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    at = models.DateTimeField(db_index=True)
+
+    objects = RestrictedQuerySet.as_manager()
+    scope = Scope.estate()
+
+    class Meta:
+        indexes = [models.Index(fields=["username", "at"]), models.Index(fields=["ip", "at"])]
+
+    def __str__(self) -> str:
+        return f"failed login for {self.username!r} from {self.ip or 'unknown'} at {self.at:%Y-%m-%d %H:%M:%S}"

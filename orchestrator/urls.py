@@ -16,6 +16,7 @@ urlpatterns = [
     path("audit/", include("audit.urls")),
     path("models/", include("models_registry.urls")),
     path("policies/", include("policies.urls")),
+    path("people/", include("policies.people_urls")),
     path("queries/", include("queries.urls")),
     path("", include("metrics.urls")),
     path("", include("rollouts.urls")),

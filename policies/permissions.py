@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.db import models, transaction
 from guardian.shortcuts import assign_perm, remove_perm
@@ -67,8 +68,13 @@ def _role_change(*, actor: Actor, principal: Any, role: str, obj: models.Model, 
         raise TypeError("roles are granted on a region or a site")
     change = assign_perm if grant else remove_perm
     record = {"principal": str(principal), "role": role, "scope": f"{model_name}:{obj}"}
+    actions = set(ROLES[role])
+    if not grant and isinstance(principal, get_user_model()):
+        # Keep what another role held on the same object still needs (Operator and Approver share "view").
+        actions -= {a for other, where in grants_of(principal) if where == obj and other != role
+                    for a in ROLES[other]}
     with transaction.atomic():
-        for action in ROLES[role]:
+        for action in sorted(actions):
             change(f"sites.{codename(action, model_name)}", principal, obj)
         audit_record(
             actor=actor,
@@ -78,3 +84,30 @@ def _role_change(*, actor: Actor, principal: Any, role: str, obj: models.Model, 
             before=None if grant else record,
             after=record if grant else None,
         )
+
+
+def grants_of(principal: Any) -> list[tuple[str, models.Model]]:
+    """The roles granted to a user on single regions and sites: (role, region or site), by where then role.
+
+    A grant is the set of its role's actions on the object (:func:`role_grant`); actions that make up no
+    role exactly are shown as the largest role they hold.
+    """
+    from guardian.models import UserObjectPermission
+
+    held: dict[tuple[str, str], set[str]] = {}
+    for row in UserObjectPermission.objects.filter(user=principal).select_related("permission__content_type"):
+        model_name = row.permission.content_type.model
+        if model_name in {"region", "site"}:
+            held.setdefault((model_name, row.object_pk), set()).add(row.permission.codename.split("_", 1)[0])
+    found: list[tuple[str, models.Model]] = []
+    from django.apps import apps
+
+    for (model_name, pk), actions in held.items():
+        obj = apps.get_model("sites", model_name).objects.filter(pk=pk).first()
+        if obj is None:
+            continue
+        for role, role_actions in ROLES.items():
+            if set(role_actions) <= actions and not any(
+                    set(role_actions) < set(other) <= actions for other in ROLES.values()):
+                found.append((role, obj))
+    return sorted(found, key=lambda g: (g[1]._meta.model_name or "", str(g[1]), g[0]))

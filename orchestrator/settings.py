@@ -249,8 +249,8 @@ MAX_MODEL_BYTES = int(env_float("EDGEWISE_MAX_MODEL_BYTES", 512 * 1024 * 1024))
 MODEL_VALIDATION_TIMEOUT_S = env_float("EDGEWISE_MODEL_VALIDATION_TIMEOUT", 600.0)
 # Seconds a request body may make no progress before 408 (orchestrator.asgi_limits).
 BODY_TIMEOUT_S = env_float("EDGEWISE_BODY_TIMEOUT_S", 30.0)
-AUTH_PASSWORD_VALIDATORS = [{"NAME": f"django.contrib.auth.password_validation.{v}"} for v in (
-    "UserAttributeSimilarityValidator", "MinimumLengthValidator", "CommonPasswordValidator", "NumericPasswordValidator")]
+AUTH_PASSWORD_VALIDATORS = [{"NAME": f"django.contrib.auth.password_validation.{v}Validator"} for v in (
+    "UserAttributeSimilarity", "MinimumLength", "CommonPassword", "NumericPassword")]
 LOGIN_MAX_FAILURES = env_int("EDGEWISE_LOGIN_MAX_FAILURES", 5, minimum=1)
 LOGIN_WINDOW_S = env_float("EDGEWISE_LOGIN_WINDOW_S", 900.0)
 
